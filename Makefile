@@ -1,0 +1,27 @@
+# kvmtrace: the two commands of the README's Quick start, and helpers.
+# Each target installs what it needs first (idempotent; run as root).
+PORT ?= 9929
+VENV := .venv
+
+.PHONY: run test test-pure lint setup setup-test clean
+
+run: setup
+	$(VENV)/bin/kvmtrace serve --web.listen-address :$(PORT)
+
+test: setup-test
+	$(VENV)/bin/python -m pytest -v
+
+test-pure: setup-test
+	$(VENV)/bin/python -m pytest -v -m "not privileged"
+
+lint: setup-test
+	$(VENV)/bin/ruff check kvmtrace tests
+
+setup:
+	scripts/setup-host.sh
+
+setup-test:
+	scripts/setup-host.sh --test
+
+clean:
+	rm -rf $(VENV) build *.egg-info

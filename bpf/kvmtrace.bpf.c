@@ -1,0 +1,303 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * kvmtrace: in-kernel half of the KVM VM-type tracer.
+ *
+ * Compiled by bcc at run time. Free of kernel struct layouts on purpose, so a
+ * mismatch between the running kernel and the headers bcc compiles against
+ * cannot corrupt what we read. The loader (kvmtrace/loader.py) passes:
+ *
+ *   KVM_CREATE_VM, KVM_CHECK_EXTENSION, KVM_CAP_VM_TYPES
+ *       ioctl numbers from include/uapi/linux/kvm.h (kvmtrace/tables.py)
+ *   PROBE_CREATE_VM, PROBE_VM_TYPES_QUERY
+ *       probe ids of the two ioctl points (kvmtrace/plan.py)
+ *   SELF_TGID      the exporter's own pid: its own KVM_CAP_VM_TYPES query
+ *                  is not a client's and is not counted
+ *   FILTER_TGID    only emit events for this pid (0: all); counts are global
+ *   COUNTS_MAX, CALLS_MAX, RINGBUF_PAGES
+ *   IOCTL_KPROBE | IOCTL_FENTRY | IOCTL_TRACEPOINT   ioctl-layer mechanism
+ *   USE_RINGBUF    BPF ring buffer (5.8+), else a perf buffer
+ *
+ * and appends one FN_KPROBE / FN_FEXIT_* line per attached function point.
+ */
+#include <uapi/linux/ptrace.h>
+#include <linux/sched.h>
+
+/* Counts: exact, keyed by process, probe, VM type and result. */
+struct count_key {
+	u32 tgid;
+	u32 probe;
+	u64 vm_type;
+	/*
+	 * KVM_CREATE_VM: 0 (a VM fd) or -errno; KVM_CAP_VM_TYPES: the returned
+	 * mask or -errno; kvm_arch_init_vm: its int return; *_is_vm_type_supported:
+	 * its bool return (0/1).
+	 */
+	s64 result;
+	char comm[TASK_COMM_LEN];
+};
+
+/* One record per completed call, for the live view. */
+struct event {
+	u64 ts_ns;       /* bpf_ktime_get_ns() at return */
+	u64 duration_ns; /* entry to return, 0 when the entry was not seen */
+	u64 vm_type;
+	s64 result;      /* raw: the fd for an accepted KVM_CREATE_VM */
+	u32 tgid;
+	u32 tid;
+	u32 probe;
+	u32 pad;
+	char comm[TASK_COMM_LEN];
+};
+
+/* An ioctl in flight on one thread, between entry and return. */
+struct ioctl_call {
+	u64 start_ns;
+	u64 arg;
+	u32 cmd;
+	u32 pad;
+};
+
+/* A function-point call in flight: (thread, probe) allows nesting. */
+struct fn_key {
+	u32 tid;
+	u32 probe;
+};
+
+struct fn_call {
+	u64 start_ns;
+	u64 vm_type;
+};
+
+BPF_HASH(counts, struct count_key, u64, COUNTS_MAX);
+BPF_HASH(ioctl_calls, u32, struct ioctl_call, CALLS_MAX);
+BPF_HASH(fn_calls, struct fn_key, struct fn_call, CALLS_MAX);
+/* Number of tracked ioctls in flight host-wide: the return hook of every
+ * ioctl on the host reads it first and stops at once when it is 0. */
+BPF_ARRAY(inflight, u64, 1);
+/* Health counters, exported as kvmtrace_*_total (index: HEALTH_*). */
+#define HEALTH_COUNTS_DROPPED 0 /* counts map full: an update failed */
+#define HEALTH_EVENTS_LOST 1    /* ring buffer full: an event not emitted */
+#define HEALTH_CALLS_DROPPED 2  /* in-flight map full: a call not tracked */
+BPF_ARRAY(health, u64, 3);
+
+#ifdef USE_RINGBUF
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+#else
+BPF_PERF_OUTPUT(events);
+#endif
+
+static __always_inline void health_inc(u32 idx)
+{
+	u64 *v = health.lookup(&idx);
+	if (v)
+		__sync_fetch_and_add(v, 1);
+}
+
+static __always_inline void count(u32 tgid, u32 probe, u64 vm_type, s64 result)
+{
+	struct count_key key = {};
+	key.tgid = tgid;
+	key.probe = probe;
+	key.vm_type = vm_type;
+	key.result = result;
+	bpf_get_current_comm(&key.comm, sizeof(key.comm));
+
+	u64 *v = counts.lookup(&key);
+	if (!v) {
+		u64 one = 1;
+		/* BPF_NOEXIST: fails with EEXIST when another CPU inserted the key
+		 * first (then add to it), with E2BIG when the map is full. */
+		if (counts.insert(&key, &one) == 0)
+			return;
+		v = counts.lookup(&key);
+		if (!v) {
+			health_inc(HEALTH_COUNTS_DROPPED);
+			return;
+		}
+	}
+	__sync_fetch_and_add(v, 1);
+}
+
+static __always_inline void emit(void *ctx, u64 id, u32 probe, u64 vm_type,
+				 s64 result, u64 start_ns)
+{
+	u32 tgid = id >> 32;
+	if (FILTER_TGID && tgid != FILTER_TGID)
+		return;
+	struct event ev = {};
+	ev.ts_ns = bpf_ktime_get_ns();
+	ev.duration_ns = start_ns ? ev.ts_ns - start_ns : 0;
+	ev.vm_type = vm_type;
+	ev.result = result;
+	ev.tgid = tgid;
+	ev.tid = (u32)id;
+	ev.probe = probe;
+	bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
+#ifdef USE_RINGBUF
+	if (events.ringbuf_output(&ev, sizeof(ev), 0))
+		health_inc(HEALTH_EVENTS_LOST);
+#else
+	if (events.perf_submit(ctx, &ev, sizeof(ev)))
+		health_inc(HEALTH_EVENTS_LOST);
+#endif
+}
+
+/* ---- ioctl layer: KVM_CREATE_VM and KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES) */
+
+static __always_inline int ioctl_enter(u32 cmd, u64 arg)
+{
+	if (cmd != KVM_CREATE_VM &&
+	    !(cmd == KVM_CHECK_EXTENSION && arg == KVM_CAP_VM_TYPES))
+		return 0;
+	u64 id = bpf_get_current_pid_tgid();
+	if ((u32)(id >> 32) == SELF_TGID)
+		return 0;
+	u32 tid = (u32)id;
+	struct ioctl_call call = {};
+	call.start_ns = bpf_ktime_get_ns();
+	call.arg = arg;
+	call.cmd = cmd;
+	if (ioctl_calls.insert(&tid, &call) == 0) {
+		u32 zero = 0;
+		u64 *n = inflight.lookup(&zero);
+		if (n)
+			__sync_fetch_and_add(n, 1);
+	} else if (ioctl_calls.update(&tid, &call)) {
+		/* Not EEXIST (a stale entry, now replaced) but E2BIG: map full. */
+		health_inc(HEALTH_CALLS_DROPPED);
+	}
+	return 0;
+}
+
+static __always_inline int ioctl_return(void *ctx, s64 ret)
+{
+	u32 zero = 0;
+	u64 *n = inflight.lookup(&zero);
+	/* Every ioctl on the host passes here: leave before any hash lookup
+	 * unless one of ours is in flight somewhere. */
+	if (!n || *n == 0)
+		return 0;
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tid = (u32)id;
+	struct ioctl_call *c = ioctl_calls.lookup(&tid);
+	if (!c)
+		return 0;
+	struct ioctl_call call = *c;
+	ioctl_calls.delete(&tid);
+	__sync_fetch_and_add(n, -1);
+
+	u32 tgid = id >> 32;
+	if (call.cmd == KVM_CREATE_VM) {
+		/* Success returns a new fd: count it as 0 to keep keys bounded. */
+		count(tgid, PROBE_CREATE_VM, call.arg, ret < 0 ? ret : 0);
+		emit(ctx, id, PROBE_CREATE_VM, call.arg, ret, call.start_ns);
+	} else {
+		count(tgid, PROBE_VM_TYPES_QUERY, 0, ret);
+		emit(ctx, id, PROBE_VM_TYPES_QUERY, 0, ret, call.start_ns);
+	}
+	return 0;
+}
+
+#if defined(IOCTL_KPROBE)
+/* static long kvm_dev_ioctl(struct file *filp, unsigned int ioctl, unsigned long arg) */
+int kvmtrace_ioctl_enter(struct pt_regs *ctx)
+{
+	return ioctl_enter((u32)PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx));
+}
+
+int kvmtrace_ioctl_return(struct pt_regs *ctx)
+{
+	return ioctl_return(ctx, (s64)(long)PT_REGS_RC(ctx));
+}
+#elif defined(IOCTL_FENTRY)
+KFUNC_PROBE(kvm_dev_ioctl, void *filp, unsigned int ioctl, unsigned long arg)
+{
+	return ioctl_enter(ioctl, arg);
+}
+
+KRETFUNC_PROBE(kvm_dev_ioctl, void *filp, unsigned int ioctl, unsigned long arg, long ret)
+{
+	return ioctl_return(ctx, ret);
+}
+#elif defined(IOCTL_TRACEPOINT)
+/* Fields from events/syscalls/sys_{enter,exit}_ioctl/format. */
+TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
+{
+	return ioctl_enter(args->cmd, args->arg);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
+{
+	return ioctl_return(args, args->ret);
+}
+#endif
+
+/* ---- function points: kvm_arch_init_vm and *_is_vm_type_supported ----- */
+
+static __always_inline int fn_enter(u32 probe, u64 vm_type)
+{
+	struct fn_key key = {};
+	key.tid = (u32)bpf_get_current_pid_tgid();
+	key.probe = probe;
+	struct fn_call call = {};
+	call.start_ns = bpf_ktime_get_ns();
+	call.vm_type = vm_type;
+	if (fn_calls.update(&key, &call))
+		health_inc(HEALTH_CALLS_DROPPED);
+	return 0;
+}
+
+static __always_inline int fn_done(void *ctx, u32 probe, u64 vm_type,
+				   s64 result, u64 start_ns)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	if ((u32)(id >> 32) == SELF_TGID)
+		return 0;
+	count(id >> 32, probe, vm_type, result);
+	emit(ctx, id, probe, vm_type, result, start_ns);
+	return 0;
+}
+
+static __always_inline int fn_return(void *ctx, u32 probe, s64 result)
+{
+	struct fn_key key = {};
+	key.tid = (u32)bpf_get_current_pid_tgid();
+	key.probe = probe;
+	struct fn_call *c = fn_calls.lookup(&key);
+	if (!c)
+		return 0;
+	struct fn_call call = *c;
+	fn_calls.delete(&key);
+	return fn_done(ctx, probe, call.vm_type, result, call.start_ns);
+}
+
+/*
+ * kprobe + kretprobe on a function point. ARGN: which argument is the VM type
+ * (kvm_arch_init_vm(struct kvm *kvm, unsigned long type): 2;
+ * *_is_vm_type_supported(unsigned long type): 1). RET_T: how to read rax:
+ * int for kvm_arch_init_vm; u8 for a bool, whose upper bits are leftovers.
+ */
+#define FN_KPROBE(P, ARGN, RET_T)                                              \
+	int kvmtrace_enter_##P(struct pt_regs *ctx)                            \
+	{                                                                      \
+		return fn_enter(P, PT_REGS_PARM##ARGN(ctx));                   \
+	}                                                                      \
+	int kvmtrace_return_##P(struct pt_regs *ctx)                           \
+	{                                                                      \
+		return fn_return(ctx, P, (s64)(RET_T)PT_REGS_RC(ctx));         \
+	}
+
+/* fentry/fexit: the exit program sees the arguments and the return value. */
+#define FN_FEXIT_ARCH_INIT_VM(P, FN)                                           \
+	KRETFUNC_PROBE(FN, void *kvm, unsigned long type, int ret)             \
+	{                                                                      \
+		return fn_done(ctx, P, type, (s64)ret, 0);                     \
+	}
+
+#define FN_FEXIT_TYPE_CHECK(P, FN)                                             \
+	KRETFUNC_PROBE(FN, unsigned long type, u8 ret)                         \
+	{                                                                      \
+		return fn_done(ctx, P, type, (s64)ret, 0);                     \
+	}
+
+/* Generated by the loader: one line per attached function point. */

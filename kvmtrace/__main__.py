@@ -1,0 +1,5 @@
+import sys
+
+from kvmtrace.cli import main
+
+sys.exit(main())

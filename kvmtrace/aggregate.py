@@ -1,0 +1,81 @@
+"""Aggregate: fold per-process counts into series. Pure.
+
+The kernel keeps exact counts per (pid, comm, probe, vm type, result). When a
+process exits its entries are folded here into an "exited" residual (keyed
+without pid) and deleted from the map, so the map does not grow with every
+short-lived process while no count is lost.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from kvmtrace.decode import CountRecord
+
+
+@dataclass(frozen=True)
+class Series:
+    probe: str
+    layer: str
+    comm: str
+    pid: int | None  # None: folded over processes (or exited ones)
+    vm_type: int
+    vm_type_name: str
+    result: int
+    rejected: bool
+    errno: str | None
+
+
+def series_of(r: CountRecord, with_pid: bool) -> Series:
+    return Series(r.probe, r.layer, r.comm, r.pid if with_pid else None, r.vm_type,
+                  r.vm_type_name, r.result, r.rejected, r.errno)
+
+
+class Aggregator:
+    """Holds the counts of exited processes; everything else is passed in."""
+
+    def __init__(self) -> None:
+        self._exited: Counter[Series] = Counter()
+        self.exited_processes = 0
+
+    def retire(self, records: Iterable[CountRecord], live_pids: set[int]) -> list[CountRecord]:
+        """Fold the records of processes not in ``live_pids``; return them for deletion."""
+        dead = [r for r in records if r.pid not in live_pids]
+        for r in dead:
+            self._exited[series_of(r, with_pid=False)] += r.count
+        self.exited_processes += len({r.pid for r in dead})
+        return dead
+
+    def totals(self, live: Iterable[CountRecord], with_pid: bool = False) -> Counter[Series]:
+        """Live map records plus the exited residual, summed per series."""
+        out: Counter[Series] = Counter(self._exited)
+        for r in live:
+            out[series_of(r, with_pid)] += r.count
+        return out
+
+
+def per_process(live: Iterable[CountRecord]) -> list[dict]:
+    """Per-process summary of the live map: attempts and rejections by type."""
+    procs: dict[tuple[int, str], dict] = {}
+    for r in live:
+        p = procs.setdefault((r.pid, r.comm), {
+            "pid": r.pid, "comm": r.comm, "vm_create_attempts": 0, "vm_create_rejected": 0,
+            "vm_types_queries": 0, "type_checks": 0, "type_check_rejected": 0, "types": {},
+        })
+        if r.layer == "ioctl" and r.probe == "KVM_CREATE_VM":
+            p["vm_create_attempts"] += r.count
+            t = p["types"].setdefault(r.vm_type_name, {"accepted": 0, "rejected": 0})
+            if r.rejected:
+                p["vm_create_rejected"] += r.count
+                t["rejected"] += r.count
+            else:
+                t["accepted"] += r.count
+        elif r.layer == "ioctl":
+            p["vm_types_queries"] += r.count
+        else:
+            p["type_checks"] += r.count
+            if r.rejected:
+                p["type_check_rejected"] += r.count
+    return sorted(procs.values(), key=lambda p: (p["pid"], p["comm"]))

@@ -1,0 +1,109 @@
+"""Decode: raw map keys and event bytes into typed records.
+
+Pure: takes the plan (probe ids) and the architecture (VM type names) as
+parameters. Values it does not know render as ``unknown:N``, never raise.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import asdict, dataclass
+
+from kvmtrace import plan as planmod
+from kvmtrace import tables
+
+# struct event in bpf/kvmtrace.bpf.c: u64 ts_ns, duration_ns, vm_type; s64 result;
+# u32 tgid, tid, probe, pad; char comm[16].
+EVENT_FORMAT = struct.Struct("<QQQqIIII16s")
+
+
+class DecodeError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one call's result means: did the kernel say no, and with which errno."""
+
+    rejected: bool
+    errno: str | None  # "EINVAL"; None when the call did not fail with an errno
+
+
+@dataclass(frozen=True)
+class CountRecord:
+    pid: int
+    comm: str
+    probe: str
+    layer: str
+    vm_type: int
+    vm_type_name: str
+    result: int
+    rejected: bool
+    errno: str | None
+    count: int
+
+
+@dataclass(frozen=True)
+class Event:
+    ts_ns: int
+    duration_ns: int
+    pid: int
+    tid: int
+    comm: str
+    probe: str
+    layer: str
+    vm_type: int
+    vm_type_name: str
+    result: int
+    rejected: bool
+    errno: str | None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Decoder:
+    """Decodes with one plan and one architecture's VM-type table."""
+
+    def __init__(self, plan: planmod.Plan, arch: str):
+        self._points = plan.by_id()
+        self._arch = arch
+
+    def point(self, probe_id: int) -> tuple[str, str, str]:
+        """(name, layer, returns) of a probe id; unknown ids stay visible."""
+        p = self._points.get(probe_id)
+        if p is None:
+            return tables.unknown(probe_id), "unknown", planmod.RETURNS_INT
+        return p.name, p.layer, p.returns
+
+    def verdict(self, returns: str, result: int) -> Verdict:
+        if returns == planmod.RETURNS_BOOL:
+            return Verdict(result == 0, None)
+        if result < 0:
+            return Verdict(True, tables.errno_name(-result))
+        return Verdict(False, None)
+
+    def vm_type_name(self, vm_type: int) -> str:
+        return tables.vm_type_name(vm_type, self._arch)
+
+    def count(self, raw: tuple[int, int, int, int, bytes, int]) -> CountRecord:
+        tgid, probe_id, vm_type, result, comm, value = raw
+        name, layer, returns = self.point(probe_id)
+        v = self.verdict(returns, result)
+        return CountRecord(
+            pid=tgid, comm=tables.escape_comm(comm), probe=name, layer=layer,
+            vm_type=vm_type, vm_type_name=self.vm_type_name(vm_type), result=result,
+            rejected=v.rejected, errno=v.errno, count=value,
+        )
+
+    def event(self, data: bytes) -> Event:
+        if len(data) < EVENT_FORMAT.size:
+            raise DecodeError(f"event of {len(data)} bytes, expected {EVENT_FORMAT.size}")
+        ts, dur, vm_type, result, tgid, tid, probe_id, _, comm = EVENT_FORMAT.unpack_from(data)
+        name, layer, returns = self.point(probe_id)
+        v = self.verdict(returns, result)
+        return Event(
+            ts_ns=ts, duration_ns=dur, pid=tgid, tid=tid, comm=tables.escape_comm(comm),
+            probe=name, layer=layer, vm_type=vm_type, vm_type_name=self.vm_type_name(vm_type),
+            result=result, rejected=v.rejected, errno=v.errno,
+        )

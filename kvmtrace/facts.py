@@ -1,0 +1,257 @@
+"""Host facts: everything the probe plan depends on, read once from the host.
+
+This is the only layer that looks at the machine. The result is a plain
+dataclass that round-trips through JSON, so tests can hand the planner the
+facts of other kernels (tests/kernels/*.json) without root.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import platform
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kvmtrace import kvmdev
+
+# Functions of the seed's call chain, in call order. Any other
+# "*_is_vm_type_supported" found in kallsyms is added after them.
+IOCTL_FUNCTION = "kvm_dev_ioctl"
+ARCH_INIT_FUNCTION = "kvm_arch_init_vm"
+TYPE_CHECK_FUNCTIONS = (
+    "kvm_is_vm_type_supported",
+    "vmx_is_vm_type_supported",
+    "svm_is_vm_type_supported",
+)
+TYPE_CHECK_PATTERN = re.compile(r"^\w+_is_vm_type_supported$")
+# gcc clones: foo.isra.0, foo.constprop.0, foo.part.0, foo.cold
+_CLONE = re.compile(r"^(?P<base>[^.]+)\.(?:isra|constprop|part|cold|lto_priv)(?:\.\d+)*$")
+
+IOCTL_TRACEPOINTS = ("syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl")
+TRACEFS_PATHS = ("/sys/kernel/debug/tracing", "/sys/kernel/tracing")
+VENDOR_MODULES = ("kvm_intel", "kvm_amd", "kvm_hv", "kvm_pr")
+
+
+@dataclass(frozen=True)
+class Symbol:
+    name: str
+    module: str | None = None  # None: built into vmlinux
+
+
+@dataclass(frozen=True)
+class Headers:
+    path: str | None  # what /lib/modules/<release>/build (or BCC_KERNEL_SOURCE) points to
+    release: str | None  # the release the headers were made for
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    kernel_release: str
+    arch: str
+    # Relevant symbols found in /proc/kallsyms, by name.
+    symbols: dict[str, Symbol] = field(default_factory=dict)
+    # Compiler clones of relevant names (kvm_is_vm_type_supported.isra.0).
+    clones: dict[str, list[str]] = field(default_factory=dict)
+    # Relevant names in tracefs available_filter_functions; None: unreadable.
+    traceable: list[str] | None = None
+    kprobe_blacklist: list[str] = field(default_factory=list)
+    kprobes: bool = False
+    kprobes_detail: str = ""
+    # "ok", or why BPF_PROG_TYPE_TRACING (fentry/fexit) cannot be used;
+    # None: not probed (not needed, or no BTF).
+    fentry: str | None = None
+    btf: bool = False
+    tracefs: str | None = None
+    tracepoints: list[str] = field(default_factory=list)
+    ringbuf: bool = False
+    headers: Headers = field(default_factory=lambda: Headers(None, None))
+    kvm: kvmdev.KvmInfo = field(default_factory=lambda: kvmdev.KvmInfo(present=False))
+    vendor_modules: list[str] = field(default_factory=list)
+    bcc_version: str | None = None
+    is_root: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> HostFacts:
+        data = dict(data)
+        data["symbols"] = {k: Symbol(**v) for k, v in data.get("symbols", {}).items()}
+        if "headers" in data:
+            data["headers"] = Headers(**data["headers"])
+        if "kvm" in data:
+            data["kvm"] = kvmdev.KvmInfo(**data["kvm"])
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> HostFacts:
+        with open(path) as f:
+            return cls.from_json(json.load(f))
+
+
+def kernel_version(release: str) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", release)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def read_kallsyms(text: str) -> tuple[dict[str, Symbol], dict[str, list[str]]]:
+    """Relevant symbols (and their clones) from /proc/kallsyms text."""
+    wanted = {IOCTL_FUNCTION, ARCH_INIT_FUNCTION, *TYPE_CHECK_FUNCTIONS}
+    symbols: dict[str, Symbol] = {}
+    clones: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 3 or parts[1] not in "tTwW":
+            continue
+        name = parts[2]
+        module = parts[3].strip("[]") if len(parts) > 3 else None
+        clone = _CLONE.match(name)
+        base = clone.group("base") if clone else name
+        if base not in wanted and not TYPE_CHECK_PATTERN.match(base):
+            continue
+        if clone:
+            if not name.endswith(".cold"):
+                clones.setdefault(base, []).append(name)
+        else:
+            symbols.setdefault(name, Symbol(name, module))
+    return symbols, clones
+
+
+def _read(path: str | Path) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def _find_tracefs(root: Path) -> str | None:
+    for p in TRACEFS_PATHS:
+        if (root / p.lstrip("/") / "events").is_dir():
+            return p
+    return None
+
+
+def _kprobes(root: Path, tracefs: str | None) -> tuple[bool, str]:
+    pmu = root / "sys/bus/event_source/devices/kprobe"
+    events = tracefs and (root / tracefs.lstrip("/") / "kprobe_events").exists()
+    if pmu.exists() or events:
+        return True, "kprobe PMU present" if pmu.exists() else "kprobe_events present"
+    config = None
+    try:
+        with gzip.open(root / "proc/config.gz", "rt") as f:
+            config = f.read()
+    except OSError:
+        pass
+    if config is not None and "CONFIG_KPROBES=y" not in config:
+        return False, "kernel built without CONFIG_KPROBES"
+    if tracefs is None:
+        return False, "no kprobe PMU, and tracefs is not mounted"
+    return False, "no kprobe PMU and no kprobe_events in tracefs"
+
+
+def _headers(root: Path, release: str) -> Headers:
+    src = os.environ.get("BCC_KERNEL_SOURCE")
+    build = Path(src) if src else root / "lib/modules" / release / "build"
+    if not build.exists():
+        return Headers(None, None, f"no kernel headers at {build}")
+    resolved = build.resolve()
+    rel = _read(resolved / "include/config/kernel.release")
+    if rel is None:
+        m = re.search(r'UTS_RELEASE\s+"([^"]+)"',
+                      _read(resolved / "include/generated/utsrelease.h") or "")
+        rel = m.group(1) if m else None
+    return Headers(str(resolved), rel.strip() if rel else None)
+
+
+def probe_fentry(symbol: str) -> str:
+    """Load an empty fexit program on ``symbol``: "ok" or the kernel's refusal.
+
+    bcc prints the verifier's complaint on stderr; it is silenced here and the
+    exception text is returned instead.
+    """
+    from bcc import BPF  # imported here: no work at import time
+
+    text = f"KRETFUNC_PROBE({symbol}) {{ return 0; }}"
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        bpf = BPF(text=text)
+        bpf.cleanup()
+        return "ok"
+    except Exception as exc:  # bcc raises bare Exception
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "super-user" in msg or "not permitted" in msg.lower():
+            return "EPERM: the kernel refused to load a fentry/fexit (BPF_PROG_TYPE_TRACING) program"
+        return f"refused: {msg}"
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def gather(root: str | os.PathLike = "/", probe_fentry_fn=probe_fentry) -> HostFacts:
+    """Read the facts of the running host (``root`` lets tests use a fixture tree)."""
+    root = Path(root)
+    uname = platform.uname()
+    release = (_read(root / "proc/sys/kernel/osrelease") or uname.release).strip()
+    arch = uname.machine
+    kallsyms = _read(root / "proc/kallsyms") or ""
+    symbols, clones = read_kallsyms(kallsyms)
+    tracefs = _find_tracefs(root)
+    traceable = None
+    blacklist: list[str] = []
+    if tracefs:
+        names = set(symbols) | {c for cs in clones.values() for c in cs}
+        aff = _read(root / tracefs.lstrip("/") / "available_filter_functions")
+        if aff is not None:
+            traceable = sorted({ln.split()[0] for ln in aff.splitlines() if ln} & names)
+    bl = _read(root / "sys/kernel/debug/kprobes/blacklist") or ""
+    blacklist = sorted({ln.split()[-1] for ln in bl.splitlines() if ln.strip()} & set(symbols))
+    kprobes, kprobes_detail = _kprobes(root, tracefs)
+    tracepoints = []
+    if tracefs:
+        for tp in IOCTL_TRACEPOINTS:
+            cat, ev = tp.split(":")
+            if (root / tracefs.lstrip("/") / "events" / cat / ev / "format").exists():
+                tracepoints.append(tp)
+    btf = (root / "sys/kernel/btf/vmlinux").exists()
+    is_root = os.geteuid() == 0
+    fentry = None
+    # fentry is only a fallback: probe it when kprobes are missing and a
+    # built-in candidate exists, since the probe costs a compile.
+    if not kprobes and btf and is_root:
+        target = next((s.name for s in symbols.values() if s.module is None), None)
+        if target:
+            fentry = probe_fentry_fn(target)
+    try:
+        import bcc
+
+        bcc_version = getattr(bcc, "__version__", "unknown")
+    except ImportError:
+        bcc_version = None
+    vendor = sorted(m for m in VENDOR_MODULES if (root / "sys/module" / m).exists())
+    return HostFacts(
+        kernel_release=release,
+        arch=arch,
+        symbols=symbols,
+        clones=clones,
+        traceable=traceable,
+        kprobe_blacklist=blacklist,
+        kprobes=kprobes,
+        kprobes_detail=kprobes_detail,
+        fentry=fentry,
+        btf=btf,
+        tracefs=tracefs,
+        tracepoints=tracepoints,
+        ringbuf=kernel_version(release) >= (5, 8),
+        headers=_headers(root, release),
+        kvm=kvmdev.query(str(root / "dev/kvm")),
+        vendor_modules=vendor,
+        bcc_version=bcc_version,
+        is_root=is_root,
+    )

@@ -1,0 +1,217 @@
+"""Loader: compile bpf/kvmtrace.bpf.c with bcc and attach what the plan says.
+
+The returned :class:`Session` is the event and count *source* every view
+reads from; it hands out raw tuples and bytes, which kvmtrace.decode turns
+into typed records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+
+from kvmtrace import plan as planmod
+from kvmtrace import tables
+
+# Raw count: (tgid, probe, vm_type, result, comm bytes, count).
+RawCount = tuple[int, int, int, int, bytes, int]
+
+
+class LoadError(Exception):
+    """The BPF program could not be compiled or loaded; one line for the user."""
+
+
+@dataclass(frozen=True)
+class Options:
+    self_tgid: int = 0  # calls from this process are not counted
+    filter_tgid: int = 0  # only emit events of this process (0: all)
+    counts_max: int = 10240
+    calls_max: int = 10240
+    ringbuf_pages: int = 64
+    use_ringbuf: bool = True
+
+
+@dataclass(frozen=True)
+class Attachment:
+    point: planmod.Point
+    attached: bool
+    error: str | None = None  # why not, when the plan had a mechanism
+
+    @property
+    def mechanism(self) -> str:
+        return self.point.mechanism if self.attached and self.point.mechanism else "none"
+
+    @property
+    def reason(self) -> str:
+        return self.error or self.point.reason
+
+
+def bpf_source() -> str:
+    # kvmtrace/bpf links to the repository's bpf/ (and is copied into wheels).
+    return resources.files("kvmtrace").joinpath("bpf/kvmtrace.bpf.c").read_text()
+
+
+def build_text(plan: planmod.Plan, opts: Options) -> str:
+    """The exact BPF C that is compiled for ``plan`` (what --ebpf prints)."""
+    defines = {
+        "KVM_CREATE_VM": hex(tables.KVM_CREATE_VM),
+        "KVM_CHECK_EXTENSION": hex(tables.KVM_CHECK_EXTENSION),
+        "KVM_CAP_VM_TYPES": str(tables.KVM_CAP_VM_TYPES),
+        "PROBE_CREATE_VM": str(planmod.PROBE_CREATE_VM),
+        "PROBE_VM_TYPES_QUERY": str(planmod.PROBE_VM_TYPES_QUERY),
+        "SELF_TGID": str(opts.self_tgid),
+        "FILTER_TGID": str(opts.filter_tgid),
+        "COUNTS_MAX": str(opts.counts_max),
+        "CALLS_MAX": str(opts.calls_max),
+        "RINGBUF_PAGES": str(opts.ringbuf_pages),
+    }
+    ioctl = plan.ioctl_mechanism
+    if ioctl is not None:
+        defines[f"IOCTL_{ioctl.upper()}"] = "1"
+    if opts.use_ringbuf:
+        defines["USE_RINGBUF"] = "1"
+    head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
+    lines = []
+    for p in plan.points:
+        if p.layer == "ioctl" or p.mechanism is None:
+            continue
+        if p.mechanism == planmod.KPROBE:
+            argn, ret_t = (2, "int") if p.layer == "arch_init" else (1, "u8")
+            lines.append(f"FN_KPROBE({p.id}, {argn}, {ret_t})")
+        elif p.mechanism == planmod.FENTRY:
+            macro = "FN_FEXIT_ARCH_INIT_VM" if p.layer == "arch_init" else "FN_FEXIT_TYPE_CHECK"
+            lines.append(f"{macro}({p.id}, {p.target})")
+    return head + bpf_source() + "".join(f"{ln}\n" for ln in lines)
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[list[str]]:
+    """Route fd 2 (bcc and libbpf print there) into a list of lines."""
+    out: list[str] = []
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out.extend(tmp.read().decode(errors="replace").splitlines())
+
+
+def _first_line(exc: BaseException, stderr: list[str]) -> str:
+    msg = str(exc).strip().splitlines()
+    text = msg[0] if msg else type(exc).__name__
+    errors = [ln for ln in stderr if "error" in ln.lower() or "denied" in ln.lower()
+              or "not permitted" in ln.lower()]
+    if errors:
+        text += f" ({errors[0].strip()})"
+    return text
+
+
+@dataclass
+class Session:
+    """A loaded program: attachments, counts, health and the event stream."""
+
+    bpf: object
+    plan: planmod.Plan
+    attachments: list[Attachment]
+    perf_lost: int = 0
+    _callbacks: list[Callable[[bytes], None]] = field(default_factory=list)
+
+    def read_counts(self) -> list[RawCount]:
+        out = []
+        for k, v in self.bpf["counts"].items():
+            out.append((k.tgid, k.probe, k.vm_type, k.result, bytes(k.comm), v.value))
+        return out
+
+    def delete_counts(self, raws: list[RawCount]) -> None:
+        table = self.bpf["counts"]
+        for tgid, probe, vm_type, result, comm, _ in raws:
+            key = table.Key()
+            key.tgid, key.probe, key.vm_type, key.result = tgid, probe, vm_type, result
+            key.comm = comm
+            with contextlib.suppress(KeyError):
+                del table[key]
+
+    def health(self) -> dict[str, int]:
+        h = self.bpf["health"]
+        return {
+            "counts_dropped": h[0].value,
+            "events_lost": h[1].value + self.perf_lost,
+            "calls_dropped": h[2].value,
+        }
+
+    def open_events(self, callback: Callable[[bytes], None]) -> None:
+        import ctypes
+
+        def _raw(_cpu_or_ctx, data, size):
+            callback(ctypes.string_at(data, size))
+
+        def _lost(n):
+            self.perf_lost += n
+
+        table = self.bpf["events"]
+        if hasattr(table, "open_ring_buffer"):
+            table.open_ring_buffer(_raw)
+        else:
+            table.open_perf_buffer(_raw, lost_cb=_lost, page_cnt=64)
+        self._callbacks.append(_raw)  # keep the ctypes callback alive
+
+    def poll(self, timeout_ms: int) -> None:
+        if hasattr(self.bpf["events"], "open_ring_buffer"):
+            self.bpf.ring_buffer_poll(timeout_ms)
+        else:
+            self.bpf.perf_buffer_poll(timeout_ms)
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
+def load(plan: planmod.Plan, opts: Options) -> Session:
+    """Compile and attach ``plan``. Points that fail to attach are reported, not fatal."""
+    try:
+        from bcc import BPF
+    except ImportError as exc:
+        raise LoadError(
+            "bcc is not importable (install python3-bpfcc and run with a python that "
+            "sees Debian's dist-packages)") from exc
+    text = build_text(plan, opts)
+    with _stderr_captured() as err:
+        try:
+            bpf = BPF(text=text)
+        except Exception as exc:  # bcc raises bare Exception
+            raise LoadError(f"loading the BPF program failed: {_first_line(exc, err)}") from exc
+    attachments = []
+    done: dict[str, str | None] = {}  # the two ioctl points share one attachment
+    for p in plan.points:
+        if p.mechanism is None:
+            attachments.append(Attachment(p, False))
+            continue
+        key = "ioctl" if p.layer == "ioctl" else p.name
+        if key not in done:
+            with _stderr_captured() as err:
+                try:
+                    _attach(bpf, p)
+                    done[key] = None
+                except Exception as exc:
+                    done[key] = f"{p.mechanism} attach failed: {_first_line(exc, err)}"
+        attachments.append(Attachment(p, done[key] is None, done[key]))
+    return Session(bpf, plan, attachments)
+
+
+def _attach(bpf, p: planmod.Point) -> None:
+    """Attach one point's programs (fentry ones were attached by bcc at load)."""
+    if p.mechanism == planmod.TRACEPOINT:
+        if bpf.num_open_tracepoints() < 2:
+            raise LoadError("the syscall tracepoints did not attach")
+    elif p.mechanism == planmod.KPROBE:
+        enter, ret = (("kvmtrace_ioctl_enter", "kvmtrace_ioctl_return") if p.layer == "ioctl"
+                      else (f"kvmtrace_enter_{p.id}", f"kvmtrace_return_{p.id}"))
+        bpf.attach_kprobe(event=p.target, fn_name=enter.encode())
+        bpf.attach_kretprobe(event=p.target, fn_name=ret.encode())

@@ -1,0 +1,153 @@
+"""The probe plan: a pure function of the host facts.
+
+For every probe point of KVM's VM-type dispatch it says which mechanism will
+be used (kprobe, fentry, tracepoint) or, by name, why none can be. Nothing
+here touches the machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmtrace.facts import (
+    ARCH_INIT_FUNCTION,
+    IOCTL_FUNCTION,
+    IOCTL_TRACEPOINTS,
+    TYPE_CHECK_FUNCTIONS,
+    TYPE_CHECK_PATTERN,
+    HostFacts,
+)
+
+# Probe ids as the BPF program sees them (count_key.probe / event.probe).
+PROBE_CREATE_VM = 0
+PROBE_VM_TYPES_QUERY = 1
+PROBE_ARCH_INIT_VM = 2
+FIRST_TYPE_CHECK = 3
+
+# Point names: the "probe" label of every metric.
+CREATE_VM = "KVM_CREATE_VM"
+VM_TYPES_QUERY = "KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES)"
+
+KPROBE = "kprobe"
+FENTRY = "fentry"
+TRACEPOINT = "tracepoint"
+
+# What a point's return value means (decode uses it).
+RETURNS_FD = "fd"  # KVM_CREATE_VM: a VM fd or -errno
+RETURNS_MASK = "mask"  # KVM_CAP_VM_TYPES bitmap or -errno
+RETURNS_INT = "int"  # 0 or -errno
+RETURNS_BOOL = "bool"  # true: the type is supported
+
+
+@dataclass(frozen=True)
+class Point:
+    id: int
+    name: str
+    layer: str  # "ioctl" | "arch_init" | "type_check"
+    returns: str
+    mechanism: str | None  # None: not attached
+    target: str | None  # what the mechanism attaches to
+    reason: str  # why this mechanism, or why none
+
+    @property
+    def planned(self) -> bool:
+        return self.mechanism is not None
+
+
+@dataclass(frozen=True)
+class Plan:
+    points: tuple[Point, ...]
+
+    def by_id(self) -> dict[int, Point]:
+        return {p.id: p for p in self.points}
+
+    @property
+    def ioctl_mechanism(self) -> str | None:
+        return self.points[0].mechanism
+
+    @property
+    def missing(self) -> list[Point]:
+        return [p for p in self.points if not p.planned]
+
+
+def _no_kprobes(facts: HostFacts) -> str:
+    return f"no kprobes: {facts.kprobes_detail}" if facts.kprobes_detail else "no kprobes"
+
+
+def _fentry_refusal(facts: HostFacts, name: str) -> str | None:
+    """None when fentry can attach to ``name``, else why not."""
+    if not facts.btf:
+        return "fentry needs BTF (/sys/kernel/btf/vmlinux is missing)"
+    if facts.fentry is None:
+        return "fentry not probed"
+    if facts.fentry != "ok":
+        return f"fentry {facts.fentry}" if facts.fentry.startswith("refused") \
+            else facts.fentry
+    sym = facts.symbols.get(name)
+    if sym is not None and sym.module is not None:
+        return f"fentry on module functions ({sym.module}) is not supported by bcc {facts.bcc_version}"
+    if facts.traceable is not None and name not in facts.traceable:
+        return "not in available_filter_functions (notrace)"
+    return None
+
+
+def _function_mechanism(facts: HostFacts, name: str) -> tuple[str | None, str]:
+    """Choose kprobe, then fentry, for a kernel function; else say why not."""
+    if name not in facts.symbols:
+        clones = facts.clones.get(name)
+        if clones:
+            return None, (f"absent from kallsyms: only the compiler clone {clones[0]} exists "
+                          "(its arguments may be rewritten; not traced)")
+        return None, "absent from kallsyms (inlined, or not in this kernel)"
+    if facts.kprobes:
+        if name in facts.kprobe_blacklist:
+            return None, "in the kprobe blacklist"
+        return KPROBE, "kprobe + kretprobe"
+    refusal = _fentry_refusal(facts, name)
+    if refusal is None:
+        return FENTRY, "fentry/fexit (no kprobes on this kernel)"
+    return None, f"{_no_kprobes(facts)}; {refusal}"
+
+
+def _type_check_names(facts: HostFacts) -> list[str]:
+    found = sorted(
+        n for n in {*facts.symbols, *facts.clones}
+        if TYPE_CHECK_PATTERN.match(n) and n not in TYPE_CHECK_FUNCTIONS
+    )
+    return [*TYPE_CHECK_FUNCTIONS, *found]
+
+
+def make_plan(facts: HostFacts) -> Plan:
+    """The probe plan for a host with ``facts``. Pure."""
+    # ioctl layer: kvm_dev_ioctl costs nothing for other syscalls; the
+    # syscall tracepoints are the fallback and see every ioctl on the host.
+    mech, why = _function_mechanism(facts, IOCTL_FUNCTION)
+    target: str | None = IOCTL_FUNCTION
+    if mech is None:
+        if all(tp in facts.tracepoints for tp in IOCTL_TRACEPOINTS):
+            mech, target = TRACEPOINT, "+".join(IOCTL_TRACEPOINTS)
+            why = f"{IOCTL_FUNCTION}: {why}; syscall tracepoints filtered in-kernel"
+        else:
+            target = None
+            missing = "tracefs not mounted" if facts.tracefs is None \
+                else "syscalls:sys_{enter,exit}_ioctl tracepoints missing"
+            why = f"{IOCTL_FUNCTION}: {why}; {missing}"
+    points = [
+        Point(PROBE_CREATE_VM, CREATE_VM, "ioctl", RETURNS_FD, mech, target, why),
+        Point(PROBE_VM_TYPES_QUERY, VM_TYPES_QUERY, "ioctl", RETURNS_MASK, mech, target, why),
+    ]
+    mech, why = _function_mechanism(facts, ARCH_INIT_FUNCTION)
+    points.append(Point(PROBE_ARCH_INIT_VM, ARCH_INIT_FUNCTION, "arch_init", RETURNS_INT,
+                        mech, ARCH_INIT_FUNCTION if mech else None, why))
+    for i, name in enumerate(_type_check_names(facts)):
+        mech, why = _function_mechanism(facts, name)
+        points.append(Point(FIRST_TYPE_CHECK + i, name, "type_check", RETURNS_BOOL,
+                            mech, name if mech else None, why))
+    return Plan(tuple(points))
+
+
+def is_rejection(point: Point, result: int) -> bool:
+    """Did a call of ``point`` returning ``result`` say no?"""
+    if point.returns == RETURNS_BOOL:
+        return result == 0
+    return result < 0

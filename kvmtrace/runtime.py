@@ -1,0 +1,74 @@
+"""Runtime: ties a loaded session to decode and aggregate, under one lock.
+
+Views (collector, serve, trace) read through this object only. It is
+constructed with everything it uses, so tests hand it a recorded source.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Protocol
+
+from kvmtrace.aggregate import Aggregator, Series, per_process
+from kvmtrace.decode import CountRecord, DecodeError, Decoder, Event
+
+
+class Source(Protocol):
+    """What a probe mechanism's session offers (kvmtrace.loader.Session)."""
+
+    def read_counts(self) -> list[tuple[int, int, int, int, bytes, int]]: ...
+    def delete_counts(self, raws: list[tuple[int, int, int, int, bytes, int]]) -> None: ...
+    def health(self) -> dict[str, int]: ...
+
+
+def proc_pids(proc: str = "/proc") -> set[int]:
+    return {int(n) for n in os.listdir(proc) if n.isdigit()}
+
+
+class Runtime:
+    def __init__(self, source: Source, decoder: Decoder,
+                 aggregator: Aggregator | None = None,
+                 live_pids: Callable[[], set[int]] = proc_pids):
+        self.source = source
+        self.decoder = decoder
+        self.aggregator = aggregator or Aggregator()
+        self._live_pids = live_pids
+        self._lock = threading.Lock()
+        self.decode_errors = 0
+
+    def _records(self) -> list[tuple[tuple, CountRecord]]:
+        return [(raw, self.decoder.count(raw)) for raw in self.source.read_counts()]
+
+    def retire_exited(self) -> int:
+        """Fold the counts of exited processes out of the kernel map; returns how many."""
+        with self._lock:
+            pairs = self._records()
+            live = self._live_pids()
+            dead = self.aggregator.retire([r for _, r in pairs], live)
+            dead_ids = {id(r) for r in dead}
+            self.source.delete_counts([raw for raw, r in pairs if id(r) in dead_ids])
+            return len(dead)
+
+    def totals(self, with_pid: bool = False) -> Counter[Series]:
+        with self._lock:
+            return self.aggregator.totals([r for _, r in self._records()], with_pid)
+
+    def processes(self) -> list[dict]:
+        with self._lock:
+            return per_process(r for _, r in self._records())
+
+    def health(self) -> dict[str, int]:
+        h = dict(self.source.health())
+        h["decode_errors"] = self.decode_errors
+        h["exited_processes"] = self.aggregator.exited_processes
+        return h
+
+    def decode_event(self, data: bytes) -> Event | None:
+        try:
+            return self.decoder.event(data)
+        except DecodeError:
+            self.decode_errors += 1
+            return None

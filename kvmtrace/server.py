@@ -1,0 +1,101 @@
+"""HTTP side of `kvmtrace serve`: /metrics, a landing page, JSON APIs."""
+
+from __future__ import annotations
+
+import html
+import json
+import socket
+from collections.abc import Callable
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+
+DEFAULT_PORT = 9929
+DEFAULT_ADDRESS = f":{DEFAULT_PORT}"
+
+
+class AddressError(ValueError):
+    pass
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """'HOST:PORT', ':PORT' or '[v6]:PORT' → (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise AddressError(f"bad listen address {text!r}: expected HOST:PORT, e.g. :{DEFAULT_PORT}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - stdlib signature
+        pass
+
+
+def _landing(title: str, plan_rows: list[list[str]], processes: list[dict]) -> bytes:
+    def table(head: list[str], rows: list[list[str]]) -> str:
+        th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        trs = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
+                      for r in rows)
+        return f"<table border=1 cellpadding=3><tr>{th}</tr>{trs}</table>"
+
+    procs = [[p["pid"], p["comm"], p["vm_create_attempts"], p["vm_create_rejected"],
+              ", ".join(f"{k}: {v['accepted']} ok / {v['rejected']} rejected"
+                        for k, v in sorted(p["types"].items())),
+              p["vm_types_queries"], p["type_checks"], p["type_check_rejected"]]
+             for p in processes]
+    body = (
+        f"<html><head><title>{html.escape(title)}</title></head><body>"
+        f"<h1>{html.escape(title)}</h1>"
+        "<p><a href='/metrics'>Metrics</a> · <a href='/api/processes'>/api/processes</a> · "
+        "<a href='/api/plan'>/api/plan</a></p>"
+        "<h2>Probe points</h2>"
+        + table(["probe", "mechanism", "attached", "detail"], plan_rows)
+        + "<h2>Processes (live)</h2>"
+        + table(["pid", "comm", "KVM_CREATE_VM", "rejected", "by VM type",
+                 "VM_TYPES queries", "type checks", "checks said no"], procs)
+        + "</body></html>"
+    )
+    return body.encode()
+
+
+def make_app(registry: CollectorRegistry, title: str,
+             plan_rows: Callable[[], list[list[str]]],
+             processes: Callable[[], list[dict]]) -> Callable:
+    metrics = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "/")
+        if path == "/metrics":
+            return metrics(environ, start_response)
+        if path == "/api/processes":
+            data = json.dumps(processes(), indent=1).encode()
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [data]
+        if path == "/api/plan":
+            cols = ["probe", "mechanism", "attached", "detail"]
+            data = json.dumps([dict(zip(cols, r, strict=True)) for r in plan_rows()]).encode()
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [data]
+        if path == "/":
+            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
+            return [_landing(title, plan_rows(), processes())]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found\n"]
+
+    return app
+
+
+def bind(app: Callable, host: str, port: int) -> WSGIServer:
+    """Bind HOST:PORT (OSError on failure); the caller runs serve_forever."""
+    cls = _Server6 if ":" in host else _Server
+    return make_server(host, port, app, server_class=cls, handler_class=_QuietHandler)

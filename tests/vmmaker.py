@@ -1,0 +1,64 @@
+"""A VMM stand-in for the tests: KVM_CREATE_VM of given types under a chosen comm.
+
+    python tests/vmmaker.py --name kvmt-abc --types 0,1,2,5,99 --repeat 3
+
+Prints one JSON line per call: {"vm_type", "ret", "errno"}. Accepted VMs are
+closed at once. Uses ctypes so 64-bit types (2**32+1) reach the kernel intact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import sys
+
+KVM_CREATE_VM = 0xAE01
+KVM_CHECK_EXTENSION = 0xAE03
+KVM_CAP_VM_TYPES = 235
+PR_SET_NAME = 15
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def set_comm(name: str) -> None:
+    if libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NAME)")
+
+
+def ioctl(fd: int, request: int, arg: int) -> tuple[int, int]:
+    ret = libc.ioctl(fd, ctypes.c_ulong(request), ctypes.c_ulong(arg))
+    return ret, (ctypes.get_errno() if ret < 0 else 0)
+
+
+def create_vm(kvm_fd: int, vm_type: int) -> tuple[int, int]:
+    ret, err = ioctl(kvm_fd, KVM_CREATE_VM, vm_type)
+    if ret >= 0:
+        os.close(ret)
+    return ret, err
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--types", default="0")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--queries", type=int, default=0)
+    args = ap.parse_args()
+    set_comm(args.name)
+    fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    for _ in range(args.queries):
+        ret, err = ioctl(fd, KVM_CHECK_EXTENSION, KVM_CAP_VM_TYPES)
+        print(json.dumps({"query": True, "ret": ret, "errno": err}))
+    for _ in range(args.repeat):
+        for t in (int(x, 0) for x in args.types.split(",")):
+            ret, err = create_vm(fd, t)
+            print(json.dumps({"vm_type": t, "ret": ret, "errno": err}))
+    os.close(fd)
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
