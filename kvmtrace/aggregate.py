@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kvmtrace.decode import CountRecord
+from kvmtrace.plan import CREATE_VM
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def per_process(live: Iterable[CountRecord]) -> list[dict]:
             "pid": r.pid, "comm": r.comm, "vm_create_attempts": 0, "vm_create_rejected": 0,
             "vm_types_queries": 0, "type_checks": 0, "type_check_rejected": 0, "types": {},
         })
-        if r.layer == "ioctl" and r.probe == "KVM_CREATE_VM":
+        if r.probe == CREATE_VM:
             p["vm_create_attempts"] += r.count
             t = p["types"].setdefault(r.vm_type_name, {"accepted": 0, "rejected": 0})
             if r.rejected:

@@ -12,12 +12,11 @@ import threading
 import time
 from collections.abc import Sequence
 
-from kvmtrace import __version__, kvmdev, tables
+from kvmtrace import __version__, kvmdev, tables, views
 from kvmtrace import facts as factsmod
 from kvmtrace import loader as loadermod
 from kvmtrace import plan as planmod
 from kvmtrace import server as servermod
-from kvmtrace import views
 from kvmtrace.decode import Decoder
 from kvmtrace.runtime import Runtime
 
@@ -99,10 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after SECONDS")
     t.add_argument("--strict", action="store_true", help="fail unless every probe point attaches")
     t.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
+    t.add_argument("--facts", metavar="FILE", help=argparse.SUPPRESS)
 
     d = sub.add_parser("doctor", help="can this host be traced? (exit 0 when it can)",
                        epilog=EXAMPLES_DOCTOR, formatter_class=fmt)
     d.add_argument("--json", action="store_true", help="machine-readable report")
+    d.add_argument("--dump-facts", action="store_true",
+                   help="print the raw host facts as JSON (attach to bug reports) and exit")
+    d.add_argument("--facts", metavar="FILE",
+                   help="plan for another host's facts (from --dump-facts); attaches nothing")
     return p
 
 
@@ -220,7 +224,7 @@ def cmd_serve(args) -> int:
 
 def cmd_trace(args) -> int:
     if args.ebpf:
-        facts = factsmod.gather()
+        facts = _facts(args.facts)
         print(loadermod.build_text(planmod.make_plan(facts), _options(args.pid or 0, facts)))
         return 0
     stop = _Stop()
@@ -327,10 +331,24 @@ def doctor_report(facts: factsmod.HostFacts, attachments: Sequence[loadermod.Att
     }
 
 
+def _facts(path: str | None) -> factsmod.HostFacts:
+    if path is None:
+        return factsmod.gather()
+    try:
+        return factsmod.HostFacts.load(path)
+    except OSError as exc:
+        raise UserError(f"cannot read facts file {path}: {exc.strerror}") from None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"bad facts file {path}: {exc}") from None
+
+
 def cmd_doctor(args) -> int:
-    facts = factsmod.gather()
+    facts = _facts(args.facts)
+    if args.dump_facts:
+        print(json.dumps(facts.to_json(), indent=2, sort_keys=True))
+        return 0
     attachments, load_error = None, None
-    if facts.is_root and facts.bcc_version and facts.headers.path:
+    if args.facts is None and facts.is_root and facts.bcc_version and facts.headers.path:
         try:
             session = loadermod.load(planmod.make_plan(facts), _options(0, facts))
             attachments = session.attachments

@@ -180,13 +180,14 @@ def probe_fentry(symbol: str) -> str:
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        bpf = BPF(text=text)
+        bpf = BPF(text=text.encode())
         bpf.cleanup()
         return "ok"
     except Exception as exc:  # bcc raises bare Exception
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "super-user" in msg or "not permitted" in msg.lower():
-            return "EPERM: the kernel refused to load a fentry/fexit (BPF_PROG_TYPE_TRACING) program"
+            return ("EPERM: the kernel refused to load a fentry/fexit "
+                    "(BPF_PROG_TYPE_TRACING) program")
         return f"refused: {msg}"
     finally:
         os.dup2(saved, 2)

@@ -184,7 +184,7 @@ def load(plan: planmod.Plan, opts: Options) -> Session:
     text = build_text(plan, opts)
     with _stderr_captured() as err:
         try:
-            bpf = BPF(text=text)
+            bpf = BPF(text=text.encode())
         except Exception as exc:  # bcc raises bare Exception
             raise LoadError(f"loading the BPF program failed: {_first_line(exc, err)}") from exc
     attachments = []
@@ -213,5 +213,5 @@ def _attach(bpf, p: planmod.Point) -> None:
     elif p.mechanism == planmod.KPROBE:
         enter, ret = (("kvmtrace_ioctl_enter", "kvmtrace_ioctl_return") if p.layer == "ioctl"
                       else (f"kvmtrace_enter_{p.id}", f"kvmtrace_return_{p.id}"))
-        bpf.attach_kprobe(event=p.target, fn_name=enter.encode())
-        bpf.attach_kretprobe(event=p.target, fn_name=ret.encode())
+        bpf.attach_kprobe(event=p.target.encode(), fn_name=enter.encode())
+        bpf.attach_kretprobe(event=p.target.encode(), fn_name=ret.encode())

@@ -85,7 +85,8 @@ def _fentry_refusal(facts: HostFacts, name: str) -> str | None:
             else facts.fentry
     sym = facts.symbols.get(name)
     if sym is not None and sym.module is not None:
-        return f"fentry on module functions ({sym.module}) is not supported by bcc {facts.bcc_version}"
+        return (f"fentry on module functions ({sym.module}) is not supported "
+                f"by bcc {facts.bcc_version}")
     if facts.traceable is not None and name not in facts.traceable:
         return "not in available_filter_functions (notrace)"
     return None

@@ -1,0 +1,123 @@
+"""The collector against a fresh registry and a recorded source."""
+
+import shutil
+import subprocess
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from kvmtrace import plan as planmod
+from kvmtrace.collector import KvmtraceCollector
+from kvmtrace.decode import Decoder
+from kvmtrace.kvmdev import KvmInfo
+from kvmtrace.loader import Attachment
+from kvmtrace.runtime import Runtime
+from tests.recorded import RecordedSource
+
+RAWS = [
+    (100, planmod.PROBE_CREATE_VM, 0, 0, b"qemu-system-x86", 4),
+    (100, planmod.PROBE_CREATE_VM, 2, -22, b"qemu-system-x86", 3),
+    (101, planmod.PROBE_CREATE_VM, 2, -22, b"qemu-system-x86", 1),
+    (101, planmod.PROBE_CREATE_VM, 2**32 + 1, -22, b"fuzz\x07er", 1),
+    (100, planmod.PROBE_VM_TYPES_QUERY, 0, 1, b"qemu-system-x86", 2),
+    (100, planmod.PROBE_ARCH_INIT_VM, 2, -22, b"qemu-system-x86", 3),
+    (100, planmod.FIRST_TYPE_CHECK + 1, 2, 0, b"qemu-system-x86", 3),
+    (100, planmod.FIRST_TYPE_CHECK + 1, 0, 1, b"qemu-system-x86", 4),
+]
+
+
+def make(kernel_facts, raws=RAWS, kvm=None, fail=False, with_pid=False, live=None):
+    plan = planmod.make_plan(kernel_facts("seed-tdx-v12-kprobes"))
+    source = RecordedSource(raws, fail=fail)
+    rt = Runtime(source, Decoder(plan, "x86_64"),
+                 live_pids=lambda: live if live is not None else {100, 101})
+    attachments = [Attachment(p, p.mechanism is not None) for p in plan.points]
+    reg = CollectorRegistry()
+    reg.register(KvmtraceCollector(
+        rt, attachments, lambda: kvm or KvmInfo(True, 12, 0x1), "x86_64",
+        {"version": "t", "bcc_version": "0.26.0", "kernel": "6.3"}, with_pid=with_pid))
+    return reg, rt, source
+
+
+def test_counts_per_comm_type_and_errno(kernel_facts):
+    reg, _, _ = make(kernel_facts)
+    g = reg.get_sample_value
+    q = {"comm": "qemu-system-x86"}
+    assert g("kvmtrace_vm_create_attempts_total", {**q, "vm_type": "0",
+                                                   "vm_type_name": "DEFAULT"}) == 4
+    assert g("kvmtrace_vm_create_attempts_total", {**q, "vm_type": "2",
+                                                   "vm_type_name": "SEV"}) == 4
+    assert g("kvmtrace_vm_create_rejected_total", {**q, "vm_type": "2", "vm_type_name": "SEV",
+                                                   "errno": "EINVAL"}) == 4
+    assert g("kvmtrace_vm_create_rejected_total", {**q, "vm_type": "0",
+                                                   "vm_type_name": "DEFAULT",
+                                                   "errno": "EINVAL"}) is None
+    assert g("kvmtrace_vm_create_rejected_total", {
+        "comm": "fuzz\\x07er", "vm_type": "4294967297", "vm_type_name": "unknown:4294967297",
+        "errno": "EINVAL"}) == 1
+    assert g("kvmtrace_vm_types_queries_total", q) == 2
+    chk = {"probe": "kvm_arch_init_vm", **q, "vm_type": "2", "vm_type_name": "SEV"}
+    assert g("kvmtrace_vm_type_checks_total", chk) == 3
+    assert g("kvmtrace_vm_type_check_rejected_total", chk) == 3
+    vmx = {"probe": "vmx_is_vm_type_supported", **q}
+    assert g("kvmtrace_vm_type_checks_total", {**vmx, "vm_type": "0",
+                                               "vm_type_name": "DEFAULT"}) == 4
+    assert g("kvmtrace_vm_type_check_rejected_total", {**vmx, "vm_type": "0",
+                                                       "vm_type_name": "DEFAULT"}) is None
+    assert g("kvmtrace_vm_type_check_rejected_total", {**vmx, "vm_type": "2",
+                                                       "vm_type_name": "SEV"}) == 3
+
+
+def test_host_support_attachments_health_and_build_info(kernel_facts):
+    reg, _, _ = make(kernel_facts)
+    g = reg.get_sample_value
+    assert g("kvmtrace_host_kvm_up") == 1
+    assert g("kvmtrace_host_vm_type_supported", {"vm_type": "0", "vm_type_name": "DEFAULT"}) == 1
+    assert g("kvmtrace_host_vm_type_supported", {"vm_type": "5", "vm_type_name": "TDX"}) == 0
+    assert g("kvmtrace_probe_attached", {"probe": "vmx_is_vm_type_supported",
+                                         "mechanism": "kprobe"}) == 1
+    assert g("kvmtrace_probe_attached", {"probe": "svm_is_vm_type_supported",
+                                         "mechanism": "none"}) == 0
+    for name in ("events_lost", "counts_dropped", "calls_dropped", "decode_errors",
+                 "exited_processes"):
+        assert g(f"kvmtrace_{name}_total") == 0, name
+    assert g("kvmtrace_collect_success") == 1
+    assert g("kvmtrace_build_info", {"version": "t", "bcc_version": "0.26.0",
+                                     "kernel": "6.3"}) == 1
+
+
+def test_without_dev_kvm_no_support_series_and_health_says_so(kernel_facts):
+    reg, _, _ = make(kernel_facts, kvm=KvmInfo(False, error="/dev/kvm does not exist"))
+    assert reg.get_sample_value("kvmtrace_host_kvm_up") == 0
+    text = generate_latest(reg).decode()
+    assert "kvmtrace_host_vm_type_supported{" not in text
+
+
+def test_a_failing_map_read_degrades_to_partial_output(kernel_facts):
+    reg, _, _ = make(kernel_facts, fail=True)
+    assert reg.get_sample_value("kvmtrace_collect_success") == 0
+    assert reg.get_sample_value("kvmtrace_host_kvm_up") == 1
+
+
+def test_retiring_exited_processes_keeps_every_count(kernel_facts):
+    reg, rt, source = make(kernel_facts, live={100})
+    before = generate_latest(reg)
+    assert rt.retire_exited() == 2  # pid 101's two entries
+    assert {r[0] for r in source.deleted} == {101}
+    after = generate_latest(reg).replace(b"kvmtrace_exited_processes_total 1.0",
+                                         b"kvmtrace_exited_processes_total 0.0")
+    assert after == before
+
+
+def test_pid_label_behind_a_flag(kernel_facts):
+    reg, _, _ = make(kernel_facts, with_pid=True)
+    assert reg.get_sample_value("kvmtrace_vm_create_rejected_total", {
+        "comm": "qemu-system-x86", "pid": "101", "vm_type": "2", "vm_type_name": "SEV",
+        "errno": "EINVAL"}) == 1
+
+
+def test_promtool_accepts_the_exposition(kernel_facts):
+    reg, _, _ = make(kernel_facts)
+    assert shutil.which("promtool"), "promtool missing: 'make test' installs Debian's prometheus"
+    out = subprocess.run(["promtool", "check", "metrics"], input=generate_latest(reg),
+                         capture_output=True, check=False)
+    assert out.returncode == 0 and out.stdout == b"" and out.stderr == b"", out

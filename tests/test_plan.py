@@ -1,0 +1,120 @@
+"""The planner is pure: hand it the facts of other kernels, check the plan."""
+
+import dataclasses
+
+from kvmtrace import plan as planmod
+from kvmtrace.facts import Symbol, read_kallsyms
+
+
+def by_name(plan):
+    return {p.name: p for p in plan.points}
+
+
+def test_this_host_uses_syscall_tracepoints_and_names_every_missing_point(kernel_facts):
+    plan = planmod.make_plan(kernel_facts("firecracker-6.18-no-kprobes"))
+    pts = by_name(plan)
+    assert [p.name for p in plan.points] == [
+        "KVM_CREATE_VM", "KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES)", "kvm_arch_init_vm",
+        "kvm_is_vm_type_supported", "vmx_is_vm_type_supported", "svm_is_vm_type_supported"]
+    assert pts["KVM_CREATE_VM"].mechanism == planmod.TRACEPOINT
+    assert pts["KVM_CREATE_VM"].target == "syscalls:sys_enter_ioctl+syscalls:sys_exit_ioctl"
+    assert "CONFIG_KPROBES" in pts["KVM_CREATE_VM"].reason
+    init = pts["kvm_arch_init_vm"]
+    assert init.mechanism is None
+    assert "CONFIG_KPROBES" in init.reason and "EPERM" in init.reason
+    for name in ("kvm_is_vm_type_supported", "vmx_is_vm_type_supported"):
+        assert pts[name].mechanism is None
+        assert "absent from kallsyms" in pts[name].reason
+
+
+def test_debian_61_uses_kprobes_on_kvm_dev_ioctl_and_arch_init(kernel_facts):
+    pts = by_name(planmod.make_plan(kernel_facts("debian-6.1-kprobes")))
+    assert pts["KVM_CREATE_VM"].mechanism == planmod.KPROBE
+    assert pts["KVM_CREATE_VM"].target == "kvm_dev_ioctl"
+    assert pts["KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES)"].target == "kvm_dev_ioctl"
+    assert pts["kvm_arch_init_vm"].mechanism == planmod.KPROBE
+    assert pts["vmx_is_vm_type_supported"].mechanism is None
+
+
+def test_seed_patch_kernel_probes_the_whole_chain_including_found_callbacks(kernel_facts):
+    plan = planmod.make_plan(kernel_facts("seed-tdx-v12-kprobes"))
+    pts = by_name(plan)
+    for name in ("kvm_arch_init_vm", "kvm_is_vm_type_supported", "vmx_is_vm_type_supported",
+                 "__kvm_is_vm_type_supported"):
+        assert pts[name].mechanism == planmod.KPROBE, name
+        assert pts[name].returns == (planmod.RETURNS_INT if name == "kvm_arch_init_vm"
+                                     else planmod.RETURNS_BOOL)
+    # svm is absent (kvm_intel host) and reported, not dropped.
+    assert pts["svm_is_vm_type_supported"].mechanism is None
+    ids = [p.id for p in plan.points]
+    assert ids == list(range(len(ids)))
+
+
+def test_fentry_when_kprobes_missing_but_tracing_programs_load(kernel_facts):
+    pts = by_name(planmod.make_plan(kernel_facts("fentry-only-constructed")))
+    assert pts["KVM_CREATE_VM"].mechanism == planmod.FENTRY
+    assert pts["kvm_arch_init_vm"].mechanism is None  # not in available_filter_functions
+    assert "notrace" in pts["kvm_arch_init_vm"].reason
+    svm = pts["svm_is_vm_type_supported"]
+    assert svm.mechanism is None and "module" in svm.reason and "kvm_amd" in svm.reason
+
+
+def test_no_tracefs_and_no_kprobes_leaves_ioctl_layer_unplanned(kernel_facts):
+    facts = dataclasses.replace(kernel_facts("firecracker-6.18-no-kprobes"),
+                                tracefs=None, tracepoints=[])
+    plan = planmod.make_plan(facts)
+    assert plan.ioctl_mechanism is None
+    assert "tracefs not mounted" in plan.points[0].reason
+    assert len(plan.missing) == len(plan.points)
+
+
+def test_kprobe_blacklist_and_compiler_clones_are_reported(kernel_facts):
+    facts = kernel_facts("seed-tdx-v12-kprobes")
+    syms = dict(facts.symbols)
+    del syms["kvm_is_vm_type_supported"]
+    facts = dataclasses.replace(facts, symbols=syms, kprobe_blacklist=["kvm_arch_init_vm"],
+                                clones={"kvm_is_vm_type_supported":
+                                        ["kvm_is_vm_type_supported.isra.0"]})
+    pts = by_name(planmod.make_plan(facts))
+    assert pts["kvm_arch_init_vm"].mechanism is None
+    assert "blacklist" in pts["kvm_arch_init_vm"].reason
+    assert "kvm_is_vm_type_supported.isra.0" in pts["kvm_is_vm_type_supported"].reason
+
+
+def test_plan_is_a_pure_function_of_the_facts(kernel_facts):
+    facts = kernel_facts("seed-tdx-v12-kprobes")
+    assert planmod.make_plan(facts) == planmod.make_plan(facts)
+
+
+def test_facts_round_trip_through_json(kernel_facts):
+    from kvmtrace.facts import HostFacts
+
+    facts = kernel_facts("seed-tdx-v12-kprobes")
+    assert HostFacts.from_json(facts.to_json()) == facts
+
+
+def test_read_kallsyms_keeps_relevant_names_modules_and_clones():
+    text = "\n".join([
+        "ffffffff81284030 t kvm_dev_ioctl",
+        "ffffffff812011a5 t kvm_dev_ioctl.cold",
+        "ffffffffc0a00000 t vmx_is_vm_type_supported\t[kvm_intel]",
+        "ffffffffc0a00100 t tdx_is_vm_type_supported\t[kvm_intel]",
+        "ffffffffc0b00000 t kvm_is_vm_type_supported.isra.0\t[kvm]",
+        "ffffffff81000000 T unrelated_function",
+        "ffffffff81000000 d kvm_arch_init_vm_data",
+    ])
+    symbols, clones = read_kallsyms(text)
+    assert symbols == {
+        "kvm_dev_ioctl": Symbol("kvm_dev_ioctl", None),
+        "vmx_is_vm_type_supported": Symbol("vmx_is_vm_type_supported", "kvm_intel"),
+        "tdx_is_vm_type_supported": Symbol("tdx_is_vm_type_supported", "kvm_intel"),
+    }
+    assert clones == {"kvm_is_vm_type_supported": ["kvm_is_vm_type_supported.isra.0"]}
+
+
+def test_any_other_is_vm_type_supported_callback_is_planned(kernel_facts):
+    facts = kernel_facts("seed-tdx-v12-kprobes")
+    syms = {**facts.symbols,
+            "tdx_is_vm_type_supported": Symbol("tdx_is_vm_type_supported", "kvm_intel")}
+    pts = by_name(planmod.make_plan(dataclasses.replace(facts, symbols=syms)))
+    assert pts["tdx_is_vm_type_supported"].mechanism == planmod.KPROBE

@@ -1,0 +1,262 @@
+"""Privileged tier: real bcc, real kernel, real /dev/kvm, real Prometheus tools.
+
+These tests never skip: CI runs as root on a host with /dev/kvm, so a test
+that cannot run there is a failure (pytest.fail with the reason).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import HERE, KVMTRACE, free_port, unique_comm
+
+pytestmark = pytest.mark.privileged
+
+VMMAKER = [sys.executable, str(HERE / "vmmaker.py")]
+TYPES = [0, 1, 2, 5, 99]
+REPEAT = 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def privileged_host():
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("not root")
+    if not os.path.exists("/dev/kvm"):
+        problems.append("no /dev/kvm")
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        problems.append("bcc not importable (python3-bpfcc, .venv --system-site-packages)")
+    if problems:
+        pytest.fail("privileged tier cannot run here: " + ", ".join(problems))
+
+
+class Serve:
+    def __init__(self, *extra):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [*KVMTRACE, "serve", "--web.listen-address", f"127.0.0.1:{self.port}", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"serve exited {self.proc.returncode}: {self.proc.stderr.read()}")
+            try:
+                self.metrics()
+                if "kvmtrace_probe_attached" in self.metrics():
+                    return
+            except OSError:
+                time.sleep(0.2)
+        pytest.fail("serve did not answer /metrics within 60 s")
+
+    def get(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
+            return r.read().decode()
+
+    def metrics(self) -> str:
+        return self.get("/metrics")
+
+    def stop(self) -> tuple[int, str, str]:
+        self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=30)
+        return self.proc.returncode, out, err
+
+
+def samples(text: str, name: str) -> dict[frozenset, float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name:
+                out[frozenset(s.labels.items())] = s.value
+    return out
+
+
+def make_vms(comm: str, types=TYPES, repeat=REPEAT, queries=2) -> list[dict]:
+    proc = subprocess.run(
+        [*VMMAKER, "--name", comm, "--types", ",".join(map(str, types)),
+         "--repeat", str(repeat), "--queries", str(queries)],
+        capture_output=True, text=True, check=True, timeout=60)
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def host_has_kprobes() -> bool:
+    return Path("/sys/bus/event_source/devices/kprobe").exists()
+
+
+@pytest.fixture(scope="module")
+def served():
+    """One exporter and one `trace --json` watching the same VM creations."""
+    serve = Serve("--retire-interval", "0.5")
+    comm = unique_comm()
+    trace = subprocess.Popen([*KVMTRACE, "trace", "--json", "-n", comm, "--duration", "25"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # trace prints its banner on stderr once attached.
+    deadline = time.monotonic() + 60
+    banner = ""
+    while "Tracing" not in banner and time.monotonic() < deadline:
+        line = trace.stderr.readline()
+        if not line:
+            pytest.fail(f"trace exited early: {trace.wait()}")
+        banner += line
+    calls = make_vms(comm)
+    time.sleep(1.5)  # let the retirement pass fold the exited child
+    text = serve.metrics()
+    yield serve, comm, calls, text, trace
+    if serve.proc.poll() is None:
+        serve.stop()
+    trace.kill()
+
+
+def test_vmmaker_saw_what_the_host_documents(served):
+    _, _, calls, _, _ = served
+    creates = [c for c in calls if "vm_type" in c]
+    assert len(creates) == len(TYPES) * REPEAT
+    for c in creates:
+        if c["vm_type"] == 0:
+            assert c["ret"] >= 0
+        else:
+            assert (c["ret"], c["errno"]) == (-1, 22)
+
+
+def test_exact_counts_per_type_and_errno(served):
+    _, comm, _, text, _ = served
+    attempts = samples(text, "kvmtrace_vm_create_attempts_total")
+    rejected = samples(text, "kvmtrace_vm_create_rejected_total")
+    names = {0: "DEFAULT", 1: "SW_PROTECTED", 2: "SEV", 5: "TDX", 99: "unknown:99"}
+    for t, name in names.items():
+        labels = {"comm": comm, "vm_type": str(t), "vm_type_name": name}
+        assert attempts.get(frozenset(labels.items())) == REPEAT, (t, attempts)
+        rej = rejected.get(frozenset({**labels, "errno": "EINVAL"}.items()))
+        assert rej == (None if t == 0 else REPEAT), (t, rej)
+    mine = {k: v for k, v in attempts.items() if ("comm", comm) in k}
+    assert sum(mine.values()) == len(TYPES) * REPEAT
+    assert samples(text, "kvmtrace_vm_types_queries_total")[frozenset({("comm", comm)})] == 2
+
+
+def test_exited_child_was_folded_without_losing_counts(served):
+    serve, comm, _, text, _ = served
+    assert samples(text, "kvmtrace_exited_processes_total")[frozenset()] >= 1
+    assert comm not in serve.get("/api/processes")
+
+
+def test_health_and_host_support(served):
+    _, _, _, text, _ = served
+    one = frozenset()
+    assert samples(text, "kvmtrace_events_lost_total")[one] == 0
+    assert samples(text, "kvmtrace_counts_dropped_total")[one] == 0
+    assert samples(text, "kvmtrace_collect_success")[one] == 1
+    assert samples(text, "kvmtrace_host_kvm_up")[one] == 1
+    sup = samples(text, "kvmtrace_host_vm_type_supported")
+    assert sup[frozenset({("vm_type", "0"), ("vm_type_name", "DEFAULT")})] == 1
+    attached = samples(text, "kvmtrace_probe_attached")
+    mech = "kprobe" if host_has_kprobes() else "tracepoint"
+    assert attached[frozenset({("probe", "KVM_CREATE_VM"), ("mechanism", mech)})] == 1
+    assert len(attached) >= 6  # every planned point is reported
+
+
+def test_promtool_check_metrics_is_clean(served):
+    _, _, _, text, _ = served
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool missing ('make test' installs Debian's prometheus)"
+    out = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                         text=True, check=False)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
+
+
+def test_trace_json_sees_the_same_attempts(served):
+    _, comm, calls, _, trace = served
+    trace.send_signal(signal.SIGINT)
+    out, _ = trace.communicate(timeout=30)
+    assert trace.returncode == 0
+    events = [json.loads(line) for line in out.splitlines()]
+    creates = [e for e in events if e["probe"] == "KVM_CREATE_VM"]
+    assert [(e["vm_type"], e["rejected"], e["errno"]) for e in creates] == [
+        (c["vm_type"], c["ret"] < 0, "EINVAL" if c["ret"] < 0 else None)
+        for c in calls if "vm_type" in c]
+    assert all(e["comm"] == comm for e in events)
+    queries = [e for e in events if e["probe"] == "KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES)"]
+    assert [q["result"] for q in queries] == [c["ret"] for c in calls if c.get("query")]
+
+
+def test_landing_page_and_plan_api(served):
+    serve, _, _, _, _ = served
+    assert "Probe points" in serve.get("/")
+    plan = json.loads(serve.get("/api/plan"))
+    assert {p["probe"] for p in plan} >= {"KVM_CREATE_VM", "kvm_arch_init_vm"}
+
+
+def test_sigterm_detaches_and_exits_zero(served):
+    serve, _, _, _, _ = served
+    code, _out, err = serve.stop()
+    assert code == 0, err
+    assert "Traceback" not in err
+    progs = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True,
+                           check=False).stdout if shutil.which("bpftool") else ""
+    assert f"pid {serve.proc.pid}" not in progs
+
+
+def test_doctor_json_reports_this_host():
+    proc = subprocess.run([*KVMTRACE, "doctor", "--json"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["ok"] and r["attach_tested"]
+    pts = {p["probe"]: p for p in r["points"]}
+    if host_has_kprobes():
+        assert r["kprobes"]["available"] is True
+        assert pts["KVM_CREATE_VM"]["mechanism"] == "kprobe"
+    else:
+        assert r["kprobes"]["available"] is False
+        assert pts["KVM_CREATE_VM"]["mechanism"] == "tracepoint"
+        assert pts["kvm_arch_init_vm"]["attached"] is False
+        assert pts["kvm_arch_init_vm"]["detail"]
+    assert pts["KVM_CREATE_VM"]["attached"] is True
+    assert r["kvm"]["vm_types_mask"] is not None and r["kvm"]["vm_types"][0]["name"] == "DEFAULT"
+
+
+def test_port_in_use_is_one_clear_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = subprocess.run([*KVMTRACE, "serve", "--web.listen-address", f"127.0.0.1:{port}"],
+                              capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot listen" in lines[0] and "in use" in lines[0], lines
+
+
+def test_kprobe_programs_pass_the_verifier_and_failed_attaches_are_reported(kernel_facts):
+    """Load the plan of a kprobe kernel (the seed's chain) on this host.
+
+    The verifier checks every program for real; on a host without kprobes each
+    attach fails and must be reported by name, never counted as attached.
+    """
+    from kvmtrace import loader, plan
+
+    p = plan.make_plan(kernel_facts("seed-tdx-v12-kprobes"))
+    session = loader.load(p, loader.Options(self_tgid=os.getpid()))
+    try:
+        result = {a.point.name: a for a in session.attachments}
+        if host_has_kprobes():
+            assert result["KVM_CREATE_VM"].attached
+        else:
+            for name in ("KVM_CREATE_VM", "kvm_arch_init_vm", "vmx_is_vm_type_supported"):
+                assert not result[name].attached
+                assert result[name].mechanism == "none"
+                assert "kprobe attach failed" in result[name].reason
+    finally:
+        session.close()
