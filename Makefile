@@ -9,6 +9,7 @@ run: setup
 	$(VENV)/bin/kvmtrace serve --web.listen-address :$(PORT)
 
 test: setup-test
+	$(VENV)/bin/ruff check kvmtrace tests
 	$(VENV)/bin/python -m pytest -v
 
 test-pure: setup-test
