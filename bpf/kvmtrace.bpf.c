@@ -8,8 +8,11 @@
  *
  *   KVM_CREATE_VM, KVM_CHECK_EXTENSION, KVM_CAP_VM_TYPES
  *       ioctl numbers from include/uapi/linux/kvm.h (kvmtrace/tables.py)
- *   PROBE_CREATE_VM, PROBE_VM_TYPES_QUERY
- *       probe ids of the two ioctl points (kvmtrace/plan.py)
+ *   PROBE_CREATE_VM, PROBE_VM_TYPES_QUERY, PROBE_ARCH_INIT_VM
+ *       probe ids of the ioctl points and kvm_arch_init_vm (kvmtrace/plan.py);
+ *       every other function point is a type check
+ *   VERDICT_*      bits of what the function probes saw inside a KVM_CREATE_VM
+ *                  (kvmtrace/decode.py)
  *   SELF_TGID      the exporter's own pid: its own KVM_CAP_VM_TYPES query
  *                  is not a client's and is not counted
  *   FILTER_TGID    only emit events for this pid (0: all); counts are global
@@ -33,8 +36,17 @@ struct count_key {
 	 * its bool return (0/1).
 	 */
 	s64 result;
+	u32 verdicts; /* KVM_CREATE_VM: VERDICT_* bits seen inside the call */
+	u32 pad;
 	char comm[TASK_COMM_LEN];
 };
+
+/*
+ * What the function probes saw inside one KVM_CREATE_VM (same thread, nested
+ * in time). Kept in the count key, so the reason for a rejection is exact
+ * even when events are lost.
+ */
+/* VERDICT_* bits come from the loader (kvmtrace/decode.py). */
 
 /* One record per completed call, for the live view. */
 struct event {
@@ -45,7 +57,7 @@ struct event {
 	u32 tgid;
 	u32 tid;
 	u32 probe;
-	u32 pad;
+	u32 verdicts;    /* KVM_CREATE_VM: VERDICT_* bits */
 	char comm[TASK_COMM_LEN];
 };
 
@@ -54,7 +66,7 @@ struct ioctl_call {
 	u64 start_ns;
 	u64 arg;
 	u32 cmd;
-	u32 pad;
+	u32 verdicts; /* VERDICT_* bits, set by the function probes */
 };
 
 /* A function-point call in flight: (thread, probe) allows nesting. */
@@ -80,6 +92,15 @@ BPF_ARRAY(inflight, u64, 1);
 #define HEALTH_CALLS_DROPPED 2  /* in-flight map full: a call not tracked */
 BPF_ARRAY(health, u64, 3);
 
+/* KVM_CREATE_VM latency (entry to return) per outcome (0 accepted, 1
+ * rejected): counts per log2(ns) slot, and the sum of ns. At most 2 x 64 keys. */
+struct latency_key {
+	u32 outcome;
+	u32 slot;
+};
+BPF_HASH(create_latency, struct latency_key, u64, 128);
+BPF_ARRAY(create_latency_sum, u64, 2);
+
 #ifdef USE_RINGBUF
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 #else
@@ -93,13 +114,15 @@ static __always_inline void health_inc(u32 idx)
 		__sync_fetch_and_add(v, 1);
 }
 
-static __always_inline void count(u32 tgid, u32 probe, u64 vm_type, s64 result)
+static __always_inline void count(u32 tgid, u32 probe, u64 vm_type, s64 result,
+				  u32 verdicts)
 {
 	struct count_key key = {};
 	key.tgid = tgid;
 	key.probe = probe;
 	key.vm_type = vm_type;
 	key.result = result;
+	key.verdicts = verdicts;
 	bpf_get_current_comm(&key.comm, sizeof(key.comm));
 
 	u64 *v = counts.lookup(&key);
@@ -119,7 +142,7 @@ static __always_inline void count(u32 tgid, u32 probe, u64 vm_type, s64 result)
 }
 
 static __always_inline void emit(void *ctx, u64 id, u32 probe, u64 vm_type,
-				 s64 result, u64 start_ns)
+				 s64 result, u64 start_ns, u32 verdicts)
 {
 	u32 tgid = id >> 32;
 	if (FILTER_TGID && tgid != FILTER_TGID)
@@ -132,6 +155,7 @@ static __always_inline void emit(void *ctx, u64 id, u32 probe, u64 vm_type,
 	ev.tgid = tgid;
 	ev.tid = (u32)id;
 	ev.probe = probe;
+	ev.verdicts = verdicts;
 	bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
 #ifdef USE_RINGBUF
 	if (events.ringbuf_output(&ev, sizeof(ev), 0))
@@ -188,12 +212,20 @@ static __always_inline int ioctl_return(void *ctx, s64 ret)
 
 	u32 tgid = id >> 32;
 	if (call.cmd == KVM_CREATE_VM) {
+		u64 ns = bpf_ktime_get_ns() - call.start_ns;
+		struct latency_key lk = {};
+		lk.outcome = ret < 0;
+		lk.slot = bpf_log2l(ns);
+		create_latency.atomic_increment(lk);
+		u64 *sum = create_latency_sum.lookup(&lk.outcome);
+		if (sum)
+			__sync_fetch_and_add(sum, ns);
 		/* Success returns a new fd: count it as 0 to keep keys bounded. */
-		count(tgid, PROBE_CREATE_VM, call.arg, ret < 0 ? ret : 0);
-		emit(ctx, id, PROBE_CREATE_VM, call.arg, ret, call.start_ns);
+		count(tgid, PROBE_CREATE_VM, call.arg, ret < 0 ? ret : 0, call.verdicts);
+		emit(ctx, id, PROBE_CREATE_VM, call.arg, ret, call.start_ns, call.verdicts);
 	} else {
-		count(tgid, PROBE_VM_TYPES_QUERY, 0, ret);
-		emit(ctx, id, PROBE_VM_TYPES_QUERY, 0, ret, call.start_ns);
+		count(tgid, PROBE_VM_TYPES_QUERY, 0, ret, 0);
+		emit(ctx, id, PROBE_VM_TYPES_QUERY, 0, ret, call.start_ns, 0);
 	}
 	return 0;
 }
@@ -253,8 +285,19 @@ static __always_inline int fn_done(void *ctx, u32 probe, u64 vm_type,
 	u64 id = bpf_get_current_pid_tgid();
 	if ((u32)(id >> 32) == SELF_TGID)
 		return 0;
-	count(id >> 32, probe, vm_type, result);
-	emit(ctx, id, probe, vm_type, result, start_ns);
+	/* Tell the enclosing KVM_CREATE_VM on this thread, if any, what we saw. */
+	u32 tid = (u32)id;
+	struct ioctl_call *c = ioctl_calls.lookup(&tid);
+	if (c) {
+		u32 bits;
+		if (probe == PROBE_ARCH_INIT_VM)
+			bits = VERDICT_ARCH_INIT_SEEN | (result < 0 ? VERDICT_ARCH_INIT_FAILED : 0);
+		else
+			bits = VERDICT_TYPE_CHECK_SEEN | (result == 0 ? VERDICT_TYPE_CHECK_REJECTED : 0);
+		__sync_fetch_and_or(&c->verdicts, bits);
+	}
+	count(id >> 32, probe, vm_type, result, 0);
+	emit(ctx, id, probe, vm_type, result, start_ns, 0);
 	return 0;
 }
 

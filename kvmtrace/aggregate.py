@@ -27,11 +27,12 @@ class Series:
     result: int
     rejected: bool
     errno: str | None
+    verdicts: int
 
 
 def series_of(r: CountRecord, with_pid: bool) -> Series:
     return Series(r.probe, r.layer, r.comm, r.pid if with_pid else None, r.vm_type,
-                  r.vm_type_name, r.result, r.rejected, r.errno)
+                  r.vm_type_name, r.result, r.rejected, r.errno, r.verdicts)
 
 
 class Aggregator:

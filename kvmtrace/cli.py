@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 
 from kvmtrace import __version__, kvmdev, tables, views
@@ -17,6 +18,7 @@ from kvmtrace import facts as factsmod
 from kvmtrace import loader as loadermod
 from kvmtrace import plan as planmod
 from kvmtrace import server as servermod
+from kvmtrace.attempts import Attempt, Stitcher
 from kvmtrace.decode import Decoder
 from kvmtrace.runtime import Runtime
 
@@ -42,6 +44,11 @@ EXAMPLES_TRACE = """examples:
   kvmtrace trace -p 4242 -T       # one process, with a time column
   kvmtrace trace -n qemu --json   # comm contains "qemu", JSON lines
   kvmtrace trace --duration 10    # stop after 10 seconds"""
+
+EXAMPLES_EXPLAIN = """examples:
+  kvmtrace explain                    # explain every rejected VM creation until Ctrl-C
+  kvmtrace explain -n qemu --duration 60
+  kvmtrace explain -p 4242 --json"""
 
 EXAMPLES_DOCTOR = """examples:
   kvmtrace doctor                 # can kvmtrace trace this host? exit 0 when it can
@@ -72,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kvmtrace", description="Trace Linux KVM's VM-type dispatch with eBPF.")
     p.add_argument("--version", action="version", version=f"kvmtrace {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser,
-                           metavar="{serve,trace,doctor}")
+                           metavar="{serve,trace,explain,doctor}")
     fmt = argparse.RawDescriptionHelpFormatter
 
     s = sub.add_parser("serve", help="Prometheus exporter with a live view",
@@ -85,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no live view on stdout")
     s.add_argument("--retire-interval", type=_positive_float, default=10.0, metavar="SECONDS",
                    help="fold exited processes' counts out of the kernel map this often")
+    s.add_argument("--rejections", type=_positive_int, default=100, metavar="N",
+                   help="keep the last N rejected attempts for /api/rejections (default 100)")
     s.add_argument("--strict", action="store_true", help="fail unless every probe point attaches")
 
     t = sub.add_parser("trace", help="one line per VM creation attempt and type check",
@@ -99,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--strict", action="store_true", help="fail unless every probe point attaches")
     t.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
     t.add_argument("--facts", metavar="FILE", help=argparse.SUPPRESS)
+
+    e = sub.add_parser("explain", help="wait for rejected VM creations and explain each",
+                       epilog=EXAMPLES_EXPLAIN, formatter_class=fmt)
+    e.add_argument("-p", "--pid", type=_positive_int, help="this process only")
+    e.add_argument("-n", "--name", help="only processes whose comm contains NAME")
+    e.add_argument("--duration", type=_positive_float, metavar="SECONDS",
+                   help="stop after SECONDS (then say what the host supports if none was seen)")
+    e.add_argument("--json", action="store_true", help="one JSON object per rejected attempt")
+    e.add_argument("--strict", action="store_true", help="fail unless every probe point attaches")
 
     d = sub.add_parser("doctor", help="can this host be traced? (exit 0 when it can)",
                        epilog=EXAMPLES_DOCTOR, formatter_class=fmt)
@@ -189,19 +207,36 @@ def cmd_serve(args) -> int:
              "kernel": facts.kernel_release}
     registry.register(KvmtraceCollector(runtime, session.attachments, kvmdev.query, facts.arch,
                                         build, with_pid=args.pid_label))
+    stitcher = _stitcher(facts, session)
+    rejections: deque[Attempt] = deque(maxlen=args.rejections)
     holder["app"] = servermod.make_app(
         registry, f"kvmtrace {__version__} on {platform.node()}",
-        lambda: views.plan_rows(session.attachments), runtime.processes)
+        lambda: views.plan_rows(session.attachments), runtime.processes,
+        lambda: [a.to_json() for a in reversed(rejections)])
     thread = threading.Thread(target=httpd.serve_forever, name="http", daemon=True)
     thread.start()
     print(views.plan_table(session.attachments))
     print(f"kvmtrace {__version__}: serving http://{host}:{port}/metrics "
           "(Ctrl-C to stop)", flush=True)
 
+    def on_attempt(a: Attempt) -> None:
+        if a.rejected:
+            rejections.append(a)
+            if not args.quiet and a.result is None:  # a chain no KVM_CREATE_VM claimed
+                print("\n".join(views.attempt_note(a)), flush=True)
+
     def on_event(data: bytes) -> None:
         ev = runtime.decode_event(data)
-        if ev is not None and not args.quiet:
-            print(views.event_line(ev, facts.arch, show_time=True), flush=True)
+        if ev is None:
+            return
+        done = stitcher.feed(ev)
+        for a in done:
+            on_attempt(a)
+        if not args.quiet:
+            lines = [views.event_line(ev, facts.arch, show_time=True)]
+            if ev.probe == planmod.CREATE_VM and done:
+                lines += views.attempt_note(done[-1])
+            print("\n".join(lines), flush=True)
 
     session.open_events(on_event)
     if not args.quiet:
@@ -210,8 +245,11 @@ def cmd_serve(args) -> int:
     try:
         while not stop.event.is_set():
             session.poll(200)
+            for a in stitcher.flush(time.monotonic_ns()):
+                on_attempt(a)
             if time.monotonic() >= next_retire:
                 runtime.retire_exited()
+                stitcher.host_mask = kvmdev.query().vm_types_mask
                 next_retire = time.monotonic() + args.retire_interval
     finally:
         httpd.shutdown()
@@ -222,6 +260,36 @@ def cmd_serve(args) -> int:
 
 # ---- trace -----------------------------------------------------------------
 
+def _stitcher(facts: factsmod.HostFacts, session) -> Stitcher:
+    return Stitcher(session.attachments, facts.arch, host_mask=facts.kvm.vm_types_mask,
+                    vendor_modules=facts.vendor_modules)
+
+
+def _wanted(args, pid: int, comm: str) -> bool:
+    return (not args.pid or pid == args.pid) and (not args.name or args.name in comm)
+
+
+def _loop(session, stitcher: Stitcher, stop: _Stop, duration: float | None,
+          on_attempt) -> None:
+    """Poll until SIGINT/SIGTERM or ``duration``; hand orphan chains to ``on_attempt``."""
+    deadline = time.monotonic() + duration if duration else None
+    while not stop.event.is_set():
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        session.poll(100)
+        for a in stitcher.flush(time.monotonic_ns()):
+            on_attempt(a)
+    session.poll(0)  # drain what is already queued
+    for a in stitcher.flush():
+        on_attempt(a)
+
+
+def _lost_warning(session) -> None:
+    lost = session.health()["events_lost"]
+    if lost:
+        print(f"WARNING: {lost} events lost (buffer full)", file=sys.stderr)
+
+
 def cmd_trace(args) -> int:
     if args.ebpf:
         facts = _facts(args.facts)
@@ -230,35 +298,99 @@ def cmd_trace(args) -> int:
     stop = _Stop()
     facts, plan, session = _start(args.strict, filter_pid=args.pid or 0)
     runtime = Runtime(session, Decoder(plan, facts.arch))
+    stitcher = _stitcher(facts, session)
     print(views.plan_table(session.attachments), file=sys.stderr)
     if not args.json:
         print(views.event_header(args.time), flush=True)
 
-    def on_event(data: bytes) -> None:
-        ev = runtime.decode_event(data)
-        if ev is None or (args.failed and not ev.rejected):
-            return
-        if args.name and args.name not in ev.comm:
+    def on_attempt(a: Attempt) -> None:  # a chain no KVM_CREATE_VM claimed
+        if not _wanted(args, a.pid, a.comm) or (args.failed and not a.rejected):
             return
         if args.json:
-            print(views.event_json(ev, facts.arch), flush=True)
+            print(json.dumps({"kind": "attempt", "attempt": a.to_json()}, sort_keys=True))
         else:
-            print(views.event_line(ev, facts.arch, args.time), flush=True)
+            print("\n".join(views.attempt_note(a)), flush=True)
+
+    def on_event(data: bytes) -> None:
+        ev = runtime.decode_event(data)
+        if ev is None:
+            return
+        done = stitcher.feed(ev)
+        for a in done[:-1] if ev.probe == planmod.CREATE_VM else done:
+            on_attempt(a)
+        if (args.failed and not ev.rejected) or not _wanted(args, ev.pid, ev.comm):
+            return
+        attempt = done[-1] if ev.probe == planmod.CREATE_VM and done else None
+        if args.json:
+            data = json.loads(views.event_json(ev, facts.arch))
+            data["kind"] = "event"
+            if attempt is not None:
+                data["attempt"] = attempt.to_json()
+            print(json.dumps(data, sort_keys=True), flush=True)
+        else:
+            lines = [views.event_line(ev, facts.arch, args.time)]
+            if attempt is not None:
+                lines += views.attempt_note(attempt)
+            print("\n".join(lines), flush=True)
 
     session.open_events(on_event)
-    deadline = time.monotonic() + args.duration if args.duration else None
     print("Tracing KVM VM-type dispatch... Hit Ctrl-C to end.", file=sys.stderr, flush=True)
     try:
-        while not stop.event.is_set():
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-            session.poll(100)
-        session.poll(0)  # drain what is already queued
-        lost = session.health()["events_lost"]
-        if lost:
-            print(f"WARNING: {lost} events lost (buffer full)", file=sys.stderr)
+        _loop(session, stitcher, stop, args.duration, on_attempt)
+        _lost_warning(session)
     finally:
         session.close()
+    return 0
+
+
+# ---- explain ---------------------------------------------------------------
+
+def cmd_explain(args) -> int:
+    stop = _Stop()
+    facts, plan, session = _start(args.strict, filter_pid=args.pid or 0)
+    runtime = Runtime(session, Decoder(plan, facts.arch))
+    stitcher = _stitcher(facts, session)
+    print(views.plan_table(session.attachments), file=sys.stderr)
+    seen = 0
+
+    def on_attempt(a: Attempt) -> None:
+        nonlocal seen
+        if not a.rejected or not _wanted(args, a.pid, a.comm):
+            return
+        seen += 1
+        if args.json:
+            print(json.dumps(a.to_json(), sort_keys=True), flush=True)
+        else:
+            print(views.attempt_report(a, facts.arch, seen) + "\n", flush=True)
+
+    def on_event(data: bytes) -> None:
+        ev = runtime.decode_event(data)
+        if ev is not None:
+            for a in stitcher.feed(ev):
+                on_attempt(a)
+
+    session.open_events(on_event)
+    print("Waiting for rejected VM creations... Hit Ctrl-C to end.", file=sys.stderr, flush=True)
+    began = time.monotonic()
+    try:
+        _loop(session, stitcher, stop, args.duration, on_attempt)
+        _lost_warning(session)
+    finally:
+        session.close()
+    if not seen:
+        kvm = facts.kvm
+        if kvm.vm_types_mask is None:
+            host = f"/dev/kvm could not be asked ({kvm.error})"
+        else:
+            names = ", ".join(f"{t} {tables.vm_type_name(t, facts.arch)}"
+                              for t in kvm.supported_types)
+            host = f"this host supports {names} (KVM_CAP_VM_TYPES={kvm.vm_types_mask:#x})"
+        if args.json:
+            print(json.dumps({"kind": "summary", "rejected_attempts": 0,
+                              "host_vm_types_mask": kvm.vm_types_mask,
+                              "host_vm_types": kvm.supported_types}))
+        else:
+            print(f"No rejected VM creation seen in {time.monotonic() - began:.1f} s; {host}.")
     return 0
 
 
@@ -394,7 +526,8 @@ def _doctor_text(r: dict) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"serve": cmd_serve, "trace": cmd_trace, "doctor": cmd_doctor}
+COMMANDS = {"serve": cmd_serve, "trace": cmd_trace, "explain": cmd_explain,
+            "doctor": cmd_doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

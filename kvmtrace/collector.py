@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
+from kvmtrace import attempts as attemptsmod
 from kvmtrace import plan as planmod
 from kvmtrace import tables
 from kvmtrace.kvmdev import KvmInfo
@@ -34,7 +41,7 @@ class KvmtraceCollector(Collector):
             labels=["comm", *pid, "vm_type", "vm_type_name"])
         rejected = CounterMetricFamily(
             f"{NS}_vm_create_rejected", "KVM_CREATE_VM calls that failed, by errno.",
-            labels=["comm", *pid, "vm_type", "vm_type_name", "errno"])
+            labels=["comm", *pid, "vm_type", "vm_type_name", "errno", "reason"])
         checks = CounterMetricFamily(
             f"{NS}_vm_type_checks",
             "Calls of kvm_arch_init_vm and *_is_vm_type_supported seen by function probes.",
@@ -47,27 +54,37 @@ class KvmtraceCollector(Collector):
             f"{NS}_vm_types_queries", "KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES) calls.",
             labels=["comm", *pid])
         ok = 1
+        kvm = self._kvm_query()
         try:
             totals = self._rt.totals(self._with_pid)
             health = self._rt.health()
+            latency = self._rt.latency()
         except Exception:  # a map read failed: degrade, never a 500
-            totals, health, ok = {}, {}, 0
-        for s, n in sorted(totals.items(), key=lambda kv: repr(kv[0])):
+            totals, health, latency, ok = {}, {}, ([], [0, 0]), 0
+        # Several kernel keys can map to one label set (e.g. two verdict sets):
+        # sum per label set, so every sample is unique.
+        families = {f.name: f for f in (attempts, rejected, checks, check_rej, queries)}
+        sums: dict[tuple[str, tuple[str, ...]], float] = defaultdict(float)
+        for s, n in totals.items():
             p = [] if not self._with_pid else ["" if s.pid is None else str(s.pid)]
             vt = [str(s.vm_type), s.vm_type_name]
             if s.probe == planmod.CREATE_VM:
-                attempts.add_metric([s.comm, *p, *vt], n)
+                sums[attempts.name, (s.comm, *p, *vt)] += n
                 if s.rejected:
-                    rejected.add_metric([s.comm, *p, *vt, s.errno or "none"], n)
+                    reason = attemptsmod.classify(s.errno, s.vm_type, s.verdicts,
+                                                  kvm.vm_types_mask).reason
+                    sums[rejected.name, (s.comm, *p, *vt, s.errno or "none", reason)] += n
             elif s.probe == planmod.VM_TYPES_QUERY:
-                queries.add_metric([s.comm, *p], n)
+                sums[queries.name, (s.comm, *p)] += n
             else:
-                checks.add_metric([s.probe, s.comm, *p, *vt], n)
+                sums[checks.name, (s.probe, s.comm, *p, *vt)] += n
                 if s.rejected:
-                    check_rej.add_metric([s.probe, s.comm, *p, *vt], n)
+                    sums[check_rej.name, (s.probe, s.comm, *p, *vt)] += n
+        for (name, labels), n in sorted(sums.items()):
+            families[name].add_metric(list(labels), n)
         yield from (attempts, rejected, checks, check_rej, queries)
+        yield _latency_histogram(*latency)
 
-        kvm = self._kvm_query()
         kvm_up = GaugeMetricFamily(
             f"{NS}_host_kvm_up", "1 when /dev/kvm answered the exporter's KVM_CAP_VM_TYPES query.")
         kvm_up.add_metric([], 1 if kvm.vm_types_mask is not None else 0)
@@ -109,3 +126,27 @@ class KvmtraceCollector(Collector):
         info.add_metric([self._build[k] for k in sorted(self._build)], 1)
         yield info
 
+
+
+# Bucket bounds of kvmtrace_vm_create_duration_seconds: powers of two of ns,
+# 2**10 (~1 µs) .. 2**31 (~2.1 s), matching the kernel's log2 slots.
+LATENCY_BOUNDS_LOG2 = range(10, 32)
+OUTCOMES = ("accepted", "rejected")
+
+
+def _latency_histogram(slots: list[tuple[int, int, int]], sums: list[int]) -> Metric:
+    """Kernel log2(ns) slots → a cumulative Prometheus histogram per outcome."""
+    h = HistogramMetricFamily(
+        f"{NS}_vm_create_duration_seconds",
+        "KVM_CREATE_VM latency, entry to return at the ioctl layer, by outcome.",
+        labels=["outcome"])
+    for outcome, name in enumerate(OUTCOMES):
+        mine = [(slot, n) for o, slot, n in slots if o == outcome]
+        # A value in slot s lies in [2**s, 2**(s+1)) ns: at most 2**(s+1).
+        buckets = [(f"{2 ** b / 1e9:.9g}", sum(n for slot, n in mine if slot + 1 <= b))
+                   for b in LATENCY_BOUNDS_LOG2]
+        total = sum(n for _, n in mine)
+        buckets.append(("+Inf", total))
+        h.add_metric([name], buckets, sum_value=sums[outcome] / 1e9 if outcome < len(sums)
+                     else 0)
+    return h

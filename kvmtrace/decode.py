@@ -13,8 +13,21 @@ from kvmtrace import plan as planmod
 from kvmtrace import tables
 
 # struct event in bpf/kvmtrace.bpf.c: u64 ts_ns, duration_ns, vm_type; s64 result;
-# u32 tgid, tid, probe, pad; char comm[16].
+# u32 tgid, tid, probe, verdicts; char comm[16].
 EVENT_FORMAT = struct.Struct("<QQQqIIII16s")
+
+# VERDICT_* bits (passed to the BPF program as defines): what the function
+# probes saw inside one KVM_CREATE_VM call on the same thread.
+VERDICT_TYPE_CHECK_REJECTED = 1  # an *_is_vm_type_supported returned false
+VERDICT_ARCH_INIT_FAILED = 2  # kvm_arch_init_vm returned -errno
+VERDICT_ARCH_INIT_SEEN = 4  # kvm_arch_init_vm returned (either way)
+VERDICT_TYPE_CHECK_SEEN = 8  # an *_is_vm_type_supported returned
+VERDICTS = {
+    "VERDICT_TYPE_CHECK_REJECTED": VERDICT_TYPE_CHECK_REJECTED,
+    "VERDICT_ARCH_INIT_FAILED": VERDICT_ARCH_INIT_FAILED,
+    "VERDICT_ARCH_INIT_SEEN": VERDICT_ARCH_INIT_SEEN,
+    "VERDICT_TYPE_CHECK_SEEN": VERDICT_TYPE_CHECK_SEEN,
+}
 
 
 class DecodeError(ValueError):
@@ -40,6 +53,7 @@ class CountRecord:
     result: int
     rejected: bool
     errno: str | None
+    verdicts: int
     count: int
 
 
@@ -57,6 +71,7 @@ class Event:
     result: int
     rejected: bool
     errno: str | None
+    verdicts: int
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -86,24 +101,25 @@ class Decoder:
     def vm_type_name(self, vm_type: int) -> str:
         return tables.vm_type_name(vm_type, self._arch)
 
-    def count(self, raw: tuple[int, int, int, int, bytes, int]) -> CountRecord:
-        tgid, probe_id, vm_type, result, comm, value = raw
+    def count(self, raw: tuple[int, int, int, int, int, bytes, int]) -> CountRecord:
+        tgid, probe_id, vm_type, result, verdicts, comm, value = raw
         name, layer, returns = self.point(probe_id)
         v = self.verdict(returns, result)
         return CountRecord(
             pid=tgid, comm=tables.escape_comm(comm), probe=name, layer=layer,
             vm_type=vm_type, vm_type_name=self.vm_type_name(vm_type), result=result,
-            rejected=v.rejected, errno=v.errno, count=value,
+            rejected=v.rejected, errno=v.errno, verdicts=verdicts, count=value,
         )
 
     def event(self, data: bytes) -> Event:
         if len(data) < EVENT_FORMAT.size:
             raise DecodeError(f"event of {len(data)} bytes, expected {EVENT_FORMAT.size}")
-        ts, dur, vm_type, result, tgid, tid, probe_id, _, comm = EVENT_FORMAT.unpack_from(data)
+        ts, dur, vm_type, result, tgid, tid, probe_id, verdicts, comm = \
+            EVENT_FORMAT.unpack_from(data)
         name, layer, returns = self.point(probe_id)
         v = self.verdict(returns, result)
         return Event(
             ts_ns=ts, duration_ns=dur, pid=tgid, tid=tid, comm=tables.escape_comm(comm),
             probe=name, layer=layer, vm_type=vm_type, vm_type_name=self.vm_type_name(vm_type),
-            result=result, rejected=v.rejected, errno=v.errno,
+            result=result, rejected=v.rejected, errno=v.errno, verdicts=verdicts,
         )

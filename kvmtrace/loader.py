@@ -16,9 +16,10 @@ from importlib import resources
 
 from kvmtrace import plan as planmod
 from kvmtrace import tables
+from kvmtrace.decode import VERDICTS
 
-# Raw count: (tgid, probe, vm_type, result, comm bytes, count).
-RawCount = tuple[int, int, int, int, bytes, int]
+# Raw count: (tgid, probe, vm_type, result, verdicts, comm bytes, count).
+RawCount = tuple[int, int, int, int, int, bytes, int]
 
 
 class LoadError(Exception):
@@ -63,12 +64,14 @@ def build_text(plan: planmod.Plan, opts: Options) -> str:
         "KVM_CAP_VM_TYPES": str(tables.KVM_CAP_VM_TYPES),
         "PROBE_CREATE_VM": str(planmod.PROBE_CREATE_VM),
         "PROBE_VM_TYPES_QUERY": str(planmod.PROBE_VM_TYPES_QUERY),
+        "PROBE_ARCH_INIT_VM": str(planmod.PROBE_ARCH_INIT_VM),
         "SELF_TGID": str(opts.self_tgid),
         "FILTER_TGID": str(opts.filter_tgid),
         "COUNTS_MAX": str(opts.counts_max),
         "CALLS_MAX": str(opts.calls_max),
         "RINGBUF_PAGES": str(opts.ringbuf_pages),
     }
+    defines.update({k: str(v) for k, v in VERDICTS.items()})
     ioctl = plan.ioctl_mechanism
     if ioctl is not None:
         defines[f"IOCTL_{ioctl.upper()}"] = "1"
@@ -127,17 +130,25 @@ class Session:
     def read_counts(self) -> list[RawCount]:
         out = []
         for k, v in self.bpf["counts"].items():
-            out.append((k.tgid, k.probe, k.vm_type, k.result, bytes(k.comm), v.value))
+            out.append((k.tgid, k.probe, k.vm_type, k.result, k.verdicts, bytes(k.comm),
+                        v.value))
         return out
 
     def delete_counts(self, raws: list[RawCount]) -> None:
         table = self.bpf["counts"]
-        for tgid, probe, vm_type, result, comm, _ in raws:
+        for tgid, probe, vm_type, result, verdicts, comm, _ in raws:
             key = table.Key()
             key.tgid, key.probe, key.vm_type, key.result = tgid, probe, vm_type, result
+            key.verdicts = verdicts
             key.comm = comm
             with contextlib.suppress(KeyError):
                 del table[key]
+
+    def read_latency(self) -> tuple[list[tuple[int, int, int]], list[int]]:
+        """KVM_CREATE_VM latency: [(outcome, log2 slot, count)], and ns sums per outcome."""
+        slots = [(k.outcome, k.slot, v.value) for k, v in self.bpf["create_latency"].items()]
+        sums = [self.bpf["create_latency_sum"][i].value for i in range(2)]
+        return slots, sums
 
     def health(self) -> dict[str, int]:
         h = self.bpf["health"]

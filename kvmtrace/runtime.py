@@ -19,9 +19,10 @@ from kvmtrace.decode import CountRecord, DecodeError, Decoder, Event
 class Source(Protocol):
     """What a probe mechanism's session offers (kvmtrace.loader.Session)."""
 
-    def read_counts(self) -> list[tuple[int, int, int, int, bytes, int]]: ...
-    def delete_counts(self, raws: list[tuple[int, int, int, int, bytes, int]]) -> None: ...
+    def read_counts(self) -> list[tuple[int, int, int, int, int, bytes, int]]: ...
+    def delete_counts(self, raws: list[tuple[int, int, int, int, int, bytes, int]]) -> None: ...
     def health(self) -> dict[str, int]: ...
+    def read_latency(self) -> tuple[list[tuple[int, int, int]], list[int]]: ...
 
 
 def proc_pids(proc: str = "/proc") -> set[int]:
@@ -59,6 +60,9 @@ class Runtime:
     def processes(self) -> list[dict]:
         with self._lock:
             return per_process(r for _, r in self._records())
+
+    def latency(self) -> tuple[list[tuple[int, int, int]], list[int]]:
+        return self.source.read_latency()
 
     def health(self) -> dict[str, int]:
         h = dict(self.source.health())

@@ -57,7 +57,7 @@ def _landing(title: str, plan_rows: list[list[str]], processes: list[dict]) -> b
         f"<html><head><title>{html.escape(title)}</title></head><body>"
         f"<h1>{html.escape(title)}</h1>"
         "<p><a href='/metrics'>Metrics</a> · <a href='/api/processes'>/api/processes</a> · "
-        "<a href='/api/plan'>/api/plan</a></p>"
+        "<a href='/api/plan'>/api/plan</a> · <a href='/api/rejections'>/api/rejections</a></p>"
         "<h2>Probe points</h2>"
         + table(["probe", "mechanism", "attached", "detail"], plan_rows)
         + "<h2>Processes (live)</h2>"
@@ -70,7 +70,8 @@ def _landing(title: str, plan_rows: list[list[str]], processes: list[dict]) -> b
 
 def make_app(registry: CollectorRegistry, title: str,
              plan_rows: Callable[[], list[list[str]]],
-             processes: Callable[[], list[dict]]) -> Callable:
+             processes: Callable[[], list[dict]],
+             rejections: Callable[[], list[dict]]) -> Callable:
     metrics = make_wsgi_app(registry)
 
     def app(environ, start_response):
@@ -79,6 +80,10 @@ def make_app(registry: CollectorRegistry, title: str,
             return metrics(environ, start_response)
         if path == "/api/processes":
             data = json.dumps(processes(), indent=1).encode()
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [data]
+        if path == "/api/rejections":
+            data = json.dumps(rejections(), indent=1).encode()
             start_response("200 OK", [("Content-Type", "application/json")])
             return [data]
         if path == "/api/plan":

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from kvmtrace import plan as planmod
 from kvmtrace import tables
+from kvmtrace.attempts import Attempt, Step
 from kvmtrace.decode import Event
 from kvmtrace.loader import Attachment
 
@@ -72,3 +73,56 @@ def event_json(ev: Event, arch: str) -> str:
     data["time"] = round(wall_time(ev.ts_ns), 6)
     data["result_text"] = describe_result(ev, arch)
     return json.dumps(data, sort_keys=True)
+
+
+def attempt_note(a: Attempt) -> list[str]:
+    """The lines `trace` and `serve` print under a rejected KVM_CREATE_VM."""
+    if not a.rejected:
+        return []
+    return [f"    ↳ {a.reason}: {a.explanation}", f"    ↳ hint: {a.hint}"]
+
+
+def _step_line(s: Step, arch: str) -> str:
+    if not s.observed:
+        return f"{s.probe:<38} [{s.mechanism}] not observed: {s.note}"
+    if s.layer == "ioctl":
+        verdict = f"fd={s.result}" if not s.rejected else f"{s.result} {s.errno}"
+    elif s.layer == "type_check":
+        verdict = "true (supported)" if not s.rejected else "false (not supported)"
+    else:
+        verdict = str(s.result) + (f" {s.errno}" if s.errno else "")
+    vt = "" if s.vm_type is None else f"(type={s.vm_type} {tables.vm_type_name(s.vm_type, arch)})"
+    lat = f"  {s.duration_ns / 1000:.1f} µs" if s.duration_ns else ""
+    return f"{s.probe + vt:<38} [{s.mechanism}] → {verdict}{lat}"
+
+
+def attempt_report(a: Attempt, arch: str, number: int) -> str:
+    """The readable report `explain` prints for one rejected attempt."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall_time(a.end_ns)))
+    asked = ("unknown (the ioctl was not observed)" if a.vm_type is None
+             else f"VM type {a.vm_type} = {a.vm_type_name}")
+    title = tables.X86_VM_TYPE_TITLES.get(a.vm_type) if a.vm_type is not None and \
+        a.vm_type_name and not a.vm_type_name.startswith("unknown") else None
+    if title:
+        asked += f" ({title})"
+    lines = [
+        f"Rejected VM creation #{number} at {when}",
+        f"  process:   pid {a.pid} ({a.comm}), thread {a.tid}",
+        f"  asked for: {asked}",
+    ]
+    if a.host_mask is not None:
+        sup = ", ".join(tables.vm_type_name(t, arch) for t in
+                        (tables.vm_types_in_mask(a.host_mask) if a.host_mask else [0]))
+        lines.append(f"  host:      KVM_CAP_VM_TYPES={a.host_mask:#x} → supports {sup}")
+    lines.append("  chain (call order; [mechanism]):")
+    depth = {"ioctl": 0, "arch_init": 1, "type_check": 2}
+    for s in a.steps:
+        lines.append("    " + "  " * depth.get(s.layer, 0) + _step_line(s, arch))
+    if a.result is not None:
+        lines.append(f"  latency:   {a.latency_ns / 1000:.1f} µs")
+    lines += [
+        f"  reason:    {a.reason} ({a.basis})",
+        f"  why:       {a.explanation}",
+        f"  hint:      {a.hint}",
+    ]
+    return "\n".join(lines)

@@ -7,6 +7,7 @@ class RecordedSource:
         self._health = health or {"counts_dropped": 0, "events_lost": 0, "calls_dropped": 0}
         self.fail = fail
         self.deleted = []
+        self.latency = ([], [0, 0])
 
     def read_counts(self):
         if self.fail:
@@ -19,3 +20,6 @@ class RecordedSource:
 
     def health(self):
         return dict(self._health)
+
+    def read_latency(self):
+        return self.latency

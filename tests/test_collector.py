@@ -14,14 +14,14 @@ from kvmtrace.runtime import Runtime
 from tests.recorded import RecordedSource
 
 RAWS = [
-    (100, planmod.PROBE_CREATE_VM, 0, 0, b"qemu-system-x86", 4),
-    (100, planmod.PROBE_CREATE_VM, 2, -22, b"qemu-system-x86", 3),
-    (101, planmod.PROBE_CREATE_VM, 2, -22, b"qemu-system-x86", 1),
-    (101, planmod.PROBE_CREATE_VM, 2**32 + 1, -22, b"fuzz\x07er", 1),
-    (100, planmod.PROBE_VM_TYPES_QUERY, 0, 1, b"qemu-system-x86", 2),
-    (100, planmod.PROBE_ARCH_INIT_VM, 2, -22, b"qemu-system-x86", 3),
-    (100, planmod.FIRST_TYPE_CHECK + 1, 2, 0, b"qemu-system-x86", 3),
-    (100, planmod.FIRST_TYPE_CHECK + 1, 0, 1, b"qemu-system-x86", 4),
+    (100, planmod.PROBE_CREATE_VM, 0, 0, 0, b"qemu-system-x86", 4),
+    (100, planmod.PROBE_CREATE_VM, 2, -22, 0, b"qemu-system-x86", 3),
+    (101, planmod.PROBE_CREATE_VM, 2, -22, 0, b"qemu-system-x86", 1),
+    (101, planmod.PROBE_CREATE_VM, 2**32 + 1, -22, 0, b"fuzz\x07er", 1),
+    (100, planmod.PROBE_VM_TYPES_QUERY, 0, 1, 0, b"qemu-system-x86", 2),
+    (100, planmod.PROBE_ARCH_INIT_VM, 2, -22, 0, b"qemu-system-x86", 3),
+    (100, planmod.FIRST_TYPE_CHECK + 1, 2, 0, 0, b"qemu-system-x86", 3),
+    (100, planmod.FIRST_TYPE_CHECK + 1, 0, 1, 0, b"qemu-system-x86", 4),
 ]
 
 
@@ -47,13 +47,15 @@ def test_counts_per_comm_type_and_errno(kernel_facts):
     assert g("kvmtrace_vm_create_attempts_total", {**q, "vm_type": "2",
                                                    "vm_type_name": "SEV"}) == 4
     assert g("kvmtrace_vm_create_rejected_total", {**q, "vm_type": "2", "vm_type_name": "SEV",
-                                                   "errno": "EINVAL"}) == 4
+                                                   "errno": "EINVAL",
+                                                   "reason": "type_unsupported"}) == 4
     assert g("kvmtrace_vm_create_rejected_total", {**q, "vm_type": "0",
                                                    "vm_type_name": "DEFAULT",
-                                                   "errno": "EINVAL"}) is None
+                                                   "errno": "EINVAL",
+                                                   "reason": "type_unsupported"}) is None
     assert g("kvmtrace_vm_create_rejected_total", {
         "comm": "fuzz\\x07er", "vm_type": "4294967297", "vm_type_name": "unknown:4294967297",
-        "errno": "EINVAL"}) == 1
+        "errno": "EINVAL", "reason": "type_unsupported"}) == 1
     assert g("kvmtrace_vm_types_queries_total", q) == 2
     chk = {"probe": "kvm_arch_init_vm", **q, "vm_type": "2", "vm_type_name": "SEV"}
     assert g("kvmtrace_vm_type_checks_total", chk) == 3
@@ -112,7 +114,7 @@ def test_pid_label_behind_a_flag(kernel_facts):
     reg, _, _ = make(kernel_facts, with_pid=True)
     assert reg.get_sample_value("kvmtrace_vm_create_rejected_total", {
         "comm": "qemu-system-x86", "pid": "101", "vm_type": "2", "vm_type_name": "SEV",
-        "errno": "EINVAL"}) == 1
+        "errno": "EINVAL", "reason": "type_unsupported"}) == 1
 
 
 def test_promtool_accepts_the_exposition(kernel_facts):
@@ -121,3 +123,45 @@ def test_promtool_accepts_the_exposition(kernel_facts):
     out = subprocess.run(["promtool", "check", "metrics"], input=generate_latest(reg),
                          capture_output=True, check=False)
     assert out.returncode == 0 and out.stdout == b"" and out.stderr == b"", out
+
+
+def test_one_sample_per_label_set_and_reasons_from_verdicts_and_errno(kernel_facts):
+    from kvmtrace.decode import VERDICT_ARCH_INIT_FAILED, VERDICT_ARCH_INIT_SEEN
+
+    raws = [
+        (100, planmod.PROBE_CREATE_VM, 0, 0, 0, b"vmm", 5),
+        (100, planmod.PROBE_CREATE_VM, 0, -24, 0, b"vmm", 2),  # EMFILE on type 0
+        (100, planmod.PROBE_CREATE_VM, 0, -24, VERDICT_ARCH_INIT_SEEN, b"vmm", 1),
+        (100, planmod.PROBE_CREATE_VM, 0, -12,
+         VERDICT_ARCH_INIT_SEEN | VERDICT_ARCH_INIT_FAILED, b"vmm", 1),  # ENOMEM
+        (100, planmod.PROBE_CREATE_VM, 0, -22,
+         VERDICT_ARCH_INIT_SEEN | VERDICT_ARCH_INIT_FAILED, b"vmm", 3),  # supported type
+    ]
+    reg, _, _ = make(kernel_facts, raws=raws)
+    text = generate_latest(reg).decode()
+    lines = [ln for ln in text.splitlines() if ln.startswith("kvmtrace_vm_create_")]
+    assert len(lines) == len(set(ln.rsplit(" ", 1)[0] for ln in lines))
+    g = reg.get_sample_value
+    base = {"comm": "vmm", "vm_type": "0", "vm_type_name": "DEFAULT"}
+    assert g("kvmtrace_vm_create_attempts_total", base) == 12
+    assert g("kvmtrace_vm_create_rejected_total",
+             {**base, "errno": "EMFILE", "reason": "fd_exhausted"}) == 3
+    assert g("kvmtrace_vm_create_rejected_total",
+             {**base, "errno": "ENOMEM", "reason": "no_memory"}) == 1
+    assert g("kvmtrace_vm_create_rejected_total",
+             {**base, "errno": "EINVAL", "reason": "arch_init_failed"}) == 3
+
+
+def test_latency_histogram_from_log2_slots(kernel_facts):
+    reg, _, source = make(kernel_facts)
+    # 3 accepted calls in slot 18 (262–524 µs), 2 rejected in slot 13 (8–16 µs).
+    source.latency = ([(0, 18, 3), (1, 13, 2)], [900_000, 20_000])
+    g = reg.get_sample_value
+    acc, rej = {"outcome": "accepted"}, {"outcome": "rejected"}
+    assert g("kvmtrace_vm_create_duration_seconds_count", acc) == 3
+    assert g("kvmtrace_vm_create_duration_seconds_sum", acc) == 0.0009
+    assert g("kvmtrace_vm_create_duration_seconds_bucket", {**acc, "le": "0.000262144"}) == 0
+    assert g("kvmtrace_vm_create_duration_seconds_bucket", {**acc, "le": "0.000524288"}) == 3
+    assert g("kvmtrace_vm_create_duration_seconds_bucket", {**rej, "le": "8.192e-06"}) == 0
+    assert g("kvmtrace_vm_create_duration_seconds_bucket", {**rej, "le": "1.6384e-05"}) == 2
+    assert g("kvmtrace_vm_create_duration_seconds_bucket", {**rej, "le": "+Inf"}) == 2

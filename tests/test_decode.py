@@ -44,6 +44,6 @@ def test_short_event_is_a_decode_error(decoder):
 
 
 def test_count_decoding(decoder):
-    r = decoder.count((7, planmod.PROBE_CREATE_VM, 3, -22, b"vmm\0\0", 12))
+    r = decoder.count((7, planmod.PROBE_CREATE_VM, 3, -22, 0, b"vmm\0\0", 12))
     assert (r.pid, r.comm, r.probe, r.vm_type_name, r.errno, r.rejected, r.count) == (
         7, "vmm", "KVM_CREATE_VM", "SEV_ES", "EINVAL", True, 12)

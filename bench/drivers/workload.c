@@ -1,0 +1,173 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * kvmtrace benchmark workload driver: one syscall in a tight loop, timed with
+ * clock_gettime(CLOCK_MONOTONIC) around the loop.
+ *
+ *   workload MODE SECONDS [COMM]
+ *
+ * MODE:
+ *   fionread         ioctl(pipe, FIONREAD)                  an unrelated ioctl
+ *   getppid          syscall(SYS_getppid)                   not an ioctl at all
+ *   create_rejected  ioctl(/dev/kvm, KVM_CREATE_VM, 1)      fails with EINVAL here
+ *   create_accepted  ioctl(/dev/kvm, KVM_CREATE_VM, 0) + close(vm fd)
+ *   check_ext        ioctl(/dev/kvm, KVM_CHECK_EXTENSION, KVM_CAP_VM_TYPES=235)
+ *
+ * Runs a short warm-up (a tenth of SECONDS), then batches of calls until
+ * SECONDS have passed (the clock is read once per batch, so its cost is
+ * negligible). COMM (optional) renames the process (prctl PR_SET_NAME) so a
+ * tracer's per-comm counts can be checked against "calls".
+ *
+ * Prints one JSON line: {"mode", "ops" (timed), "ns" (timed), "ns_per_op",
+ * "calls" (timed + warm-up: what a tracer must have counted)}. Exits 1 when a
+ * call does not behave as documented (e.g. type 1 accepted).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/kvm.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef KVM_CAP_VM_TYPES
+#define KVM_CAP_VM_TYPES 235
+#endif
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void die(const char *what)
+{
+	fprintf(stderr, "workload: %s: %s\n", what, strerror(errno));
+	exit(1);
+}
+
+enum mode { FIONREAD_M, GETPPID_M, CREATE_REJ_M, CREATE_ACC_M, CHECK_EXT_M };
+
+static int fd = -1;
+static int pipefd[2];
+static unsigned long bad; /* calls that did not behave as documented */
+
+/* One batch of n calls of the mode's syscall. */
+static void batch(enum mode m, unsigned long n)
+{
+	unsigned long i;
+	int avail, r;
+
+	switch (m) {
+	case FIONREAD_M:
+		for (i = 0; i < n; i++)
+			if (ioctl(pipefd[0], FIONREAD, &avail) != 0)
+				bad++;
+		break;
+	case GETPPID_M:
+		for (i = 0; i < n; i++)
+			if (syscall(SYS_getppid) <= 0)
+				bad++;
+		break;
+	case CREATE_REJ_M:
+		for (i = 0; i < n; i++)
+			if (ioctl(fd, KVM_CREATE_VM, 1UL) != -1 || errno != EINVAL)
+				bad++;
+		break;
+	case CREATE_ACC_M:
+		for (i = 0; i < n; i++) {
+			r = ioctl(fd, KVM_CREATE_VM, 0UL);
+			if (r < 0)
+				bad++;
+			else
+				close(r);
+		}
+		break;
+	case CHECK_EXT_M:
+		for (i = 0; i < n; i++)
+			if (ioctl(fd, KVM_CHECK_EXTENSION, (unsigned long)KVM_CAP_VM_TYPES) < 0)
+				bad++;
+		break;
+	}
+}
+
+int main(int argc, char **argv)
+{
+	static const struct { const char *name; enum mode m; unsigned long batch; } modes[] = {
+		{ "fionread", FIONREAD_M, 1000 },
+		{ "getppid", GETPPID_M, 1000 },
+		{ "create_rejected", CREATE_REJ_M, 200 },
+		{ "create_accepted", CREATE_ACC_M, 1 },
+		{ "check_ext", CHECK_EXT_M, 1000 },
+	};
+	const char *name;
+	enum mode m;
+	unsigned long bsz = 0, ops = 0, warm = 0;
+	uint64_t t0, t1, budget, deadline;
+	double seconds;
+	size_t i;
+
+	if (argc < 3) {
+		fprintf(stderr, "usage: %s MODE SECONDS [COMM]\n", argv[0]);
+		return 2;
+	}
+	name = argv[1];
+	for (i = 0; i < sizeof(modes) / sizeof(modes[0]); i++)
+		if (strcmp(modes[i].name, name) == 0)
+			break;
+	if (i == sizeof(modes) / sizeof(modes[0])) {
+		fprintf(stderr, "workload: unknown mode %s\n", name);
+		return 2;
+	}
+	m = modes[i].m;
+	bsz = modes[i].batch;
+	seconds = atof(argv[2]);
+	if (seconds <= 0) {
+		fprintf(stderr, "workload: bad SECONDS %s\n", argv[2]);
+		return 2;
+	}
+	if (argc > 3 && prctl(PR_SET_NAME, argv[3], 0, 0, 0) != 0)
+		die("prctl(PR_SET_NAME)");
+
+	if (m == FIONREAD_M) {
+		if (pipe(pipefd) != 0)
+			die("pipe");
+	} else if (m != GETPPID_M) {
+		fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+		if (fd < 0)
+			die("open /dev/kvm");
+	}
+
+	budget = (uint64_t)(seconds * 1e9);
+	/* Warm-up: caches, branch predictors, page tables, CPU frequency. */
+	t0 = now_ns();
+	deadline = t0 + budget / 10;
+	do {
+		batch(m, bsz);
+		warm += bsz;
+	} while (now_ns() < deadline);
+
+	t0 = now_ns();
+	deadline = t0 + budget;
+	do {
+		batch(m, bsz);
+		ops += bsz;
+		t1 = now_ns();
+	} while (t1 < deadline);
+
+	if (bad) {
+		fprintf(stderr, "workload: %s: %lu of %lu calls did not behave as documented\n",
+			name, bad, ops + warm);
+		return 1;
+	}
+	printf("{\"mode\": \"%s\", \"ops\": %lu, \"ns\": %llu, \"ns_per_op\": %.2f, "
+	       "\"calls\": %lu}\n",
+	       name, ops, (unsigned long long)(t1 - t0), (double)(t1 - t0) / ops, ops + warm);
+	return 0;
+}
