@@ -35,7 +35,8 @@ def test_pid_label_keeps_processes_apart(kernel_facts):
 def test_per_process_summary(kernel_facts):
     d = Decoder(planmod.make_plan(kernel_facts("firecracker-6.18-no-kprobes")), "x86_64")
     procs = per_process(records(d, [
-        (10, 0, 0, 0, 0, b"qemu", 3), (10, 0, 5, -22, 0, b"qemu", 2), (10, 1, 0, 1, 0, b"qemu", 1)]))
+        (10, 0, 0, 0, 0, b"qemu", 3), (10, 0, 5, -22, 0, b"qemu", 2),
+        (10, 1, 0, 1, 0, b"qemu", 1)]))
     assert procs == [{
         "pid": 10, "comm": "qemu", "vm_create_attempts": 5, "vm_create_rejected": 2,
         "vm_types_queries": 1, "type_checks": 0, "type_check_rejected": 0,

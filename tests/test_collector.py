@@ -154,7 +154,7 @@ def test_one_sample_per_label_set_and_reasons_from_verdicts_and_errno(kernel_fac
 
 def test_latency_histogram_from_log2_slots(kernel_facts):
     reg, _, source = make(kernel_facts)
-    # 3 accepted calls in slot 18 (262–524 µs), 2 rejected in slot 13 (8–16 µs).
+    # 3 accepted calls in slot 18 (262-524 µs), 2 rejected in slot 13 (8-16 µs).
     source.latency = ([(0, 18, 3), (1, 13, 2)], [900_000, 20_000])
     g = reg.get_sample_value
     acc, rej = {"outcome": "accepted"}, {"outcome": "rejected"}

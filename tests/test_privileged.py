@@ -139,7 +139,8 @@ def test_exact_counts_per_type_and_errno(served):
     for t, name in names.items():
         labels = {"comm": comm, "vm_type": str(t), "vm_type_name": name}
         assert attempts.get(frozenset(labels.items())) == REPEAT, (t, attempts)
-        rej = rejected.get(frozenset({**labels, "errno": "EINVAL"}.items()))
+        rej = rejected.get(frozenset({**labels, "errno": "EINVAL",
+                                      "reason": "type_unsupported"}.items()))
         assert rej == (None if t == 0 else REPEAT), (t, rej)
     mine = {k: v for k, v in attempts.items() if ("comm", comm) in k}
     assert sum(mine.values()) == len(TYPES) * REPEAT
@@ -182,6 +183,7 @@ def test_trace_json_sees_the_same_attempts(served):
     out, _ = trace.communicate(timeout=30)
     assert trace.returncode == 0
     events = [json.loads(line) for line in out.splitlines()]
+    assert {e["kind"] for e in events} == {"event"}
     creates = [e for e in events if e["probe"] == "KVM_CREATE_VM"]
     assert [(e["vm_type"], e["rejected"], e["errno"]) for e in creates] == [
         (c["vm_type"], c["ret"] < 0, "EINVAL" if c["ret"] < 0 else None)

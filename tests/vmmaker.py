@@ -12,7 +12,9 @@ import argparse
 import ctypes
 import json
 import os
+import resource
 import sys
+import threading
 
 KVM_CREATE_VM = 0xAE01
 KVM_CHECK_EXTENSION = 0xAE03
@@ -45,16 +47,51 @@ def main() -> int:
     ap.add_argument("--types", default="0")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--queries", type=int, default=0)
+    ap.add_argument("--exhaust-fds", action="store_true",
+                    help="lower RLIMIT_NOFILE so no fd is free: KVM_CREATE_VM gets EMFILE")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="N threads; thread i creates types[i %% len(types)] --repeat times")
     args = ap.parse_args()
     set_comm(args.name)
+    types = [int(x, 0) for x in args.types.split(",")]
     fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    out: list[dict] = []
+    lock = threading.Lock()
+
+    def record(**kw) -> None:
+        with lock:
+            out.append(kw)
+
     for _ in range(args.queries):
         ret, err = ioctl(fd, KVM_CHECK_EXTENSION, KVM_CAP_VM_TYPES)
-        print(json.dumps({"query": True, "ret": ret, "errno": err}))
-    for _ in range(args.repeat):
-        for t in (int(x, 0) for x in args.types.split(",")):
-            ret, err = create_vm(fd, t)
-            print(json.dumps({"vm_type": t, "ret": ret, "errno": err}))
+        record(query=True, ret=ret, errno=err)
+    if args.exhaust_fds:
+        lowest_free = os.dup(0)
+        os.close(lowest_free)
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+    if args.threads:
+        barrier = threading.Barrier(args.threads)
+
+        def worker(i: int) -> None:
+            t = types[i % len(types)]
+            barrier.wait()
+            for _ in range(args.repeat):
+                ret, err = create_vm(fd, t)
+                record(vm_type=t, ret=ret, errno=err, tid=threading.get_native_id())
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.threads)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    else:
+        for _ in range(args.repeat):
+            for t in types:
+                ret, err = create_vm(fd, t)
+                record(vm_type=t, ret=ret, errno=err, tid=threading.get_native_id())
+    for o in out:
+        print(json.dumps(o))
     os.close(fd)
     sys.stdout.flush()
     return 0
