@@ -153,6 +153,9 @@ def _start(strict: bool, filter_pid: int = 0):
     _require_root()
     facts = factsmod.gather()
     _preflight(facts)
+    if not facts.kvm.present:
+        print(f"WARNING: {facts.kvm.error}: no VM can be created until KVM is loaded",
+              file=sys.stderr)
     plan = planmod.make_plan(facts)
     try:
         session = loadermod.load(plan, _options(filter_pid, facts))

@@ -92,6 +92,20 @@ def make_vms(comm: str, types=TYPES, repeat=REPEAT, queries=2) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines()]
 
 
+def start_attached(*args: str) -> subprocess.Popen:
+    """Start a kvmtrace command; return once it printed its banner (probes attached)."""
+    proc = subprocess.Popen([*KVMTRACE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 60
+    banner = ""
+    while "Hit Ctrl-C" not in banner and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            pytest.fail(f"kvmtrace {args[0]} exited early: {proc.wait()}")
+        banner += line
+    return proc
+
+
 def host_has_kprobes() -> bool:
     return Path("/sys/bus/event_source/devices/kprobe").exists()
 
@@ -101,16 +115,7 @@ def served():
     """One exporter and one `trace --json` watching the same VM creations."""
     serve = Serve("--retire-interval", "0.5")
     comm = unique_comm()
-    trace = subprocess.Popen([*KVMTRACE, "trace", "--json", "-n", comm, "--duration", "25"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # trace prints its banner on stderr once attached.
-    deadline = time.monotonic() + 60
-    banner = ""
-    while "Tracing" not in banner and time.monotonic() < deadline:
-        line = trace.stderr.readline()
-        if not line:
-            pytest.fail(f"trace exited early: {trace.wait()}")
-        banner += line
+    trace = start_attached("trace", "--json", "-n", comm, "--duration", "25")
     calls = make_vms(comm)
     time.sleep(1.5)  # let the retirement pass fold the exited child
     text = serve.metrics()

@@ -14,8 +14,14 @@ import time
 import pytest
 
 from kvmtrace import kvmdev, tables
-from tests.conftest import KVMTRACE
-from tests.test_privileged import VMMAKER, Serve, host_has_kprobes, privileged_host, samples
+from tests.test_privileged import (
+    VMMAKER,
+    Serve,
+    host_has_kprobes,
+    privileged_host,
+    samples,
+    start_attached,
+)
 
 pytestmark = pytest.mark.privileged
 assert privileged_host  # the module-scoped autouse check, shared
@@ -34,17 +40,7 @@ def vmmaker(*args) -> list[dict]:
 def explained():
     prefix = f"kx{os.getpid() % 10000}{os.urandom(1).hex()}"
     serve = Serve("-q", "--rejections", "1000")
-    explain = subprocess.Popen(
-        [*KVMTRACE, "explain", "--json", "-n", prefix,
-         "--duration", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    banner = ""
-    while "Waiting" not in banner and time.monotonic() < deadline:
-        line = explain.stderr.readline()
-        if not line:
-            pytest.fail(f"explain exited early: {explain.wait()}")
-        banner += line
+    explain = start_attached("explain", "--json", "-n", prefix, "--duration", "60")
     calls = {
         "types": vmmaker("--name", f"{prefix}-t", "--types", ",".join(map(str, TYPES))),
         "fds": vmmaker("--name", f"{prefix}-f", "--types", "0", "--exhaust-fds"),
