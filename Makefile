@@ -26,3 +26,16 @@ setup-test:
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Benchmarks (bench/run.py; see bench/README.md): tracing overhead side by side
+# (none, empty-program floor, kvmtrace serve, bpftrace, strace), storm exactness,
+# cold start, scrape latency and RSS at 10,000 series. Results: bench/results/.
+# Not tests: targets are reported met / not met, never asserted.
+.PHONY: bench bench-quick
+bench: setup
+	bench/setup.sh
+	$(VENV)/bin/python bench/run.py
+
+bench-quick: setup
+	bench/setup.sh
+	$(VENV)/bin/python bench/run.py --quick

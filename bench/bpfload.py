@@ -70,13 +70,16 @@ def main() -> int:
         print(f"only {n} tracepoints attached", file=sys.stderr)
         return 1
     seen = [0]
-    polling = args.poll and args.what == "variant" and "events" in bpf
+    polling = args.poll and args.what == "variant"
     if polling:
         bpf["events"].open_ring_buffer(lambda _ctx, _data, _size: seen.__setitem__(0, seen[0] + 1))
     print(f"READY {n}", flush=True)
     while not stop.is_set():
         if polling:
+            # poll() only reads rings epoll reported; with BPF_RB_NO_WAKEUP
+            # nothing is ever reported, so drain explicitly after each wait.
             bpf.ring_buffer_poll(200)
+            bpf.ring_buffer_consume()
         else:
             stop.wait(0.2)
     out = {}

@@ -128,19 +128,68 @@ class Session:
     _callbacks: list[Callable[[bytes], None]] = field(default_factory=list)
 
     def read_counts(self) -> list[RawCount]:
-        out = []
-        for k, v in self.bpf["counts"].items():
-            out.append((k.tgid, k.probe, k.vm_type, k.result, k.verdicts, bytes(k.comm),
-                        v.value))
-        return out
+        import ctypes as ct
+        import errno
+
+        from bcc.libbcc import lib
+
+        table = self.bpf["counts"]
+        # BPF_MAP_LOOKUP_BATCH (Linux 5.6+): the whole map in one or a few
+        # syscalls, not two per entry. bcc's items_lookup_batch() passes one
+        # variable as both the batch token and the count, so it is called
+        # directly here; any refusal falls back to per-key iteration.
+        n = table.max_entries
+        keys, values = (table.Key * n)(), (table.Leaf * n)()
+        token_in, token_out, count = ct.c_uint32(0), ct.c_uint32(0), ct.c_uint32(0)
+        ksize, vsize = ct.sizeof(table.Key), ct.sizeof(table.Leaf)
+        total, pairs = 0, None
+        while True:
+            count.value = n - total
+            res = lib.bpf_lookup_batch(table.map_fd, ct.byref(token_in) if total else None,
+                                       ct.byref(token_out), ct.byref(keys, ksize * total),
+                                       ct.byref(values, vsize * total), ct.byref(count))
+            err = ct.get_errno()
+            if res != 0 and err != errno.ENOENT:
+                break  # EINVAL/ENOTSUPP (old kernel), ENOSPC: per-key fallback
+            total += count.value
+            if res != 0 or total >= n or count.value == 0:  # ENOENT: all read
+                pairs = zip(keys[:total], values[:total], strict=True)
+                break
+            token_in.value = token_out.value
+        if pairs is None:
+            pairs = table.items()
+        # A u64 leaf reads as an int from the array, as a c_ulonglong from items().
+        return [(k.tgid, k.probe, k.vm_type, k.result, k.verdicts, bytes(k.comm),
+                 getattr(v, "value", v)) for k, v in pairs]
 
     def delete_counts(self, raws: list[RawCount]) -> None:
+        import ctypes as ct
+        import errno
+
+        from bcc.libbcc import lib
+
+        if not raws:
+            return
         table = self.bpf["counts"]
-        for tgid, probe, vm_type, result, verdicts, comm, _ in raws:
-            key = table.Key()
+        keys = (table.Key * len(raws))()
+        for key, (tgid, probe, vm_type, result, verdicts, comm, _) in zip(keys, raws,
+                                                                            strict=True):
             key.tgid, key.probe, key.vm_type, key.result = tgid, probe, vm_type, result
             key.verdicts = verdicts
             key.comm = comm
+        # BPF_MAP_DELETE_BATCH (Linux 5.6+) stops at a key that is gone (ENOENT):
+        # skip it, as the per-key path does, and go on with the rest.
+        ksize, count, done = ct.sizeof(table.Key), ct.c_uint32(0), 0
+        while done < len(raws):
+            count.value = len(raws) - done
+            res = lib.bpf_delete_batch(table.map_fd, ct.byref(keys, ksize * done),
+                                       ct.byref(count))
+            if res == 0:
+                return
+            if ct.get_errno() != errno.ENOENT:
+                break  # EINVAL/ENOTSUPP: no batch deletes here (count is not reliable)
+            done += count.value + 1  # count: deleted before the missing key
+        for key in keys[done:]:  # kernels without batch deletes: one key at a time
             with contextlib.suppress(KeyError):
                 del table[key]
 
