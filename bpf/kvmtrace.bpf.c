@@ -17,8 +17,14 @@
  *                  is not a client's and is not counted
  *   FILTER_TGID    only emit events for this pid (0: all); counts are global
  *   COUNTS_MAX, CALLS_MAX, RINGBUF_PAGES
+ *   EVENT_BUDGET, EVENT_WINDOW_NS   at most EVENT_BUDGET events per CPU per
+ *                  window reach the live stream; the rest are counted as
+ *                  throttled (counts stay exact), so a storm cannot make the
+ *                  reader compete with the traced processes for CPU
  *   IOCTL_KPROBE | IOCTL_FENTRY | IOCTL_TRACEPOINT   ioctl-layer mechanism
  *   USE_RINGBUF    BPF ring buffer (5.8+), else a perf buffer
+ *   USE_TASK_STORAGE   keep the in-flight ioctl in BPF task storage (5.11+,
+ *                  BTF), else in a hash keyed by thread id
  *
  * and appends one FN_KPROBE / FN_FEXIT_* line per attached function point.
  */
@@ -81,25 +87,78 @@ struct fn_call {
 };
 
 BPF_HASH(counts, struct count_key, u64, COUNTS_MAX);
-BPF_HASH(ioctl_calls, u32, struct ioctl_call, CALLS_MAX);
 BPF_HASH(fn_calls, struct fn_key, struct fn_call, CALLS_MAX);
 /* Number of tracked ioctls in flight host-wide: the return hook of every
  * ioctl on the host reads it first and stops at once when it is 0. */
 BPF_ARRAY(inflight, u64, 1);
 /* Health counters, exported as kvmtrace_*_total (index: HEALTH_*). */
-#define HEALTH_COUNTS_DROPPED 0 /* counts map full: an update failed */
-#define HEALTH_EVENTS_LOST 1    /* ring buffer full: an event not emitted */
-#define HEALTH_CALLS_DROPPED 2  /* in-flight map full: a call not tracked */
-BPF_ARRAY(health, u64, 3);
+#define HEALTH_COUNTS_DROPPED 0   /* counts map full: an update failed */
+#define HEALTH_EVENTS_LOST 1      /* ring buffer full: an event not emitted */
+#define HEALTH_CALLS_DROPPED 2    /* in-flight map full: a call not tracked */
+#define HEALTH_EVENTS_THROTTLED 3 /* over EVENT_BUDGET: an event not emitted */
+/* Per CPU: storms on several CPUs never contend on these cache lines. */
+BPF_PERCPU_ARRAY(health, u64, 4);
+
+/* The event budget of this CPU's current window. */
+struct event_window {
+	u64 start_ns;
+	u64 sent;
+};
+BPF_PERCPU_ARRAY(event_budget, struct event_window, 1);
 
 /* KVM_CREATE_VM latency (entry to return) per outcome (0 accepted, 1
- * rejected): counts per log2(ns) slot, and the sum of ns. At most 2 x 64 keys. */
-struct latency_key {
-	u32 outcome;
-	u32 slot;
-};
-BPF_HASH(create_latency, struct latency_key, u64, 128);
+ * rejected): counts per log2(ns) slot at index outcome * 64 + slot (an array:
+ * no hashing on the hot path), and the sum of ns per outcome. */
+BPF_ARRAY(create_latency, u64, 128);
 BPF_ARRAY(create_latency_sum, u64, 2);
+
+/*
+ * The in-flight ioctl of the current thread. A slot with cmd == 0 is free.
+ * Task storage lives and dies with the task: no map to fill, no stale
+ * entries from threads killed mid-call, and no hashing of a thread id.
+ */
+#ifdef USE_TASK_STORAGE
+BPF_TASK_STORAGE(ioctl_calls, struct ioctl_call);
+
+static __always_inline struct ioctl_call *call_slot(void)
+{
+	return ioctl_calls.task_storage_get(bpf_get_current_task_btf(), 0,
+					    BPF_LOCAL_STORAGE_GET_F_CREATE);
+}
+
+static __always_inline struct ioctl_call *call_find(void)
+{
+	return ioctl_calls.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+}
+
+static __always_inline void call_done(struct ioctl_call *c)
+{
+	c->cmd = 0;
+}
+#else
+BPF_HASH(ioctl_calls, u32, struct ioctl_call, CALLS_MAX);
+
+static __always_inline struct ioctl_call *call_slot(void)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct ioctl_call zero = {};
+	/* EEXIST (a slot from an earlier call) is fine; E2BIG means full. */
+	ioctl_calls.insert(&tid, &zero);
+	return ioctl_calls.lookup(&tid);
+}
+
+static __always_inline struct ioctl_call *call_find(void)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	return ioctl_calls.lookup(&tid);
+}
+
+static __always_inline void call_done(struct ioctl_call *c)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	ioctl_calls.delete(&tid);
+}
+#endif
 
 #ifdef USE_RINGBUF
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -111,7 +170,7 @@ static __always_inline void health_inc(u32 idx)
 {
 	u64 *v = health.lookup(&idx);
 	if (v)
-		__sync_fetch_and_add(v, 1);
+		(*v)++; /* this CPU's own counter: no atomic needed */
 }
 
 static __always_inline void count(u32 tgid, u32 probe, u64 vm_type, s64 result,
@@ -147,6 +206,20 @@ static __always_inline void emit(void *ctx, u64 id, u32 probe, u64 vm_type,
 	u32 tgid = id >> 32;
 	if (FILTER_TGID && tgid != FILTER_TGID)
 		return;
+	u32 zero = 0;
+	struct event_window *w = event_budget.lookup(&zero);
+	if (w) {
+		u64 now = bpf_ktime_get_ns();
+		if (now - w->start_ns > EVENT_WINDOW_NS) {
+			w->start_ns = now;
+			w->sent = 0;
+		}
+		if (w->sent >= EVENT_BUDGET) {
+			health_inc(HEALTH_EVENTS_THROTTLED);
+			return;
+		}
+		w->sent++;
+	}
 	struct event ev = {};
 	ev.ts_ns = bpf_ktime_get_ns();
 	ev.duration_ns = start_ns ? ev.ts_ns - start_ns : 0;
@@ -176,20 +249,21 @@ static __always_inline int ioctl_enter(u32 cmd, u64 arg)
 	u64 id = bpf_get_current_pid_tgid();
 	if ((u32)(id >> 32) == SELF_TGID)
 		return 0;
-	u32 tid = (u32)id;
-	struct ioctl_call call = {};
-	call.start_ns = bpf_ktime_get_ns();
-	call.arg = arg;
-	call.cmd = cmd;
-	if (ioctl_calls.insert(&tid, &call) == 0) {
+	struct ioctl_call *c = call_slot();
+	if (!c) {
+		health_inc(HEALTH_CALLS_DROPPED);
+		return 0;
+	}
+	if (!c->cmd) { /* else a call whose return was never seen: reuse */
 		u32 zero = 0;
 		u64 *n = inflight.lookup(&zero);
 		if (n)
 			__sync_fetch_and_add(n, 1);
-	} else if (ioctl_calls.update(&tid, &call)) {
-		/* Not EEXIST (a stale entry, now replaced) but E2BIG: map full. */
-		health_inc(HEALTH_CALLS_DROPPED);
 	}
+	c->start_ns = bpf_ktime_get_ns();
+	c->arg = arg;
+	c->verdicts = 0;
+	c->cmd = cmd;
 	return 0;
 }
 
@@ -201,23 +275,23 @@ static __always_inline int ioctl_return(void *ctx, s64 ret)
 	 * unless one of ours is in flight somewhere. */
 	if (!n || *n == 0)
 		return 0;
-	u64 id = bpf_get_current_pid_tgid();
-	u32 tid = (u32)id;
-	struct ioctl_call *c = ioctl_calls.lookup(&tid);
-	if (!c)
+	struct ioctl_call *c = call_find();
+	if (!c || !c->cmd)
 		return 0;
 	struct ioctl_call call = *c;
-	ioctl_calls.delete(&tid);
+	call_done(c);
 	__sync_fetch_and_add(n, -1);
 
+	u64 id = bpf_get_current_pid_tgid();
 	u32 tgid = id >> 32;
 	if (call.cmd == KVM_CREATE_VM) {
 		u64 ns = bpf_ktime_get_ns() - call.start_ns;
-		struct latency_key lk = {};
-		lk.outcome = ret < 0;
-		lk.slot = bpf_log2l(ns);
-		create_latency.atomic_increment(lk);
-		u64 *sum = create_latency_sum.lookup(&lk.outcome);
+		u32 outcome = ret < 0;
+		u32 slot = outcome * 64 + (bpf_log2l(ns) & 63);
+		u64 *bucket = create_latency.lookup(&slot);
+		if (bucket)
+			__sync_fetch_and_add(bucket, 1);
+		u64 *sum = create_latency_sum.lookup(&outcome);
 		if (sum)
 			__sync_fetch_and_add(sum, ns);
 		/* Success returns a new fd: count it as 0 to keep keys bounded. */
@@ -286,9 +360,8 @@ static __always_inline int fn_done(void *ctx, u32 probe, u64 vm_type,
 	if ((u32)(id >> 32) == SELF_TGID)
 		return 0;
 	/* Tell the enclosing KVM_CREATE_VM on this thread, if any, what we saw. */
-	u32 tid = (u32)id;
-	struct ioctl_call *c = ioctl_calls.lookup(&tid);
-	if (c) {
+	struct ioctl_call *c = call_find();
+	if (c && c->cmd == KVM_CREATE_VM) {
 		u32 bits;
 		if (probe == PROBE_ARCH_INIT_VM)
 			bits = VERDICT_ARCH_INIT_SEEN | (result < 0 ? VERDICT_ARCH_INIT_FAILED : 0);

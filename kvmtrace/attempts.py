@@ -10,6 +10,7 @@ plus the host's KVM_CAP_VM_TYPES mask, and says which it used.
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -86,6 +87,16 @@ def supported_types(host_mask: int | None) -> list[int] | None:
     return [0] if host_mask == 0 else tables.vm_types_in_mask(host_mask)
 
 
+@functools.lru_cache(maxsize=64)
+def _supported_set(host_mask: int | None) -> frozenset[int] | None:
+    """supported_types() as a set, computed once per mask (classify's hot path)."""
+    supported = supported_types(host_mask)
+    return None if supported is None else frozenset(supported)
+
+
+# Pure, so memoized: the collector classifies every rejected series when it first
+# sees it, and the stitcher every rejected attempt; few distinct keys recur.
+@functools.lru_cache(maxsize=4096)
 def classify(errno: str | None, vm_type: int, verdicts: int,
              host_mask: int | None) -> Classification:
     """Why a KVM_CREATE_VM failed with ``errno``. Pure, used for metrics and reports."""
@@ -94,7 +105,7 @@ def classify(errno: str | None, vm_type: int, verdicts: int,
     if verdicts & VERDICT_TYPE_CHECK_REJECTED:
         return Classification(TYPE_UNSUPPORTED, "observed: a *_is_vm_type_supported check "
                                                 "returned false")
-    supported = supported_types(host_mask)
+    supported = _supported_set(host_mask)
     if errno == "EINVAL" and supported is not None and vm_type not in supported:
         return Classification(TYPE_UNSUPPORTED, f"the type's bit is not in the host's "
                                                 f"KVM_CAP_VM_TYPES mask {host_mask:#x}")

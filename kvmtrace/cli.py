@@ -146,7 +146,8 @@ def _preflight(facts: factsmod.HostFacts) -> None:
 
 def _options(filter_pid: int = 0, facts: factsmod.HostFacts | None = None) -> loadermod.Options:
     return loadermod.Options(self_tgid=os.getpid(), filter_tgid=filter_pid,
-                             use_ringbuf=facts.ringbuf if facts else True)
+                             use_ringbuf=facts.ringbuf if facts else True,
+                             use_task_storage=facts.task_storage if facts else True)
 
 
 def _start(strict: bool, filter_pid: int = 0):
@@ -215,7 +216,7 @@ def cmd_serve(args) -> int:
     holder["app"] = servermod.make_app(
         registry, f"kvmtrace {__version__} on {platform.node()}",
         lambda: views.plan_rows(session.attachments), runtime.processes,
-        lambda: [a.to_json() for a in reversed(rejections)])
+        lambda: [a.to_json() for a in sorted(rejections, key=lambda a: a.end_ns, reverse=True)])
     thread = threading.Thread(target=httpd.serve_forever, name="http", daemon=True)
     thread.start()
     print(views.plan_table(session.attachments))
@@ -456,6 +457,7 @@ def doctor_report(facts: factsmod.HostFacts, attachments: Sequence[loadermod.Att
         "btf": facts.btf,
         "tracefs": facts.tracefs,
         "ringbuf": facts.ringbuf,
+        "task_storage": facts.task_storage,
         "headers": {"path": facts.headers.path, "release": facts.headers.release,
                     "matches_kernel": facts.headers.release == facts.kernel_release},
         "attach_tested": attachments is not None,

@@ -109,6 +109,8 @@ class KvmtraceCollector(Collector):
         yield attached
         for key, doc in (
             ("events_lost", "Events the live stream could not carry (buffer full)."),
+            ("events_throttled", "Events left out of the live stream by the per-CPU event "
+                                 "budget (counts stay exact)."),
             ("counts_dropped", "Count updates lost because the counts map was full."),
             ("calls_dropped", "Calls not tracked because the in-flight map was full."),
             ("decode_errors", "Events that could not be decoded."),

@@ -68,6 +68,8 @@ class HostFacts:
     tracefs: str | None = None
     tracepoints: list[str] = field(default_factory=list)
     ringbuf: bool = False
+    # BPF task storage (5.11+, needs BTF for bpf_get_current_task_btf).
+    task_storage: bool = False
     headers: Headers = field(default_factory=lambda: Headers(None, None))
     kvm: kvmdev.KvmInfo = field(default_factory=lambda: kvmdev.KvmInfo(present=False))
     vendor_modules: list[str] = field(default_factory=list)
@@ -250,6 +252,7 @@ def gather(root: str | os.PathLike = "/", probe_fentry_fn=probe_fentry) -> HostF
         tracefs=tracefs,
         tracepoints=tracepoints,
         ringbuf=kernel_version(release) >= (5, 8),
+        task_storage=btf and kernel_version(release) >= (5, 11),
         headers=_headers(root, release),
         kvm=kvmdev.query(str(root / "dev/kvm")),
         vendor_modules=vendor,

@@ -267,3 +267,55 @@ def test_kprobe_programs_pass_the_verifier_and_failed_attaches_are_reported(kern
                 assert "kprobe attach failed" in result[name].reason
     finally:
         session.close()
+
+
+@pytest.mark.parametrize("task_storage", [True, False], ids=["task-storage", "hash"])
+def test_both_in_flight_variants_count_exactly(task_storage):
+    """The in-flight ioctl lives in task storage (5.11+) or, on older kernels, a hash."""
+    from kvmtrace import facts, loader, plan
+    from kvmtrace.decode import Decoder
+
+    f = facts.gather()
+    p = plan.make_plan(f)
+    session = loader.load(p, loader.Options(self_tgid=os.getpid(),
+                                            use_task_storage=task_storage))
+    try:
+        comm = unique_comm("kvts")
+        make_vms(comm, types=[0, 1, 2], repeat=4, queries=1)
+        d = Decoder(p, f.arch)
+        got = sorted((r.probe, r.vm_type, r.errno, r.count)
+                     for r in map(d.count, session.read_counts()) if r.comm == comm)
+        assert got == [("KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES)", 0, None, 1),
+                       ("KVM_CREATE_VM", 0, None, 4),
+                       ("KVM_CREATE_VM", 1, "EINVAL", 4),
+                       ("KVM_CREATE_VM", 2, "EINVAL", 4)]
+        slots, sums = session.read_latency()
+        assert sum(n for o, _, n in slots if o == 1) >= 8 and sums[1] > 0
+        assert session.health()["calls_dropped"] == 0
+    finally:
+        session.close()
+
+
+def test_event_budget_throttles_the_stream_but_never_the_counts():
+    from kvmtrace import facts, loader, plan
+    from kvmtrace.decode import Decoder
+
+    f = facts.gather()
+    p = plan.make_plan(f)
+    session = loader.load(p, loader.Options(self_tgid=os.getpid(), event_budget=5,
+                                            event_window_ns=60 * 10**9))
+    events = []
+    session.open_events(events.append)
+    try:
+        comm = unique_comm("kvbg")
+        make_vms(comm, types=[1], repeat=50, queries=0)
+        session.poll(100)
+        d = Decoder(p, f.arch)
+        counted = sum(r.count for r in map(d.count, session.read_counts()) if r.comm == comm)
+        assert counted == 50
+        h = session.health()
+        # The budget is per CPU: at most 5 per CPU got through.
+        assert len(events) <= 5 * os.cpu_count()
+        assert h["events_throttled"] >= 50 - len(events)
+    finally:
+        session.close()
