@@ -30,6 +30,10 @@ TYPE_CHECK_PATTERN = re.compile(r"^\w+_is_vm_type_supported$")
 # gcc clones: foo.isra.0, foo.constprop.0, foo.part.0, foo.cold
 _CLONE = re.compile(r"^(?P<base>[^.]+)\.(?:isra|constprop|part|cold|lto_priv)(?:\.\d+)*$")
 
+# Not functions but padding/CFI stubs before them (6.2+ call-depth tracking,
+# kCFI): "__pfx_kvm_is_vm_type_supported" would match the pattern above.
+_NOT_FUNCTIONS = ("__pfx_", "__cfi_")
+
 IOCTL_TRACEPOINTS = ("syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl")
 TRACEFS_PATHS = ("/sys/kernel/debug/tracing", "/sys/kernel/tracing")
 VENDOR_MODULES = ("kvm_intel", "kvm_amd", "kvm_hv", "kvm_pr")
@@ -110,6 +114,8 @@ def read_kallsyms(text: str) -> tuple[dict[str, Symbol], dict[str, list[str]]]:
         if len(parts) < 3 or parts[1] not in "tTwW":
             continue
         name = parts[2]
+        if name.startswith(_NOT_FUNCTIONS):
+            continue
         module = parts[3].strip("[]") if len(parts) > 3 else None
         clone = _CLONE.match(name)
         base = clone.group("base") if clone else name

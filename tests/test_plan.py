@@ -100,6 +100,9 @@ def test_read_kallsyms_keeps_relevant_names_modules_and_clones():
         "ffffffffc0a00000 t vmx_is_vm_type_supported\t[kvm_intel]",
         "ffffffffc0a00100 t tdx_is_vm_type_supported\t[kvm_intel]",
         "ffffffffc0b00000 t kvm_is_vm_type_supported.isra.0\t[kvm]",
+        "ffffffffc0a00000 t __pfx_vmx_is_vm_type_supported\t[kvm_intel]",
+        "ffffffffc0a00000 t __cfi_vmx_is_vm_type_supported\t[kvm_intel]",
+        "ffffffff81284020 t __pfx_kvm_dev_ioctl",
         "ffffffff81000000 T unrelated_function",
         "ffffffff81000000 d kvm_arch_init_vm_data",
     ])
