@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvmtrace.decode import CountRecord
 from kvmtrace.plan import CREATE_VM
 
 
-@dataclass(frozen=True)
-class Series:
+class Series(NamedTuple):
+    """One exported series' identity. A NamedTuple (immutable, compared by value):
+    hashing it is C-speed, and every scrape looks up each exited series by it."""
+
     probe: str
     layer: str
     comm: str
@@ -49,6 +51,10 @@ class Aggregator:
             self._exited[series_of(r, with_pid=False)] += r.count
         self.exited_processes += len({r.pid for r in dead})
         return dead
+
+    def exited(self) -> tuple[list[Series], list[int]]:
+        """The exited residual: its series and their counts, as two parallel lists."""
+        return list(self._exited), list(self._exited.values())
 
     def totals(self, live: Iterable[CountRecord], with_pid: bool = False) -> Counter[Series]:
         """Live map records plus the exited residual, summed per series."""

@@ -87,16 +87,15 @@ def supported_types(host_mask: int | None) -> list[int] | None:
     return [0] if host_mask == 0 else tables.vm_types_in_mask(host_mask)
 
 
+# classify() runs once per new series at a scrape (the collector keeps its result)
+# and once per rejected attempt: what it needs of the host's mask is computed once.
 @functools.lru_cache(maxsize=64)
 def _supported_set(host_mask: int | None) -> frozenset[int] | None:
-    """supported_types() as a set, computed once per mask (classify's hot path)."""
+    """supported_types() as a set, memoized per mask (pure)."""
     supported = supported_types(host_mask)
     return None if supported is None else frozenset(supported)
 
 
-# Pure, so memoized: the collector classifies every rejected series when it first
-# sees it, and the stitcher every rejected attempt; few distinct keys recur.
-@functools.lru_cache(maxsize=4096)
 def classify(errno: str | None, vm_type: int, verdicts: int,
              host_mask: int | None) -> Classification:
     """Why a KVM_CREATE_VM failed with ``errno``. Pure, used for metrics and reports."""

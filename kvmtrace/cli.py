@@ -209,14 +209,16 @@ def cmd_serve(args) -> int:
     registry = CollectorRegistry()
     build = {"version": __version__, "bcc_version": facts.bcc_version or "none",
              "kernel": facts.kernel_release}
-    registry.register(KvmtraceCollector(runtime, session.attachments, kvmdev.query, facts.arch,
-                                        build, with_pid=args.pid_label))
+    collector = KvmtraceCollector(runtime, session.attachments, kvmdev.query, facts.arch,
+                                  build, with_pid=args.pid_label)
+    registry.register(collector)
     stitcher = _stitcher(facts, session)
     rejections: deque[Attempt] = deque(maxlen=args.rejections)
     holder["app"] = servermod.make_app(
         registry, f"kvmtrace {__version__} on {platform.node()}",
         lambda: views.plan_rows(session.attachments), runtime.processes,
-        lambda: [a.to_json() for a in sorted(rejections, key=lambda a: a.end_ns, reverse=True)])
+        lambda: [a.to_json() for a in sorted(rejections, key=lambda a: a.end_ns, reverse=True)],
+        exposition=collector.exposition)  # /metrics body: the registry holds only this collector
     thread = threading.Thread(target=httpd.serve_forever, name="http", daemon=True)
     thread.start()
     print(views.plan_table(session.attachments))

@@ -1,9 +1,27 @@
-"""Prometheus collector: fresh metric families from the BPF maps at every scrape."""
+"""Prometheus collector: fresh metric families from the BPF maps at every scrape.
+
+One computation, two outputs:
+
+- ``collect()``: prometheus_client metric families (the registry path: tests and the
+  reference output);
+- ``exposition()``: the whole /metrics body rendered by kvmtrace for ``serve``.
+
+Both read the maps once per scrape and share the per-series work. What does not
+change between scrapes is kept: each series' family membership and label values
+(classified once per host mask), the samples' order, and each sample's rendered line
+(re-rendered only when its value changes). The formats themselves (names, label
+order, HELP/TYPE lines, escaping of names) are never written here: they are taken
+from prometheus_client's own output for the negotiated format, so the two paths
+cannot drift (tests/test_render.py checks them byte for byte).
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+import operator
+import threading
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, fields
+from itertools import chain
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -12,15 +30,120 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from kvmtrace import attempts as attemptsmod
 from kvmtrace import plan as planmod
 from kvmtrace import tables
+from kvmtrace.aggregate import Series
+from kvmtrace.decode import CountRecord
 from kvmtrace.kvmdev import KvmInfo
 from kvmtrace.loader import Attachment
-from kvmtrace.runtime import Runtime
+from kvmtrace.runtime import RawCount, Runtime
 
 NS = "kvmtrace"
+
+# The per-series counter families, in exposition order: (name, help, label names
+# before the optional pid label, label names after it).
+_PER_SERIES: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...] = (
+    (f"{NS}_vm_create_attempts", "KVM_CREATE_VM calls seen at the ioctl layer.",
+     ("comm",), ("vm_type", "vm_type_name")),
+    (f"{NS}_vm_create_rejected", "KVM_CREATE_VM calls that failed, by errno.",
+     ("comm",), ("vm_type", "vm_type_name", "errno", "reason")),
+    (f"{NS}_vm_type_checks",
+     "Calls of kvm_arch_init_vm and *_is_vm_type_supported seen by function probes.",
+     ("probe", "comm"), ("vm_type", "vm_type_name")),
+    (f"{NS}_vm_type_check_rejected",
+     "Function-probe calls that said no (false, or a negative errno).",
+     ("probe", "comm"), ("vm_type", "vm_type_name")),
+    (f"{NS}_vm_types_queries", "KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES) calls.",
+     ("comm",), ()),
+)
+ATTEMPTS, REJECTED, CHECKS, CHECK_REJECTED, QUERIES = range(len(_PER_SERIES))
+
+# Samples no longer exported (exited pids with --pid-label) are dropped by starting
+# over when there are more than _CACHE_SLACK per exported one (plus _CACHE_FLOOR);
+# cache entries of keys no longer read, as soon as there are _CACHE_FLOOR of them.
+_CACHE_SLACK, _CACHE_FLOOR = 2, 1024
+_VALUE_TEXTS_MAX = 4096
+_KEY, _COUNT = operator.itemgetter(slice(0, 6)), operator.itemgetter(6)  # of a raw count
+_FORMATS_MAX = 16
+
+# A series as the collector reads it: CountRecord's fields but the count, as
+# Decoder.count_labels() gives them for a live map key (an exited Series is put in
+# the same order, with pid None).
+_Row = tuple[int | None, str, str, str, int, str, int, bool, str | None, int]
+_ROW_FIELDS = tuple(f.name for f in fields(CountRecord) if f.name != "count")
+_SERIES_ROW = operator.itemgetter(*(Series._fields.index(name) for name in _ROW_FIELDS))
+_PID, _COMM, _VM_TYPE, _NAME = (operator.itemgetter(_ROW_FIELDS.index(name))
+                                for name in ("pid", "comm", "vm_type", "vm_type_name"))
+
+
+class _Samples:
+    """The samples of the per-series families, kept across scrapes as columns indexed
+    by a sample id (one per family and label set, valid until clear()): few objects
+    for the garbage collector to walk, however many series there are."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.ids: list[dict[tuple[str, ...], int]] = [{} for _ in _PER_SERIES]  # per family
+        self.family: list[int] = []
+        self.labels: list[tuple[str, ...]] = []
+        self.gen: list[int] = []  # the scrape that last set the value
+        self.value: list[int] = []
+        # The sample's line as last rendered, the value in it, the length of its label
+        # part and the template it follows (extended on demand by the renderer).
+        self.line: list[bytes] = []
+        self.line_value: list[int | None] = []
+        self.plen: list[int] = []
+        self.tid: list[int] = []
+
+    def reserve(self, new: int) -> None:
+        """Room in the gen and value columns for up to ``new`` more samples (a new
+        sample gets an id in ids, its labels and family; then it can be counted)."""
+        self.gen.extend([-1] * (len(self.labels) + new - len(self.gen)))
+        self.value.extend([0] * (len(self.labels) + new - len(self.value)))
+
+    def trim(self) -> None:
+        del self.gen[len(self.labels):]
+        del self.value[len(self.labels):]
+
+    def grow_lines(self) -> None:
+        """Extend the line columns to every sample."""
+        new = len(self.labels) - len(self.line)
+        if new > 0:
+            self.line.extend([b""] * new)
+            self.line_value.extend([None] * new)
+            self.plen.extend([0] * new)
+            self.tid.extend([-1] * new)
+
+
+class _Families:
+    """A collector over fixed families: prometheus_client encoders take a collector."""
+
+    def __init__(self, families: Iterable[Metric]):
+        self._families = list(families)
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+@dataclass(frozen=True)
+class _Format:
+    """One exposition format's text for the per-series families, learned from the
+    prometheus_client encoder: per family, the HELP/TYPE block and the sample-line
+    template."""
+
+    headers: tuple[bytes, ...]
+    templates: tuple[_Template, ...]
+
+
+def _escape_values(values: tuple[str, ...]) -> tuple[str, ...]:
+    # Label values as prometheus_client escapes them in both formats.
+    return tuple(v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+                 for v in values)
 
 
 class KvmtraceCollector(Collector):
@@ -33,62 +156,283 @@ class KvmtraceCollector(Collector):
         self._arch = arch
         self._build = build_info
         self._with_pid = with_pid
+        pid = ("pid",) if with_pid else ()
+        self._labelnames = tuple((*before, *pid, *after) for _, _, before, after in _PER_SERIES)
+        # Scrape state, under _lock (the HTTP server answers scrapes in threads).
+        self._lock = threading.Lock()
+        self._samples = _Samples()
+        # A live map entry's raw key, or an exited series → its sample ids.
+        self._entries: dict[Hashable, tuple[int, ...]] = {}
+        self._mask: int | None = None  # the host mask _entries were classified with
+        self._gen = 0
+        self._order: list[list[int]] = [[] for _ in _PER_SERIES]  # per family, sorted
+        self._ordered = 0
+        self._exported = 0  # samples exported at the last scrape that read the maps
+        self._formats: dict[str, _Format | None] = {}
+        self._templates: dict[tuple[str, ...], int] = {}
+        self._value_texts: dict[int | float, bytes] = {}
 
-    def collect(self) -> Iterator[Metric]:
-        pid = ["pid"] if self._with_pid else []
-        attempts = CounterMetricFamily(
-            f"{NS}_vm_create_attempts", "KVM_CREATE_VM calls seen at the ioctl layer.",
-            labels=["comm", *pid, "vm_type", "vm_type_name"])
-        rejected = CounterMetricFamily(
-            f"{NS}_vm_create_rejected", "KVM_CREATE_VM calls that failed, by errno.",
-            labels=["comm", *pid, "vm_type", "vm_type_name", "errno", "reason"])
-        checks = CounterMetricFamily(
-            f"{NS}_vm_type_checks",
-            "Calls of kvm_arch_init_vm and *_is_vm_type_supported seen by function probes.",
-            labels=["probe", "comm", *pid, "vm_type", "vm_type_name"])
-        check_rej = CounterMetricFamily(
-            f"{NS}_vm_type_check_rejected",
-            "Function-probe calls that said no (false, or a negative errno).",
-            labels=["probe", "comm", *pid, "vm_type", "vm_type_name"])
-        queries = CounterMetricFamily(
-            f"{NS}_vm_types_queries", "KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES) calls.",
-            labels=["comm", *pid])
+    # ---- the scrape, shared by both outputs ---------------------------------
+
+    def _scrape(self) -> tuple[KvmInfo, dict, tuple, int, list[list[int]]]:
+        """Read everything once; update the samples. Caller holds _lock."""
         ok = 1
         kvm = self._kvm_query()
         try:
-            totals = self._rt.totals(self._with_pid)
+            raws, exited, counts = self._rt.raw_counts()
             health = self._rt.health()
             latency = self._rt.latency()
         except Exception:  # a map read failed: degrade, never a 500
-            totals, health, latency, ok = {}, {}, ([], [0, 0]), 0
-        # Several kernel keys can map to one label set (e.g. two verdict sets):
-        # sum per label set, so every sample is unique.
-        families = {f.name: f for f in (attempts, rejected, checks, check_rej, queries)}
-        sums: dict[tuple[str, tuple[str, ...]], float] = defaultdict(float)
-        for s, n in totals.items():
-            p = [] if not self._with_pid else ["" if s.pid is None else str(s.pid)]
-            vt = [str(s.vm_type), s.vm_type_name]
-            if s.probe == planmod.CREATE_VM:
-                sums[attempts.name, (s.comm, *p, *vt)] += n
-                if s.rejected:
-                    reason = attemptsmod.classify(s.errno, s.vm_type, s.verdicts,
-                                                  kvm.vm_types_mask).reason
-                    sums[rejected.name, (s.comm, *p, *vt, s.errno or "none", reason)] += n
-            elif s.probe == planmod.VM_TYPES_QUERY:
-                sums[queries.name, (s.comm, *p)] += n
-            else:
-                sums[checks.name, (s.probe, s.comm, *p, *vt)] += n
-                if s.rejected:
-                    sums[check_rej.name, (s.probe, s.comm, *p, *vt)] += n
-        for (name, labels), n in sorted(sums.items()):
-            families[name].add_metric(list(labels), n)
-        yield from (attempts, rejected, checks, check_rej, queries)
-        yield _latency_histogram(*latency)
+            raws, exited, counts, health, latency, ok = [], [], [], {}, ([], [0, 0]), 0
+        order = self._update(raws, exited, counts, kvm.vm_types_mask, bool(ok))
+        return kvm, health, latency, ok, order
 
+    def _update(self, raws: list[RawCount], exited: list[Series], counts: list[int],
+                mask: int | None, complete: bool) -> list[list[int]]:
+        """Sum the live map's counts and the exited residual into one sample per
+        label set; return the sample ids of each family, sorted by label values.
+
+        Several kernel keys can map to one label set (e.g. two verdict sets, or the
+        exited residual and a live process of the same comm): summed, so every
+        sample is unique.
+        """
+        entries, samples = self._entries, self._samples
+        if (mask != self._mask
+                or len(samples.labels) > _CACHE_SLACK * self._exported + _CACHE_FLOOR):
+            entries.clear()  # reasons depend on the mask; or too many stale samples
+            samples.clear()
+            self._mask = mask
+        g = self._gen = self._gen + 1
+        active: list[int] = []
+        samples.reserve(2 * (len(raws) + len(exited)))  # a key adds to at most 2 samples
+        # Live map entries are cached by their raw key (decoded once), the exited
+        # residual by its series: the two kinds of keys never compare equal.
+        reorder = False
+        for keys, values, rows in ((map(_KEY, raws), map(_COUNT, raws), self._rows_of_keys),
+                                   (exited, counts, _rows_of_series)):
+            new, reorder_ = self._add(keys, values, g, active)
+            reorder |= reorder_
+            if new:  # keys seen for the first time: their samples, all at once
+                new_keys, new_values = new
+                self._entries.update(zip(new_keys, self._new_entries(rows(new_keys), mask),
+                                         strict=True))
+                self._add(new_keys, new_values, g, active)
+                reorder = True
+        samples.trim()
+        if complete:
+            self._exported = len(active)
+            entries = self._entries
+            if len(entries) > len(raws) + len(exited) + _CACHE_FLOOR:  # keys no longer read
+                self._entries = {key: entries[key] for key in chain(map(_KEY, raws), exited)}
+        # The same samples as at the previous scrape (none new, as many): same order.
+        if reorder or len(active) != self._ordered:
+            order: list[list[int]] = [[] for _ in _PER_SERIES]
+            family = samples.family
+            for i in active:
+                order[family[i]].append(i)
+            order = [_sorted(ids, samples.labels) for ids in order]
+            self._order, self._ordered = order, len(active)
+        return self._order
+
+    def _add(self, keys: Iterable[Hashable], counts: Iterable[int], g: int, active: list[int]
+             ) -> tuple[tuple[list[Hashable], list[int]] | None, bool]:
+        """Add each key's count to its samples (set at scrape ``g``, listed in
+        ``active``). Returns the keys not in the cache with their counts (None when
+        there are none), and whether a sample not exported at the previous scrape is."""
+        entries, gen, value = self._entries, self._samples.gen, self._samples.value
+        reorder = False
+        new_keys: list[Hashable] = []
+        new_counts: list[int] = []
+        for key, n in zip(keys, counts, strict=True):
+            e = entries.get(key)
+            if e is None:
+                new_keys.append(key)
+                new_counts.append(n)
+                continue
+            for i in e:
+                if gen[i] == g:
+                    value[i] += n
+                else:
+                    if gen[i] != g - 1:
+                        reorder = True
+                    gen[i] = g
+                    value[i] = n
+                    active.append(i)
+        return ((new_keys, new_counts) if new_keys else None), reorder
+
+    def _rows_of_keys(self, keys: list[Hashable]) -> list[_Row]:
+        return list(map(self._rt.decoder.count_labels, keys))
+
+    def _new_entries(self, rows: list[_Row], mask: int | None) -> list[tuple[int, ...]]:
+        """The samples each series adds to (one or two ids), creating new samples.
+
+        Written for many rows at once (the first scrape after a burst of new series):
+        the label tuples are built by zip and the samples registered inline.
+        """
+        sm = self._samples
+        ids, labels, family = sm.ids, sm.labels, sm.family
+        comms, vts, names = map(_COMM, rows), map(str, map(_VM_TYPE, rows)), map(_NAME, rows)
+        if self._with_pid:
+            pids = ("" if pid is None else str(pid) for pid in map(_PID, rows))
+            bases: Iterable[tuple[str, ...]] = zip(comms, pids, vts, names, strict=True)
+        else:
+            bases = zip(comms, vts, names, strict=True)
+        classify = attemptsmod.classify
+        out: list[tuple[int, ...]] = []
+        for (_, _, probe, _, vm_type, _, _, rejected, errno, verdicts), base in zip(
+                rows, bases, strict=True):
+            if probe == planmod.CREATE_VM:
+                f, key = ATTEMPTS, base
+            elif probe == planmod.VM_TYPES_QUERY:
+                f, key, rejected = QUERIES, base[:-2], False  # queries: one family
+            else:
+                f, key = CHECKS, (probe, *base)
+            i = ids[f].get(key)
+            if i is None:
+                i = ids[f][key] = len(labels)
+                labels.append(key)
+                family.append(f)
+            if not rejected:
+                out.append((i,))
+                continue
+            if f == ATTEMPTS:
+                f = REJECTED
+                key = (*base, errno or "none", classify(errno, vm_type, verdicts, mask).reason)
+            else:
+                f = CHECK_REJECTED  # the same labels as the check's
+            j = ids[f].get(key)
+            if j is None:
+                j = ids[f][key] = len(labels)
+                labels.append(key)
+                family.append(f)
+            out.append((i, j))
+        return out
+
+    def _per_series_families(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(name, doc, labels=list(names))
+                for (name, doc, _, _), names in zip(_PER_SERIES, self._labelnames, strict=True)]
+
+    # ---- output 1: prometheus_client families -------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            kvm, health, latency, ok, order = self._scrape()
+            labels, value = self._samples.labels, self._samples.value
+            samples = [[(labels[i], value[i]) for i in ids] for ids in order]
+        families = self._per_series_families()
+        for family, values in zip(families, samples, strict=True):
+            for label_values, n in values:
+                family.add_metric(list(label_values), float(n))
+        yield from families
+        yield from self._other_families(kvm, health, latency, ok)
+
+    # ---- output 2: the /metrics body ----------------------------------------
+
+    def exposition(self, encoder: Callable[[Collector], bytes], content_type: str
+                   ) -> bytes | None:
+        """The exposition ``encoder`` (a prometheus_client encoder, as chosen by
+        ``prometheus_client.exposition.choose_encoder``, whose content type is
+        ``content_type``) would make of a registry holding only this collector, at
+        a fraction of the cost. None when the format is not one this can render
+        (then use the encoder on the registry)."""
+        parts: list[bytes] = []
+        with self._lock:
+            fmt = self._formats.get(content_type, False)
+            if fmt is False:
+                fmt = self._learn_format(encoder)
+                if len(self._formats) >= _FORMATS_MAX:
+                    self._formats.clear()
+                self._formats[content_type] = fmt
+            if fmt is None:
+                return None
+            kvm, health, latency, ok, order = self._scrape()
+            sm = self._samples
+            sm.grow_lines()
+            labels, value, line, line_value, plen, tids = (
+                sm.labels, sm.value, sm.line, sm.line_value, sm.plen, sm.tid)
+            texts = self._value_texts
+            for header, template, ids in zip(fmt.headers, fmt.templates, order, strict=True):
+                parts.append(header)
+                tid = template.tid
+                new = [i for i in ids if tids[i] != tid]  # no line yet (or another format's)
+                if new:
+                    for i, prefix in zip(new, template.prefixes(map(labels.__getitem__, new)),
+                                         strict=True):
+                        n = value[i]
+                        line[i] = prefix + (texts.get(n) or self._value_text(n))
+                        plen[i], tids[i], line_value[i] = len(prefix), tid, n
+                for i in ids:
+                    n = value[i]
+                    if line_value[i] != n:  # the value changed: the same prefix, a new value
+                        line[i] = line[i][:plen[i]] + (texts.get(n) or self._value_text(n))
+                        line_value[i] = n
+                    parts.append(line[i])
+        parts.append(encoder(_Families(self._other_families(kvm, health, latency, ok))))
+        return b"".join(parts)
+
+    def _value_text(self, n: int) -> bytes:
+        """A sample value as the library writes it, with the newline (memoized)."""
+        texts = self._value_texts
+        if len(texts) >= _VALUE_TEXTS_MAX:
+            texts.clear()
+        text = texts[n] = f"{floatToGoString(n)}\n".encode()
+        return text
+
+    def _learn_format(self, encoder: Callable[[Collector], bytes]) -> _Format | None:
+        """Headers and sample-line templates of the per-series families, from what
+        ``encoder`` makes of them: empty, with one sample whose label values are
+        markers, and with one whose values need escaping (checked against the
+        template). None when its output does not have the expected shape."""
+
+        def render(family: Metric | None = None) -> str:
+            return encoder(_Families([family] if family else [])).decode("utf-8")
+
+        try:
+            end = render()  # "# EOF\n" in OpenMetrics, nothing in the text format
+            headers, templates = [], []
+            for f, names in enumerate(self._labelnames):
+                empty = render(self._per_series_families()[f])
+                header = empty[:len(empty) - len(end)]
+                marked = self._per_series_families()[f]
+                marked.add_metric([f"\0{i}\0" for i in range(len(names))], 0.0)
+                one = render(marked)
+                line = one[len(header):len(one) - len(end)]
+                if (not empty.endswith(end) or not one.startswith(header)
+                        or not one.endswith(end) or not line.endswith(" 0.0\n")
+                        or line.count("\0") != 2 * len(names) or "\n" in line[:-1]):
+                    return None
+                # 'name{a="\0i\0",...} 0.0\n' → 'name{a="%s",...} ' and the label order.
+                pieces = line[:-len("0.0\n")].split("\0")
+                literal = "%s".join(p.replace("%", "%%") for p in pieces[0::2])
+                index = [int(i) for i in pieces[1::2]]
+                if sorted(index) != list(range(len(names))):
+                    return None
+                template = _Template(self._template_id(tuple(pieces)), literal, index)
+                odd = self._per_series_families()[f]
+                labels = tuple(f'{i}\\"\n\\n\x7fé' for i in range(len(names)))
+                odd.add_metric(list(labels), 3.0)
+                if render(odd).encode() != (header.encode() + template.prefixes([labels])[0]
+                                            + b"3.0\n" + end.encode()):
+                    return None
+                headers.append(header.encode())
+                templates.append(template)
+        except Exception:  # an encoder this does not know: the library renders instead
+            return None
+        return _Format(tuple(headers), tuple(templates))
+
+    def _template_id(self, pieces: tuple[str, ...]) -> int:
+        """Formats with the same sample lines share rendered lines. Caller holds _lock."""
+        return self._templates.setdefault(pieces, len(self._templates))
+
+    # ---- the other families (small; built fresh, rendered by the library) ----
+
+    def _other_families(self, kvm: KvmInfo, health: dict, latency: tuple,
+                        ok: int) -> list[Metric]:
+        out: list[Metric] = [_latency_histogram(*latency)]
         kvm_up = GaugeMetricFamily(
             f"{NS}_host_kvm_up", "1 when /dev/kvm answered the exporter's KVM_CAP_VM_TYPES query.")
         kvm_up.add_metric([], 1 if kvm.vm_types_mask is not None else 0)
-        yield kvm_up
+        out.append(kvm_up)
         supported = GaugeMetricFamily(
             f"{NS}_host_vm_type_supported",
             "1 when the host's KVM_CAP_VM_TYPES mask has the VM type's bit.",
@@ -99,14 +443,14 @@ class KvmtraceCollector(Collector):
             for t in types:
                 supported.add_metric([str(t), tables.vm_type_name(t, self._arch)],
                                      1 if t in kvm.supported_types else 0)
-        yield supported
+        out.append(supported)
 
         attached = GaugeMetricFamily(
             f"{NS}_probe_attached", "1 for each planned probe point that is attached, else 0.",
             labels=["probe", "mechanism"])
         for a in self._attachments:
             attached.add_metric([a.point.name, a.mechanism], 1 if a.attached else 0)
-        yield attached
+        out.append(attached)
         for key, doc in (
             ("events_lost", "Events the live stream could not carry (buffer full)."),
             ("events_throttled", "Events left out of the live stream by the per-CPU event "
@@ -118,16 +462,55 @@ class KvmtraceCollector(Collector):
         ):
             c = CounterMetricFamily(f"{NS}_{key}", doc)
             c.add_metric([], health.get(key, 0))
-            yield c
+            out.append(c)
         success = GaugeMetricFamily(
             f"{NS}_collect_success", "1 when the BPF maps were read at this scrape.")
         success.add_metric([], ok)
-        yield success
+        out.append(success)
         info = GaugeMetricFamily(f"{NS}_build_info", "kvmtrace build and host information.",
                                  labels=sorted(self._build))
         info.add_metric([self._build[k] for k in sorted(self._build)], 1)
-        yield info
+        out.append(info)
+        return out
 
+
+def _rows_of_series(series: list[Hashable]) -> list[_Row]:
+    return list(map(_SERIES_ROW, series))
+
+
+def _sorted(ids: list[int], labels: list[tuple[str, ...]]) -> list[int]:
+    """``ids`` in the order of their label tuples (all of one length). Joined with
+    NULs they sort the same when no value holds a NUL (checked), and strings compare
+    faster than tuples."""
+    keys = list(map("\0".join, map(labels.__getitem__, ids)))
+    if not ids or "".join(keys).count("\0") != len(ids) * (len(labels[ids[0]]) - 1):
+        return sorted(ids, key=labels.__getitem__)
+    return list(map(ids.__getitem__, sorted(range(len(ids)), key=keys.__getitem__)))
+
+
+class _Template:
+    """A family's sample line up to its value, learned from the library's output:
+    ``literal`` with a %s per label, filled with the escaped label values picked in
+    the library's label order; ``tid`` identifies it across formats."""
+
+    def __init__(self, tid: int, literal: str, index: list[int]):
+        self.tid = tid
+        self.literal = literal
+        # The labels as they are when the library's order is the family's (no copy).
+        self._pick = None if index == list(range(len(index))) and len(index) > 1 else (
+            operator.itemgetter(*index))
+        self._single = len(index) == 1
+
+    def prefixes(self, labels: Iterable[tuple[str, ...]]) -> list[bytes]:
+        """The line prefixes of samples with these labels (in family order)."""
+        # A str each when there is one label, else a tuple.
+        values = list(labels) if self._pick is None else list(map(self._pick, labels))
+        flat = "".join(values if self._single else map("".join, values))
+        if "\\" in flat or "\n" in flat or '"' in flat:
+            values = [_escape_values((v,) if self._single else v) for v in values]
+            if self._single:
+                values = [v[0] for v in values]
+        return list(map(str.encode, map(self.literal.__mod__, values)))
 
 
 # Bucket bounds of kvmtrace_vm_create_duration_seconds: powers of two of ns,

@@ -30,6 +30,9 @@ VERDICTS = {
 }
 
 
+_MEMO_MAX = 4096  # entries of each Decoder memo before it is cleared
+
+
 class DecodeError(ValueError):
     pass
 
@@ -83,6 +86,9 @@ class Decoder:
     def __init__(self, plan: planmod.Plan, arch: str):
         self._points = plan.by_id()
         self._arch = arch
+        # count_labels() memos (pure functions of their keys; cleared when large).
+        self._comms: dict[bytes, str] = {}
+        self._results: dict[tuple[int, int], tuple[str, str, bool, str | None]] = {}
 
     def point(self, probe_id: int) -> tuple[str, str, str]:
         """(name, layer, returns) of a probe id; unknown ids stay visible."""
@@ -110,6 +116,28 @@ class Decoder:
             vm_type=vm_type, vm_type_name=self.vm_type_name(vm_type), result=result,
             rejected=v.rejected, errno=v.errno, verdicts=verdicts, count=value,
         )
+
+    def count_labels(self, key: tuple[int, int, int, int, int, bytes]
+                     ) -> tuple[int, str, str, str, int, str, int, bool, str | None, int]:
+        """count() of a raw map key without its value: CountRecord's other fields, in
+        order, as a plain tuple (what a per-key cache keeps). Same values as count();
+        the comm and verdict decodings are memoized."""
+        tgid, probe_id, vm_type, result, verdicts, comm = key
+        decoded = self._results.get((probe_id, result))
+        if decoded is None:
+            if len(self._results) >= _MEMO_MAX:
+                self._results.clear()
+            name, layer, returns = self.point(probe_id)
+            v = self.verdict(returns, result)
+            decoded = self._results[probe_id, result] = (name, layer, v.rejected, v.errno)
+        text = self._comms.get(comm)
+        if text is None:
+            if len(self._comms) >= _MEMO_MAX:
+                self._comms.clear()
+            text = self._comms[comm] = tables.escape_comm(comm)
+        name, layer, rejected, errno = decoded
+        return (tgid, text, name, layer, vm_type, self.vm_type_name(vm_type), result,
+                rejected, errno, verdicts)
 
     def event(self, data: bytes) -> Event:
         if len(data) < EVENT_FORMAT.size:

@@ -15,12 +15,14 @@ from typing import Protocol
 from kvmtrace.aggregate import Aggregator, Series, per_process
 from kvmtrace.decode import CountRecord, DecodeError, Decoder, Event
 
+RawCount = tuple[int, int, int, int, int, bytes, int]
+
 
 class Source(Protocol):
     """What a probe mechanism's session offers (kvmtrace.loader.Session)."""
 
-    def read_counts(self) -> list[tuple[int, int, int, int, int, bytes, int]]: ...
-    def delete_counts(self, raws: list[tuple[int, int, int, int, int, bytes, int]]) -> None: ...
+    def read_counts(self) -> list[RawCount]: ...
+    def delete_counts(self, raws: list[RawCount]) -> None: ...
     def health(self) -> dict[str, int]: ...
     def read_latency(self) -> tuple[list[tuple[int, int, int]], list[int]]: ...
 
@@ -46,8 +48,13 @@ class Runtime:
     def retire_exited(self) -> int:
         """Fold the counts of exited processes out of the kernel map; returns how many."""
         with self._lock:
-            pairs = self._records()
+            # Processes first, counts second: a process already gone from /proc
+            # can no longer add to its entries, so what is read below is final.
+            # (Read first, and a process that exits between the read and the
+            # listing would lose the calls it made after the read.)
             live = self._live_pids()
+            raws = [raw for raw in self.source.read_counts() if raw[0] not in live]
+            pairs = [(raw, self.decoder.count(raw)) for raw in raws]
             dead = self.aggregator.retire([r for _, r in pairs], live)
             dead_ids = {id(r) for r in dead}
             self.source.delete_counts([raw for raw, r in pairs if id(r) in dead_ids])
@@ -56,6 +63,15 @@ class Runtime:
     def totals(self, with_pid: bool = False) -> Counter[Series]:
         with self._lock:
             return self.aggregator.totals([r for _, r in self._records()], with_pid)
+
+    def raw_counts(self) -> tuple[list[RawCount], list[Series], list[int]]:
+        """The live map's raw counts (undecoded: Decoder.count_labels() decodes a
+        key), and the exited residual's series and counts as two parallel lists.
+        What a scrape reads, with no per-entry work (see the collector's caches)."""
+        with self._lock:
+            raws = self.source.read_counts()
+            exited, counts = self.aggregator.exited()
+        return raws, exited, counts
 
     def processes(self) -> list[dict]:
         with self._lock:
