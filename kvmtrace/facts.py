@@ -167,11 +167,11 @@ def _headers(root: Path, release: str) -> Headers:
     if not build.exists():
         return Headers(None, None, f"no kernel headers at {build}")
     resolved = build.resolve()
-    rel = _read(resolved / "include/config/kernel.release")
-    if rel is None:
-        m = re.search(r'UTS_RELEASE\s+"([^"]+)"',
-                      _read(resolved / "include/generated/utsrelease.h") or "")
-        rel = m.group(1) if m else None
+    # UTS_RELEASE is what the kernel built from these headers reports in uname
+    # -r; Debian's include/config/kernel.release holds the upstream version.
+    m = re.search(r'UTS_RELEASE\s+"([^"]+)"',
+                  _read(resolved / "include/generated/utsrelease.h") or "")
+    rel = m.group(1) if m else _read(resolved / "include/config/kernel.release")
     return Headers(str(resolved), rel.strip() if rel else None)
 
 

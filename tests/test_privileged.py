@@ -284,7 +284,8 @@ def test_both_in_flight_variants_count_exactly(task_storage):
         make_vms(comm, types=[0, 1, 2], repeat=4, queries=1)
         d = Decoder(p, f.arch)
         got = sorted((r.probe, r.vm_type, r.errno, r.count)
-                     for r in map(d.count, session.read_counts()) if r.comm == comm)
+                     for r in map(d.count, session.read_counts())
+                     if r.comm == comm and r.layer == "ioctl")
         assert got == [("KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES)", 0, None, 1),
                        ("KVM_CREATE_VM", 0, None, 4),
                        ("KVM_CREATE_VM", 1, "EINVAL", 4),
@@ -311,10 +312,12 @@ def test_event_budget_throttles_the_stream_but_never_the_counts():
         make_vms(comm, types=[1], repeat=50, queries=0)
         session.poll(100)
         d = Decoder(p, f.arch)
-        counted = sum(r.count for r in map(d.count, session.read_counts()) if r.comm == comm)
+        counted = sum(r.count for r in map(d.count, session.read_counts())
+                      if r.comm == comm and r.probe == "KVM_CREATE_VM")
         assert counted == 50
         h = session.health()
-        # The budget is per CPU: at most 5 per CPU got through.
+        # The budget is per CPU: at most 5 per CPU got through (on kprobe kernels
+        # kvm_arch_init_vm's events share the budget).
         assert len(events) <= 5 * os.cpu_count()
         assert h["events_throttled"] >= 50 - len(events)
     finally:
