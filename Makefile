@@ -39,3 +39,14 @@ bench: setup
 bench-quick: setup
 	bench/setup.sh
 	$(VENV)/bin/python bench/run.py --quick
+
+# Kernel tier (tests/vm/, see tests/vm/README.md): boots each stock Debian kernel pinned
+# in tests/vm/kernels.txt under QEMU/TCG with virtme-ng (host root shared read-only) and
+# runs kvmtrace's privileged tests plus tests/vm/guest_kprobes.py inside it: real kprobes
+# on kvm_dev_ioctl and kvm_arch_init_vm, and on seedsim, a test-only SIMULATION of the
+# 2023 TDX v12 vm_type dispatch. Every boot is bounded (KVMTRACE_VM_TIMEOUT, 840 s);
+# results in build/vm/<kernel>/. Fails, never skips.
+.PHONY: test-kernels
+test-kernels: setup-test
+	tests/vm/setup.sh
+	$(VENV)/bin/python -m pytest -v -s --durations=0 tests/vm/kernel_tier.py

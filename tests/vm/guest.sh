@@ -1,0 +1,64 @@
+#!/bin/bash
+# Runs INSIDE a stock-kernel guest booted by tests/vm/kernel_tier.py (virtme-ng, TCG):
+#   guest.sh RUNDIR REPO SEEDSIM_KO PYTEST_TIMEOUT
+# RUNDIR is the guest-writable results directory (vng --rwdir); everything this script
+# learns goes there, because the exit code of a vng --exec script does not reach the host
+# on a machine without udev. The host driver reads:
+#   booted       written first: the kernel booted and ran this script
+#   failure      one line: why the guest could not run the tests (then no pytest.rc)
+#   pytest.rc    pytest's exit code; junit.xml its per-test results
+#   facts.json   `kvmtrace doctor --dump-facts` of this stock kernel (seedsim unloaded)
+#   done         the script reached its end
+set -u
+RUN=$1 REPO=$2 SEEDSIM_KO=$3 PYTEST_TIMEOUT=$4
+# The console goes to the host's log too (vng -v), so echo there as well.
+exec > >(tee -a "$RUN/guest.log") 2>&1
+
+uname -r > "$RUN/booted"
+echo "guest: $(uname -r) booted; cpu flags: $(grep -o -w -E 'svm|vmx|npt' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+
+fail() {
+    echo "guest: FAILURE: $*"
+    echo "$*" > "$RUN/failure"
+    echo done > "$RUN/done"
+    exit 1
+}
+
+modprobe kvm_amd || fail "modprobe kvm_amd failed on $(uname -r) (is svm in the guest's cpu flags?)"
+[ -c /dev/kvm ] || fail "/dev/kvm missing after modprobe kvm_amd"
+mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing \
+    || fail "cannot mount tracefs"
+mountpoint -q /sys/kernel/debug || mount -t debugfs nodev /sys/kernel/debug \
+    || fail "cannot mount debugfs"
+[ -e /sys/bus/event_source/devices/kprobe ] || fail "no kprobe PMU on $(uname -r)"
+[ -e "/lib/modules/$(uname -r)/build/include/config/kernel.release" ] \
+    || fail "no kernel headers at /lib/modules/$(uname -r)/build (unpacked tree not linked?)"
+[ -f "$SEEDSIM_KO" ] || fail "seedsim module $SEEDSIM_KO missing"
+[ -x "$REPO/.venv/bin/python" ] || fail "$REPO/.venv missing (make setup-test)"
+
+cd "$REPO" || fail "cannot cd $REPO"
+# The host root is read-only here: no bytecode, no pytest cache.
+export PYTHONDONTWRITEBYTECODE=1
+# Test this checkout's kvmtrace, whatever the venv's editable install points at.
+export PYTHONPATH="$REPO"
+export KVMTRACE_SEEDSIM_KO="$SEEDSIM_KO"
+# Under emulation the first bcc compile also pages clang/LLVM in over 9p; do that now
+# (tests/test_privileged.py gives kvmtrace 60 s to attach, unless it honours this:)
+export KVMTRACE_TEST_START_TIMEOUT=240
+t0=$(date +%s)
+cat /usr/lib/x86_64-linux-gnu/libbcc.so.0* /usr/lib/x86_64-linux-gnu/libclang-cpp.so.14* \
+    /usr/lib/x86_64-linux-gnu/libLLVM-14.so* > /dev/null 2>&1
+echo "guest: warmed bcc/clang/LLVM libraries in $(( $(date +%s) - t0 )) s"
+# kvmtrace's privileged tests (tests/test_privileged*.py) and the guest-only ones. Named
+# explicitly: other privileged tests (benchmarks) do not belong under emulation.
+tests=(tests/test_privileged*.py tests/vm/guest_kprobes.py)
+echo "guest: running ${tests[*]}"
+timeout -k 10 "$PYTEST_TIMEOUT" "$REPO/.venv/bin/python" -m pytest -p no:cacheprovider -v \
+    --durations=10 -m privileged --junitxml="$RUN/junit.xml" "${tests[@]}"
+echo $? > "$RUN/pytest.rc"
+
+lsmod | grep -q '^seedsim ' && rmmod seedsim
+timeout 120 "$REPO/.venv/bin/python" -m kvmtrace doctor --dump-facts > "$RUN/facts.json" \
+    || echo "guest: doctor --dump-facts failed"
+echo "guest: done (pytest rc $(cat "$RUN/pytest.rc"))"
+echo done > "$RUN/done"

@@ -1,0 +1,201 @@
+"""The kernel tier (`make test-kernels`): kvmtrace's kprobe paths on real stock kernels.
+
+For every kernel pinned in tests/vm/kernels.txt this host-side test
+
+1. fetches and unpacks the stock Debian packages (tests/vm/kernels.py; cached),
+2. builds tests/vm/seedsim/ -- a test-only SIMULATION of the 2023 TDX v12 vm_type
+   dispatch, not the patch itself -- against that kernel's unpacked headers,
+3. boots the kernel with virtme-ng under QEMU/TCG (--disable-kvm gives `-cpu max`,
+   whose svm lets kvm_amd load in the guest) sharing the host root read-only, and runs
+   tests/vm/guest.sh there: modprobe kvm_amd, tracefs/debugfs, then the privileged tier
+   (`pytest -m privileged tests`) plus tests/vm/guest_kprobes.py from this checkout's
+   .venv,
+4. fails -- never skips -- when the kernel does not boot, hangs past its time budget,
+   or any guest test fails or skips, quoting the reason.
+
+Results land in build/vm/<kernel>/ (console.log, guest.log, junit.xml, facts.json,
+timing.json). The file name does not match test_*.py: `make test` never boots VMs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from tests.vm import kernels as kernelsmod
+
+pytestmark = pytest.mark.privileged
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+RESULTS = Path(os.environ.get("KVMTRACE_VM_RESULTS", REPO / "build" / "vm"))
+VNG = Path(os.environ.get("KVMTRACE_VNG", kernelsmod.CACHE / "vng-venv" / "bin" / "vng"))
+# Per kernel, from vng start to guest power-off: boot ~15 s, the guest's pytest a few
+# minutes under emulation. Past it the VM is killed and the test fails.
+VM_TIMEOUT = int(os.environ.get("KVMTRACE_VM_TIMEOUT", "840"))
+# The guest script must have started by then, or the kernel did not boot.
+BOOT_TIMEOUT = int(os.environ.get("KVMTRACE_VM_BOOT_TIMEOUT", "180"))
+GUEST_MEMORY = os.environ.get("KVMTRACE_VM_MEMORY", "4G")
+GUEST_CPUS = os.environ.get("KVMTRACE_VM_CPUS", "2")
+
+
+def _tail(path: Path, n: int = 25) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(none)"
+    return "\n".join(lines[-n:])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def host_ready():
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("not root")
+    if not VNG.exists():
+        problems.append(f"no virtme-ng at {VNG} (run tests/vm/setup.sh)")
+    if not shutil.which("qemu-system-x86_64"):
+        problems.append("qemu-system-x86_64 missing (apt-get install qemu-system-x86)")
+    if not (REPO / ".venv" / "bin" / "python").exists():
+        problems.append(f"{REPO}/.venv missing (make setup-test)")
+    if problems:
+        pytest.fail("kernel tier cannot run here: " + "; ".join(problems))
+
+
+def build_seedsim(kernel: kernelsmod.Kernel) -> Path:
+    """Build the SIMULATION module against ``kernel``'s unpacked headers (a copy, in the cache)."""
+    out = kernel.dir / "seedsim"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for f in ("seedsim.c", "Kbuild", "Makefile"):
+        shutil.copy2(HERE / "seedsim" / f, out / f)
+    p = subprocess.run(["make", "-C", str(kernel.headers), f"M={out}", "modules"],
+                       capture_output=True, text=True, timeout=300, check=False)
+    ko = out / "seedsim.ko"
+    if p.returncode != 0 or not ko.exists():
+        pytest.fail(f"{kernel.name}: building seedsim against {kernel.headers} failed: "
+                    + "\n".join((p.stdout + p.stderr).strip().splitlines()[-15:]))
+    return ko
+
+
+def _pump(stream, path: Path) -> None:
+    with open(path, "wb") as f:
+        for chunk in iter(lambda: stream.read1(65536), b""):
+            f.write(chunk)
+            f.flush()
+
+
+def boot(kernel: kernelsmod.Kernel, run: Path, ko: Path) -> dict:
+    """Boot ``kernel`` and run guest.sh; returns timings. Never waits past VM_TIMEOUT."""
+    guest_timeout = max(60, VM_TIMEOUT - 90)
+    cmd = [str(VNG), "-v", "-r", str(kernel.image), "--disable-kvm", "--force-9p",
+           "-m", GUEST_MEMORY, "-p", GUEST_CPUS,
+           "--rodir", str(kernelsmod.CACHE), "--rwdir", str(run),
+           "--exec", f"{HERE / 'guest.sh'} {run} {REPO} {ko} {guest_timeout}"]
+    (run / "vng-command.txt").write_text(" ".join(cmd) + "\n")
+    env = dict(os.environ, PATH=f"{VNG.parent}:{os.environ.get('PATH', '')}")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=run, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    pump = threading.Thread(target=_pump, args=(proc.stdout, run / "console.log"), daemon=True)
+    pump.start()
+    booted_at = None
+    why = None
+    while proc.poll() is None:
+        now = time.monotonic() - t0
+        if booted_at is None and (run / "booted").exists():
+            booted_at = now
+        if booted_at is None and now > BOOT_TIMEOUT:
+            why = f"the kernel did not boot (guest script not started) within {BOOT_TIMEOUT} s"
+        elif now > VM_TIMEOUT:
+            why = f"the VM did not finish within {VM_TIMEOUT} s (hang?)"
+        if why:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            break
+        time.sleep(0.5)
+    pump.join(timeout=10)
+    total = time.monotonic() - t0
+    if booted_at is None and (run / "booted").exists():
+        booted_at = total
+    timing = {"kernel": kernel.name, "release": kernel.release, "vm_seconds": round(total, 1),
+              "boot_seconds": None if booted_at is None else round(booted_at, 1),
+              "vng_exit": proc.returncode}
+    (run / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
+    if why:
+        pytest.fail(f"{kernel.name} ({kernel.release}): {why}; console tail:\n"
+                    + _tail(run / "console.log"))
+    return timing
+
+
+def junit_report(path: Path) -> tuple[dict[str, int], list[str], set[str]]:
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    counts = {k: sum(int(s.get(k, 0)) for s in suites)
+              for k in ("tests", "failures", "errors", "skipped")}
+    bad = []
+    for case in root.iter("testcase"):
+        for tag in ("failure", "error", "skipped"):
+            el = case.find(tag)
+            if el is not None:
+                msg = (el.get("message") or el.text or "").strip().splitlines()
+                bad.append(f"{tag.upper()} {case.get('classname')}::{case.get('name')}: "
+                           f"{msg[0][:300] if msg else ''}")
+    # classname: "tests.test_privileged" (module), or "tests.test_x.TestY" (class)
+    classnames = {c.get("classname", "") for c in root.iter("testcase")}
+    return counts, bad, classnames
+
+
+@pytest.mark.parametrize("kernel", kernelsmod.read_kernels(), ids=lambda k: k.name)
+def test_kernel(kernel: kernelsmod.Kernel):
+    t0 = time.monotonic()
+    try:
+        kernelsmod.fetch(kernel)
+    except kernelsmod.FetchError as exc:
+        pytest.fail(f"{kernel.name}: {exc}")
+    ko = build_seedsim(kernel)
+    run = RESULTS / kernel.name
+    if run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    timing = boot(kernel, run, ko)
+    timing["total_seconds"] = round(time.monotonic() - t0, 1)
+    (run / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
+    print(f"\n{kernel.name} ({kernel.release}): boot {timing['boot_seconds']} s, VM "
+          f"{timing['vm_seconds']} s, total {timing['total_seconds']} s; results in {run}")
+    where = f"{kernel.name} ({kernel.release})"
+    if not (run / "booted").exists():
+        pytest.fail(f"{where}: the kernel did not boot or the guest script never ran "
+                    f"(vng exit {timing['vng_exit']}); console tail:\n"
+                    + _tail(run / "console.log"))
+    if (run / "failure").exists():
+        pytest.fail(f"{where}: guest could not run the tests: "
+                    f"{(run / 'failure').read_text().strip()}")
+    if not (run / "pytest.rc").exists():
+        pytest.fail(f"{where}: the guest stopped before its tests finished (panic? OOM?); "
+                    "console tail:\n" + _tail(run / "console.log"))
+    rc = int((run / "pytest.rc").read_text().strip() or -1)
+    if not (run / "junit.xml").exists():
+        pytest.fail(f"{where}: guest pytest exited {rc} without a report (timeout 124 = "
+                    f"its time budget); guest log tail:\n" + _tail(run / "guest.log"))
+    counts, bad, classnames = junit_report(run / "junit.xml")
+    if rc != 0 or bad or counts["tests"] == 0:
+        pytest.fail(f"{where}: guest pytest exited {rc}, {counts}:\n" + "\n".join(bad)
+                    + f"\n(full log: {run / 'guest.log'})")
+    for module in ("tests.test_privileged", "tests.vm.guest_kprobes"):
+        if not any(c == module or c.startswith(f"{module}.") for c in classnames):
+            pytest.fail(f"{where}: the guest ran no test of {module} ({sorted(classnames)})")
+    if not (run / "done").exists():
+        pytest.fail(f"{where}: the guest script did not reach its end; guest log tail:\n"
+                    + _tail(run / "guest.log"))
