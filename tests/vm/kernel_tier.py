@@ -7,14 +7,14 @@ For every kernel pinned in tests/vm/kernels.txt this host-side test
    dispatch, not the patch itself -- against that kernel's unpacked headers,
 3. boots the kernel with virtme-ng under QEMU/TCG (--disable-kvm gives `-cpu max`,
    whose svm lets kvm_amd load in the guest) sharing the host root read-only, and runs
-   tests/vm/guest.sh there: modprobe kvm_amd, tracefs/debugfs, then the privileged tier
-   (`pytest -m privileged tests`) plus tests/vm/guest_kprobes.py from this checkout's
-   .venv,
+   tests/vm/guest.sh there: modprobe kvm_amd, tracefs/debugfs, then kvmtrace's
+   privileged tests (tests/test_privileged*.py) plus tests/vm/guest_kprobes.py with this
+   checkout's .venv,
 4. fails -- never skips -- when the kernel does not boot, hangs past its time budget,
    or any guest test fails or skips, quoting the reason.
 
 Results land in build/vm/<kernel>/ (console.log, guest.log, junit.xml, facts.json,
-timing.json). The file name does not match test_*.py: `make test` never boots VMs.
+timing.json, seedsim/). The file name does not match test_*.py: `make test` never boots VMs.
 """
 
 from __future__ import annotations
@@ -71,11 +71,12 @@ def host_ready():
         pytest.fail("kernel tier cannot run here: " + "; ".join(problems))
 
 
-def build_seedsim(kernel: kernelsmod.Kernel) -> Path:
-    """Build the SIMULATION module against ``kernel``'s unpacked headers (a copy, in the cache)."""
-    out = kernel.dir / "seedsim"
-    if out.exists():
-        shutil.rmtree(out)
+def build_seedsim(kernel: kernelsmod.Kernel, out: Path) -> Path:
+    """Build the SIMULATION module against ``kernel``'s unpacked headers, in ``out``.
+
+    ``out`` is in this run's results directory (the guest sees it through --rwdir), so
+    two checkouts running the tier at once never share a build.
+    """
     out.mkdir(parents=True)
     for f in ("seedsim.c", "Kbuild", "Makefile"):
         shutil.copy2(HERE / "seedsim" / f, out / f)
@@ -164,11 +165,11 @@ def test_kernel(kernel: kernelsmod.Kernel):
         kernelsmod.fetch(kernel)
     except kernelsmod.FetchError as exc:
         pytest.fail(f"{kernel.name}: {exc}")
-    ko = build_seedsim(kernel)
     run = RESULTS / kernel.name
     if run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True)
+    ko = build_seedsim(kernel, run / "seedsim")
     timing = boot(kernel, run, ko)
     timing["total_seconds"] = round(time.monotonic() - t0, 1)
     (run / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
