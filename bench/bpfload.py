@@ -36,7 +36,8 @@ def kvmtrace_text(self_tgid: int) -> str:
     from kvmtrace import plan as planmod
 
     facts = factsmod.gather()
-    opts = loader.Options(self_tgid=self_tgid, use_ringbuf=facts.ringbuf)
+    opts = loader.Options(self_tgid=self_tgid, use_ringbuf=facts.ringbuf,
+                          use_task_storage=facts.task_storage)
     return loader.build_text(planmod.make_plan(facts), opts)
 
 
@@ -84,9 +85,9 @@ def main() -> int:
             stop.wait(0.2)
     out = {}
     if args.what == "variant":
-        h = bpf["health"]
-        out = {"counts_dropped": h[0].value, "events_lost": h[1].value,
-               "calls_dropped": h[2].value, "events_seen": seen[0],
+        h = [sum(bpf["health"].getvalue(bpf["health"].Key(i))) for i in range(4)]
+        out = {"counts_dropped": h[0], "events_lost": h[1], "calls_dropped": h[2],
+               "events_throttled": h[3], "events_seen": seen[0],
                "count_entries": len(bpf["counts"].items())}
     bpf.cleanup()
     print(json.dumps(out), flush=True)

@@ -985,7 +985,7 @@ def main(argv: list[str] | None = None) -> int:
                                               serve_argv=proposed_serve("--trim", "--fast-scrape"))
         if args.variants:
             names = [v for v in args.variants.split(",") if v]
-            vcfgs: list[Callable[[], Config]] = [none_config, Floor]
+            vcfgs: list[Callable[[], Config]] = [none_config, Floor, Serve, Bpftrace]
             vcfgs += [make_variant(n) for n in names]
             log(f"variants: {names}")
             v = overhead(bins, vcfgs, workloads, rounds, seconds, comm_prefix="kv")
