@@ -44,7 +44,7 @@ bench-quick: setup
 # in tests/vm/kernels.txt under QEMU/TCG with virtme-ng (host root shared read-only) and
 # runs kvmtrace's privileged tests plus tests/vm/guest_kprobes.py inside it: real kprobes
 # on kvm_dev_ioctl and kvm_arch_init_vm, and on seedsim, a test-only SIMULATION of the
-# 2023 TDX v12 vm_type dispatch. Every boot is bounded (KVMTRACE_VM_TIMEOUT, 840 s);
+# 2023 TDX v12 vm_type dispatch. Every boot is bounded (KVMTRACE_VM_TIMEOUT, 1080 s);
 # results in build/vm/<kernel>/. Fails, never skips.
 .PHONY: test-kernels
 test-kernels: setup-test
