@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from kvmtrace import __version__, kvmdev, tables, views
 from kvmtrace import facts as factsmod
+from kvmtrace import handoff as handoffmod
 from kvmtrace import loader as loadermod
 from kvmtrace import plan as planmod
 from kvmtrace import server as servermod
@@ -135,15 +136,6 @@ def _require_root() -> None:
         raise UserError("kvmtrace loads BPF programs and must run as root (try: sudo kvmtrace ...)")
 
 
-def _preflight(facts: factsmod.HostFacts) -> None:
-    if facts.bcc_version is None:
-        raise UserError("bcc is not importable: install python3-bpfcc and use the project's "
-                        ".venv (make setup)")
-    if facts.headers.path is None:
-        raise UserError(f"no kernel headers for {facts.kernel_release} "
-                        f"({facts.headers.error}): run 'make setup' or set BCC_KERNEL_SOURCE")
-
-
 def _options(filter_pid: int = 0, facts: factsmod.HostFacts | None = None) -> loadermod.Options:
     return loadermod.Options(self_tgid=os.getpid(), filter_tgid=filter_pid,
                              use_ringbuf=facts.ringbuf if facts else True,
@@ -151,17 +143,17 @@ def _options(filter_pid: int = 0, facts: factsmod.HostFacts | None = None) -> lo
 
 
 def _start(strict: bool, filter_pid: int = 0):
+    """Gather, plan, compile and attach in the loader child (kvmtrace.handoff): this
+    process then holds only the fds, never libbcc and its LLVM."""
     _require_root()
-    facts = factsmod.gather()
-    _preflight(facts)
+    try:
+        facts, session = handoffmod.start(filter_pid)
+    except handoffmod.HandoffError as exc:
+        raise UserError(str(exc)) from None
     if not facts.kvm.present:
         print(f"WARNING: {facts.kvm.error}: no VM can be created until KVM is loaded",
               file=sys.stderr)
-    plan = planmod.make_plan(facts)
-    try:
-        session = loadermod.load(plan, _options(filter_pid, facts))
-    except loadermod.LoadError as exc:
-        raise UserError(str(exc)) from None
+    plan = session.plan
     attached = [a for a in session.attachments if a.attached]
     missing = [a for a in session.attachments if not a.attached]
     if not attached:

@@ -100,6 +100,17 @@ def build_text(plan: planmod.Plan, opts: Options) -> str:
     return head + bpf_source() + "".join(f"{ln}\n" for ln in lines)
 
 
+def preflight(facts) -> str | None:
+    """What keeps bcc from compiling here (one line for the user), or None."""
+    if facts.bcc_version is None:
+        return ("bcc is not importable: install python3-bpfcc and use the project's "
+                ".venv (make setup)")
+    if facts.headers.path is None:
+        return (f"no kernel headers for {facts.kernel_release} "
+                f"({facts.headers.error}): run 'make setup' or set BCC_KERNEL_SOURCE")
+    return None
+
+
 @contextlib.contextmanager
 def _stderr_captured() -> Iterator[list[str]]:
     """Route fd 2 (bcc and libbpf print there) into a list of lines."""

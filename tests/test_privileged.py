@@ -210,14 +210,54 @@ def test_landing_page_and_plan_api(served):
     assert {p["probe"] for p in plan} >= {"KVM_CREATE_VM", "kvm_arch_init_vm"}
 
 
-def test_sigterm_detaches_and_exits_zero(served):
+def _held(pid: int) -> tuple[set[int], list[str]]:
+    """The BPF map ids process ``pid`` holds fds of, and what its other fds are."""
+    ids, kinds = set(), []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            kinds.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        ids.update(int(ln.split()[1]) for ln in info.splitlines() if ln.startswith("map_id:"))
+    return ids, kinds
+
+
+def _map_exists(lib, map_id: int) -> bool:
+    fd = lib.bpf_map_get_fd_by_id(map_id)
+    if fd >= 0:
+        os.close(fd)
+        return True
+    return False
+
+
+def test_exporter_holds_fds_not_bcc_and_sigterm_frees_everything(served):
+    """The loader child compiled and attached, handed the fds over and exited: the
+    exporter maps neither libbcc nor LLVM, holds the attachments itself, and once it
+    stops the kernel frees its maps (so no program of it is left attached)."""
+    import ctypes
+
     serve, _, _, _, _ = served
+    pid = serve.proc.pid
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert "libbcc" not in maps and "libLLVM" not in maps and "libclang" not in maps
+    map_ids, kinds = _held(pid)
+    assert len(map_ids) >= 4, kinds  # counts, health, latency, latency sums, events
+    assert sum(k in ("anon_inode:[perf_event]", "anon_inode:bpf_link") for k in kinds) >= 2
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True,
+                              check=False).stdout.split()
+    assert children == [], "the loader child is still running"
+    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    lib.bpf_map_get_fd_by_id.argtypes = [ctypes.c_uint32]
+    assert all(_map_exists(lib, i) for i in map_ids)
+
     code, _out, err = serve.stop()
     assert code == 0, err
     assert "Traceback" not in err
-    progs = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True,
-                           check=False).stdout if shutil.which("bpftool") else ""
-    assert f"pid {serve.proc.pid}" not in progs
+    deadline = time.monotonic() + 10  # maps are freed after an RCU grace period
+    while any(_map_exists(lib, i) for i in map_ids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [i for i in map_ids if _map_exists(lib, i)], "maps (and programs) outlived serve"
 
 
 def test_doctor_json_reports_this_host():
