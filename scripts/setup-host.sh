@@ -18,7 +18,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 release=$(uname -r)
-pkgs=(python3-bpfcc python3-venv python3-pip)
+# libbpf1 (a dependency of bcc anyway): the exporter reads maps through it.
+pkgs=(python3-bpfcc libbpf1 python3-venv python3-pip)
 [ "$want_test" = 1 ] && pkgs+=(prometheus)
 # Headers: the running kernel's own if Debian has them, else the default ones.
 headers_pkg=linux-headers-amd64
