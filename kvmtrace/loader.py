@@ -285,28 +285,7 @@ def load(plan: planmod.Plan, opts: Options) -> Session:
                 except Exception as exc:
                     done[key] = f"{p.mechanism} attach failed: {_first_line(exc, err)}"
         attachments.append(Attachment(p, done[key] is None, done[key]))
-    release_compiler_memory()
     return Session(bpf, plan, attachments)
-
-
-def release_compiler_memory() -> None:
-    """Give back what bcc's compile left resident: ~60 MiB of freed LLVM heap
-    (malloc_trim) and ~80 MiB of libLLVM/libclang pages touched while compiling
-    (MADV_PAGEOUT, Linux 5.4+; they fault back in if ever needed again).
-    Measured by bench/ (scale phase): exporter RSS 176 → 51 MiB idle."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    with contextlib.suppress(AttributeError):
-        libc.malloc_trim(0)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madv_pageout = 21  # include/uapi/asm-generic/mman-common.h
-    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
-        for line in maps:
-            parts = line.split()
-            if len(parts) >= 6 and ("/libLLVM" in parts[5] or "/libclang" in parts[5]):
-                lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                libc.madvise(lo, hi - lo, madv_pageout)  # EINVAL before 5.4: harmless
 
 
 def _attach(bpf, p: planmod.Point) -> None:
