@@ -17,8 +17,10 @@ Phases (all by default):
             `kvmtrace serve` runs and is scraped in a loop; counts must be exact
   scale     10,000 live series: scrape latency and exporter RSS
   cold      (from every `kvmtrace serve` start above) Popen -> first /metrics
-  variants  only with --variants: kvmtrace's BPF text with edits from
-            bench/variants.py, loaded by bench/bpfload.py, against none/floor
+  variants  only with --variants NAME,...: none, floor, kvmtrace serve and
+            bpftrace, then kvmtrace's BPF text with each named edit from
+            bench/variants.py (NAME/nopoll: ring buffer never drained), loaded
+            alone by bench/bpfload.py; interleaved like overhead
 
 Benchmarks are not tests: targets are reported as met / not met, never
 asserted. The JSON has every raw sample; the Markdown is derived from it.
@@ -310,12 +312,11 @@ class Config:
 class Serve(Config):
     """`kvmtrace serve -q` as shipped; attached once /metrics answers."""
 
-    def __init__(self, extra: tuple[str, ...] = (), argv: list[str] | None = None,
-                 name: str = "kvmtrace", desc: str = "kvmtrace serve -q (as shipped)"):
-        super().__init__(name, desc, " ".join(argv or ["kvmtrace"])
-                         + " serve --web.listen-address 127.0.0.1:PORT -q " + " ".join(extra))
+    def __init__(self, extra: tuple[str, ...] = ()):
+        super().__init__("kvmtrace", "kvmtrace serve -q (as shipped)",
+                         "kvmtrace serve --web.listen-address 127.0.0.1:PORT -q "
+                         + " ".join(extra))
         self.extra = extra
-        self.argv = argv or KVMTRACE
         self.proc: subprocess.Popen | None = None
         self.cold_starts: list[float] = []
         self._stderr: IO[str] | None = None
@@ -328,7 +329,7 @@ class Serve(Config):
         self.port = free_port()
         self._stderr = tempfile.TemporaryFile(mode="w+")
         t0 = time.perf_counter()
-        self.proc = spawn([*self.argv, "serve", "--web.listen-address",
+        self.proc = spawn([*KVMTRACE, "serve", "--web.listen-address",
                            f"127.0.0.1:{self.port}", "-q", *self.extra],
                           stdout=subprocess.DEVNULL, stderr=self._stderr)
         deadline = time.monotonic() + 120
@@ -464,22 +465,17 @@ class Variant(ReadyLine):
         return {}
 
 
-def proposed_serve(*flags: str) -> list[str]:
-    """`kvmtrace` with bench/proposals.py patches applied (bench/serve_variant.py)."""
-    return [PY, str(BENCH / "serve_variant.py"), *flags, "--"]
-
-
 def make_variant(name: str) -> Callable[[], Config]:
-    """serve: kvmtrace serve as shipped; serve:V: serve with BPF variant V; V: bpfload.py."""
-    if name == "serve":
-        return Serve
-    if name == "bpftrace":
-        return Bpftrace
-    if name.startswith("serve:"):
-        v = name.split(":", 1)[1]
-        return lambda: Serve(argv=proposed_serve("--bpf", v), name=f"kvmtrace:{v}",
-                             desc=f"kvmtrace serve -q with BPF variant {v}")
+    """NAME or NAME/nopoll: kvmtrace's BPF text with that edit, loaded by bpfload.py."""
     return lambda: Variant(name)
+
+
+def variant_names() -> set[str]:
+    """The edits bench/variants.py defines (plain data: importing it loads no BPF)."""
+    sys.path.insert(0, str(BENCH))
+    import variants
+
+    return set(variants.VARIANTS)
 
 
 def none_config() -> Config:
@@ -649,10 +645,9 @@ def storm(bins: dict, per_process: int, scrape_every: float) -> dict:
 
 # ---- phase: scale (10,000 series) ---------------------------------------------
 
-def scale(bins: dict, n_types: int, scrapes: int, retire_interval: float | None,
-          serve_argv: list[str] | None = None) -> dict:
+def scale(bins: dict, n_types: int, scrapes: int, retire_interval: float | None) -> dict:
     extra = ("--retire-interval", str(retire_interval)) if retire_interval else ()
-    serve = Serve(extra, argv=serve_argv)
+    serve = Serve(extra)
     serve.start()
     comm = f"kbseries{os.getpid() % 10000}"
     out: dict = {"vm_types": n_types, "comm": comm, "retire_interval_s": retire_interval or 10.0,
@@ -865,11 +860,8 @@ def markdown(res: dict) -> str:
                   "| state | series (attempts / rejected) | samples | body | scrape median | "
                   "scrape max | OpenMetrics median | VmRSS | VmHWM |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        rows = [(label, sc[label]) for label in ("empty", "live", "folded")]
-        if res.get("scale_proposed"):
-            rows += [(f"{label}, proposed", res["scale_proposed"][label])
-                     for label in ("empty", "live", "folded")]
-        for label, p in rows:
+        for label in ("empty", "live", "folded"):
+            p = sc[label]
             lines.append(
                 f"| {label} | {p['series']['attempts']:,} / {p['series']['rejected']:,} | "
                 f"{p['exported_samples']:,} | {p['body_bytes'] / 1024:,.0f} KiB | "
@@ -909,11 +901,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phases", default="overhead,storm,scale",
                     help="comma-separated: overhead, storm, scale")
     ap.add_argument("--variants", default="",
-                    help="comma-separated bench/variants.py names to measure (extra phase)")
+                    help="comma-separated bench/variants.py names (NAME or NAME/nopoll) to "
+                         "measure after none, floor, kvmtrace, bpftrace (extra phase)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS),
                     help="comma-separated subset of the workloads (overhead, variants)")
-    ap.add_argument("--proposed", action="store_true",
-                    help="also run the scale phase with bench/proposals.py applied")
     ap.add_argument("--render", metavar="JSON",
                     help="only re-render the Markdown of an earlier run's JSON (to stdout)")
     ap.add_argument("--out", default=str(BENCH / "results"), help="output directory")
@@ -933,6 +924,13 @@ def main(argv: list[str] | None = None) -> int:
     workloads = [w for w in args.workloads.split(",") if w]
     if set(workloads) - set(WORKLOADS):
         print(f"bench: unknown workloads {set(workloads) - set(WORKLOADS)}", file=sys.stderr)
+        return 1
+    variant_list = [v for v in args.variants.split(",") if v]
+    known = variant_names() if variant_list else set()
+    unknown = {v for v in variant_list
+               if v.partition("/")[0] not in known or v.partition("/")[2] not in ("", "nopoll")}
+    if unknown:
+        print(f"bench: unknown variants {unknown} (see bench/variants.py)", file=sys.stderr)
         return 1
     name = args.name or ("quick" if q else "latest")
     for tool in ("gcc", "bpftrace", "strace"):
@@ -978,18 +976,12 @@ def main(argv: list[str] | None = None) -> int:
             log(f"scale: {args.series:,} series")
             res["scale"] = scale(bins, args.series, 3 if q else 15, 1.0 if q else None)
             cold += res["scale"]["cold_starts_s"]
-            if args.proposed:
-                log("scale, with the proposed RSS and scrape changes (bench/proposals.py)")
-                res["scale_proposed"] = scale(bins, args.series, 3 if q else 15,
-                                              1.0 if q else None,
-                                              serve_argv=proposed_serve("--trim", "--fast-scrape"))
-        if args.variants:
-            names = [v for v in args.variants.split(",") if v]
+        if variant_list:
             vcfgs: list[Callable[[], Config]] = [none_config, Floor, Serve, Bpftrace]
-            vcfgs += [make_variant(n) for n in names]
-            log(f"variants: {names}")
+            vcfgs += [make_variant(n) for n in variant_list]
+            log(f"variants: {variant_list}")
             v = overhead(bins, vcfgs, workloads, rounds, seconds, comm_prefix="kv")
-            res["variants"] = {"names": names, "rounds": rounds, **v}
+            res["variants"] = {"names": variant_list, "rounds": rounds, **v}
     finally:
         end_all()
         shutil.rmtree(tmp, ignore_errors=True)

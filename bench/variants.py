@@ -4,7 +4,7 @@ Each variant is a list of (old, new) replacements on the text `kvmtrace trace
 --ebpf` prints; an edit whose `old` is not found exactly once fails loudly (the
 BPF source moved on: update the variant). Variants take parts of the return path
 away (diagnostics: what each part costs) or try a cheaper form of one part
-(proposals: adopt in bpf/ only when measured cheaper).
+(candidates: adopt in bpf/ only when measured cheaper).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ VARIANTS: dict[str, list[tuple[str, str]]] = {
     "nocount": NOCOUNT,
     # Only the in-flight bookkeeping (enter + return through task storage).
     "bookkeeping": NOEMIT + NOLATENCY + NOCOUNT,
-    # Proposals.
+    # Candidates: a cheaper form of one part.
     "nowakeup": NOWAKEUP,
     "percpulat": PERCPU_LATENCY,
     "percpulat+nowakeup": PERCPU_LATENCY + NOWAKEUP,

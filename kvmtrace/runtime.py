@@ -19,7 +19,7 @@ RawCount = tuple[int, int, int, int, int, bytes, int]
 
 
 class Source(Protocol):
-    """What a probe mechanism's session offers (kvmtrace.loader.Session)."""
+    """What a loaded program offers (kvmtrace.handoff.FdSession, kvmtrace.loader.Session)."""
 
     def read_counts(self) -> list[RawCount]: ...
     def delete_counts(self, raws: list[RawCount]) -> None: ...
