@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -168,6 +169,31 @@ def _start(strict: bool, filter_pid: int = 0):
     return facts, plan, session
 
 
+class _Allocator:
+    """glibc's malloc, tuned for a long-running exporter (measured in bench/, scale phase).
+
+    By default glibc raises its mmap and trim thresholds after a large block is freed, so
+    from the second scrape on a 2.4 MB /metrics body (10,000 series) is carved from the
+    heap and its pages stay resident when freed. Fixed thresholds keep such blocks in
+    their own mappings, returned when freed; ``trim()`` after a retirement pass gives back
+    what the folded records left free in the heap. No-ops where there is no glibc."""
+
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+    THRESHOLD = 256 * 1024
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self._libc = ctypes.CDLL(None)
+        with contextlib.suppress(AttributeError):
+            self._libc.mallopt(self.M_MMAP_THRESHOLD, self.THRESHOLD)
+            self._libc.mallopt(self.M_TRIM_THRESHOLD, self.THRESHOLD)
+
+    def trim(self) -> None:
+        with contextlib.suppress(AttributeError):
+            self._libc.malloc_trim(0)
+
+
 class _Stop:
     """SIGINT/SIGTERM set a flag; the poll loop sees it within one poll."""
 
@@ -192,6 +218,7 @@ def cmd_serve(args) -> int:
         raise UserError(f"cannot listen on {args.listen}: {exc.strerror or exc} "
                         "(choose another with --web.listen-address)") from None
     stop = _Stop()
+    allocator = _Allocator()
     facts, plan, session = _start(args.strict)
     from prometheus_client import CollectorRegistry
 
@@ -246,7 +273,8 @@ def cmd_serve(args) -> int:
             for a in stitcher.flush(time.monotonic_ns()):
                 on_attempt(a)
             if time.monotonic() >= next_retire:
-                runtime.retire_exited()
+                if runtime.retire_exited():
+                    allocator.trim()
                 stitcher.host_mask = kvmdev.query().vm_types_mask
                 next_retire = time.monotonic() + args.retire_interval
     finally:

@@ -45,7 +45,7 @@ class Verdict:
     errno: str | None  # "EINVAL"; None when the call did not fail with an errno
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CountRecord:
     pid: int
     comm: str
@@ -60,7 +60,7 @@ class CountRecord:
     count: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Event:
     ts_ns: int
     duration_ns: int
