@@ -9,8 +9,8 @@ away (diagnostics: what each part costs) or try a cheaper form of one part
 
 from __future__ import annotations
 
-EMIT_CREATE = "emit(ctx, id, PROBE_CREATE_VM, call.arg, ret, call.start_ns, call.verdicts);"
-EMIT_QUERY = "emit(ctx, id, PROBE_VM_TYPES_QUERY, 0, ret, call.start_ns, 0);"
+EMIT_CREATE = "emit(ctx, id, PROBE_CREATE_VM, call.arg, ret, call.start_ns, call.verdicts, now);"
+EMIT_QUERY = "emit(ctx, id, PROBE_VM_TYPES_QUERY, 0, ret, call.start_ns, 0, now);"
 RB_OUTPUT = "if (events.ringbuf_output(&ev, sizeof(ev), 0))"
 COUNT_CREATE = "count(tgid, PROBE_CREATE_VM, call.arg, ret < 0 ? ret : 0, call.verdicts);"
 COUNT_QUERY = "count(tgid, PROBE_VM_TYPES_QUERY, 0, ret, 0);"

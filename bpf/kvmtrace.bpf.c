@@ -200,8 +200,9 @@ static __always_inline void count(u32 tgid, u32 probe, u64 vm_type, s64 result,
 	__sync_fetch_and_add(v, 1);
 }
 
+/* now: bpf_ktime_get_ns() of the caller, read once per call. */
 static __always_inline void emit(void *ctx, u64 id, u32 probe, u64 vm_type,
-				 s64 result, u64 start_ns, u32 verdicts)
+				 s64 result, u64 start_ns, u32 verdicts, u64 now)
 {
 	u32 tgid = id >> 32;
 	if (FILTER_TGID && tgid != FILTER_TGID)
@@ -209,7 +210,6 @@ static __always_inline void emit(void *ctx, u64 id, u32 probe, u64 vm_type,
 	u32 zero = 0;
 	struct event_window *w = event_budget.lookup(&zero);
 	if (w) {
-		u64 now = bpf_ktime_get_ns();
 		if (now - w->start_ns > EVENT_WINDOW_NS) {
 			w->start_ns = now;
 			w->sent = 0;
@@ -221,8 +221,8 @@ static __always_inline void emit(void *ctx, u64 id, u32 probe, u64 vm_type,
 		w->sent++;
 	}
 	struct event ev = {};
-	ev.ts_ns = bpf_ktime_get_ns();
-	ev.duration_ns = start_ns ? ev.ts_ns - start_ns : 0;
+	ev.ts_ns = now;
+	ev.duration_ns = start_ns ? now - start_ns : 0;
 	ev.vm_type = vm_type;
 	ev.result = result;
 	ev.tgid = tgid;
@@ -284,8 +284,9 @@ static __always_inline int ioctl_return(void *ctx, s64 ret)
 
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tgid = id >> 32;
+	u64 now = bpf_ktime_get_ns();
 	if (call.cmd == KVM_CREATE_VM) {
-		u64 ns = bpf_ktime_get_ns() - call.start_ns;
+		u64 ns = now - call.start_ns;
 		u32 outcome = ret < 0;
 		u32 slot = outcome * 64 + (bpf_log2l(ns) & 63);
 		u64 *bucket = create_latency.lookup(&slot);
@@ -296,10 +297,10 @@ static __always_inline int ioctl_return(void *ctx, s64 ret)
 			__sync_fetch_and_add(sum, ns);
 		/* Success returns a new fd: count it as 0 to keep keys bounded. */
 		count(tgid, PROBE_CREATE_VM, call.arg, ret < 0 ? ret : 0, call.verdicts);
-		emit(ctx, id, PROBE_CREATE_VM, call.arg, ret, call.start_ns, call.verdicts);
+		emit(ctx, id, PROBE_CREATE_VM, call.arg, ret, call.start_ns, call.verdicts, now);
 	} else {
 		count(tgid, PROBE_VM_TYPES_QUERY, 0, ret, 0);
-		emit(ctx, id, PROBE_VM_TYPES_QUERY, 0, ret, call.start_ns, 0);
+		emit(ctx, id, PROBE_VM_TYPES_QUERY, 0, ret, call.start_ns, 0, now);
 	}
 	return 0;
 }
@@ -372,7 +373,7 @@ static __always_inline int fn_done(void *ctx, u32 probe, u64 vm_type,
 		c->verdicts |= bits;
 	}
 	count(id >> 32, probe, vm_type, result, 0);
-	emit(ctx, id, probe, vm_type, result, start_ns, 0);
+	emit(ctx, id, probe, vm_type, result, start_ns, 0, bpf_ktime_get_ns());
 	return 0;
 }
 
