@@ -489,8 +489,11 @@ def strace_config() -> Config:
 
 # ---- phase: overhead matrix ---------------------------------------------------
 
+PIN: list[str] = []  # --pin-driver: ["taskset", "-c", CPU]
+
+
 def run_driver(bins: dict, wrap: list[str], workload: str, seconds: float, comm: str) -> dict:
-    cmd = [*wrap, bins["workload"], workload, str(seconds), comm]
+    cmd = [*PIN, *wrap, bins["workload"], workload, str(seconds), comm]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 40 + 60,
                          check=False)
     if out.returncode != 0:
@@ -775,7 +778,9 @@ def markdown(res: dict) -> str:
     if ov:
         cfgs = res["settings"]["configs"]
         lines += [f"## Overhead: ns per call, median (min–max) of {res['settings']['rounds']} "
-                  f"interleaved rounds, {res['settings']['seconds']} s per run", "",
+                  f"interleaved rounds, {res['settings']['seconds']} s per run"
+                  + (f", drivers pinned to CPU {res['settings']['driver_cpu']}"
+                     if res["settings"].get("driver_cpu") is not None else ""), "",
                   "| workload | " + " | ".join(cfgs) + " |",
                   "|---|" + "---:|" * len(cfgs)]
         for wl, row in ov["summary"].items():
@@ -905,11 +910,17 @@ def main(argv: list[str] | None = None) -> int:
                          "measure after none, floor, kvmtrace, bpftrace (extra phase)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS),
                     help="comma-separated subset of the workloads (overhead, variants)")
+    ap.add_argument("--pin-driver", metavar="CPU", default="last",
+                    help="run the overhead drivers on this CPU only (taskset), in every "
+                         "config: 'last' (default: the highest-numbered CPU) or 'none'")
     ap.add_argument("--render", metavar="JSON",
                     help="only re-render the Markdown of an earlier run's JSON (to stdout)")
     ap.add_argument("--out", default=str(BENCH / "results"), help="output directory")
     ap.add_argument("--name", help="output file stem (default latest; quick: quick)")
     args = ap.parse_args(argv)
+    pin = str(os.cpu_count() - 1) if args.pin_driver == "last" else args.pin_driver
+    if pin != "none":
+        PIN[:] = ["taskset", "-c", pin]
     if args.render:
         print(markdown(json.loads(Path(args.render).read_text())), end="")
         return 0
@@ -951,7 +962,8 @@ def main(argv: list[str] | None = None) -> int:
                        "series": args.series, "phases": phases,
                        "configs": [c().name for c in configs], "workloads": workloads,
                        "order": "per round: configs in this order, each running every "
-                                "workload in order"}
+                                "workload in order",
+                       "driver_cpu": PIN[-1] if PIN else None}
     res["workloads"] = WORKLOADS
     res["configs"] = {c().name: {"desc": c().desc, "command": c().command} for c in configs}
     res["configs"]["bpftrace"]["program"] = BPFTRACE_PROG
