@@ -11,7 +11,7 @@ from __future__ import annotations
 
 EMIT_CREATE = "emit(ctx, id, PROBE_CREATE_VM, call.arg, ret, call.start_ns, call.verdicts, now);"
 EMIT_QUERY = "emit(ctx, id, PROBE_VM_TYPES_QUERY, 0, ret, call.start_ns, 0, now);"
-RB_OUTPUT = "if (events.ringbuf_output(&ev, sizeof(ev), 0))"
+RB_OUTPUT = "if (events.ringbuf_output(&ev, sizeof(ev), BPF_RB_NO_WAKEUP))"
 COUNT_CREATE = "count(tgid, PROBE_CREATE_VM, call.arg, ret < 0 ? ret : 0, call.verdicts);"
 COUNT_QUERY = "count(tgid, PROBE_VM_TYPES_QUERY, 0, ret, 0);"
 LATENCY_BLOCK = """		u64 *bucket = create_latency.lookup(&slot);
@@ -22,7 +22,7 @@ LATENCY_BLOCK = """		u64 *bucket = create_latency.lookup(&slot);
 			__sync_fetch_and_add(sum, ns);"""
 
 NOEMIT = [(EMIT_CREATE, "/* no event */"), (EMIT_QUERY, "/* no event */")]
-NOWAKEUP = [(RB_OUTPUT, "if (events.ringbuf_output(&ev, sizeof(ev), BPF_RB_NO_WAKEUP))")]
+WAKEUP = [(RB_OUTPUT, "if (events.ringbuf_output(&ev, sizeof(ev), 0))")]
 NOLATENCY = [(LATENCY_BLOCK, "		/* no histogram */")]
 NOCOUNT = [(COUNT_CREATE, "/* no count */"), (COUNT_QUERY, "/* no count */")]
 # The latency histogram per CPU: no lock-prefixed add on a shared cache line.
@@ -46,9 +46,8 @@ VARIANTS: dict[str, list[tuple[str, str]]] = {
     # Only the in-flight bookkeeping (enter + return through task storage).
     "bookkeeping": NOEMIT + NOLATENCY + NOCOUNT,
     # Candidates: a cheaper form of one part.
-    "nowakeup": NOWAKEUP,
+    "wakeup": WAKEUP,  # a wakeup per event, as shipped until 2026-11-26
     "percpulat": PERCPU_LATENCY,
-    "percpulat+nowakeup": PERCPU_LATENCY + NOWAKEUP,
 }
 
 

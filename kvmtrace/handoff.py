@@ -131,6 +131,7 @@ def libbpf() -> ct.CDLL:
                        ("bpf_map_delete_batch", [ct.c_int, vp, u32p, vp]),
                        ("libbpf_num_possible_cpus", []),
                        ("ring_buffer__poll", [vp, ct.c_int]),
+                       ("ring_buffer__consume", [vp]),
                        ("perf_buffer__poll", [vp, ct.c_int])):
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = ct.c_int
@@ -283,8 +284,13 @@ class FdSession:
     def poll(self, timeout_ms: int) -> None:
         if self._buffer is None:
             return
-        poll = self.lib.ring_buffer__poll if self.ringbuf else self.lib.perf_buffer__poll
-        poll(self._buffer, timeout_ms)  # -EINTR on a signal: the caller loops
+        if self.ringbuf:
+            # The BPF side writes with BPF_RB_NO_WAKEUP: epoll is never told, so the
+            # wait is a timer and what arrived meanwhile is consumed after it.
+            self.lib.ring_buffer__poll(self._buffer, timeout_ms)  # -EINTR: caller loops
+            self.lib.ring_buffer__consume(self._buffer)
+        else:
+            self.lib.perf_buffer__poll(self._buffer, timeout_ms)
 
     def close(self) -> None:
         if self._buffer is not None:

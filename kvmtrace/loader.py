@@ -248,7 +248,10 @@ class Session:
 
     def poll(self, timeout_ms: int) -> None:
         if hasattr(self.bpf[b"events"], "open_ring_buffer"):
+            # Events are written with BPF_RB_NO_WAKEUP: poll() waits out the timeout,
+            # consume() reads what arrived meanwhile.
             self.bpf.ring_buffer_poll(timeout_ms)
+            self.bpf.ring_buffer_consume()
         else:
             self.bpf.perf_buffer_poll(timeout_ms)
 
