@@ -11,8 +11,9 @@ So :func:`start` runs ``python -m kvmtrace.handoff`` (the *loader child*), which
 gathers the host facts, loads the plan with bcc (:func:`kvmtrace.loader.load`), sends
 the maps this side reads and every attachment fd it holds over a Unix socket
 (SCM_RIGHTS) with a JSON description, and exits without detaching. This side rebuilds
-the plan from the facts (a pure function), and :class:`FdSession` offers what
-:class:`kvmtrace.loader.Session` offers. Closing it closes the fds: that detaches.
+the plan from the facts (a pure function), and :class:`FdSession` reads the maps and
+the event buffer. Closing it closes the fds: that detaches. (``FdSession.over()`` reads
+a program loaded in this process the same way: doctor's and the tests' one-shot loads.)
 
 A compile error that makes bcc end the child (bcc 0.26 calls exit(1)) becomes a one-line
 error here instead of the end of the exporter.
@@ -98,16 +99,12 @@ def child(sock: socket.socket) -> int:
     except LoadError as exc:
         _send(sock, {"error": str(exc), "facts": facts.to_json()})
         return 0
-    bpf = session.bpf
-    maps, fds = {}, []
-    for name in MAPS:
-        table = bpf[name.encode()]
-        maps[name] = {"fd": len(fds), "max_entries": table.max_entries}
-        fds.append(table.map_fd)
-    counts = bpf[b"counts"]
-    maps["counts"].update(key_size=ct.sizeof(counts.Key), value_size=ct.sizeof(counts.Leaf))
+    maps = session.map_fds(MAPS)
+    fds = [m["fd"] for m in maps.values()]
+    for i, m in enumerate(maps.values()):
+        m["fd"] = i  # sent as the i-th fd
     keep = _attachment_fds()
-    _send(sock, {"facts": facts.to_json(), "maps": maps, "ringbuf": opts.use_ringbuf,
+    _send(sock, {"facts": facts.to_json(), "maps": maps, "ringbuf": session.ringbuf,
                  "attachments": [[a.attached, a.error] for a in session.attachments],
                  "keep": len(keep)}, fds + keep)
     return 0
@@ -146,8 +143,8 @@ def libbpf() -> ct.CDLL:
 
 @dataclass
 class FdSession:
-    """A program the loader child attached: what kvmtrace.loader.Session offers,
-    through the map and attachment fds it handed over."""
+    """A loaded program, through its map fds and the attachment fds that keep it
+    attached: counts, latency, health and the event stream via libbpf."""
 
     plan: planmod.Plan
     attachments: list[Attachment]
@@ -159,6 +156,18 @@ class FdSession:
     _buffer: int | None = None
     _batch: tuple | None = field(default=None, repr=False)
     _callbacks: list = field(default_factory=list, repr=False)
+
+    owner: object = field(default=None, repr=False)  # closed with this session
+
+    @classmethod
+    def over(cls, session) -> FdSession:
+        """Read an in-process kvmtrace.loader.Session's maps (duplicated fds; closing
+        this closes them and then the bcc session)."""
+        maps = session.map_fds(MAPS)
+        for m in maps.values():
+            m["fd"] = os.dup(m["fd"])
+        return cls(session.plan, session.attachments, maps, [], session.ringbuf,
+                   owner=session)
 
     def __post_init__(self) -> None:
         self.ncpus = self.lib.libbpf_num_possible_cpus()
@@ -301,6 +310,9 @@ class FdSession:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.keep, self.maps = [], {}
+        if self.owner is not None:
+            self.owner.close()
+            self.owner = None
 
 
 # ---- this side: start the child ---------------------------------------------------

@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from importlib import resources
 
 from kvmtrace import plan as planmod
@@ -139,121 +139,26 @@ def _first_line(exc: BaseException, stderr: list[str]) -> str:
 
 @dataclass
 class Session:
-    """A loaded program: attachments, counts, health and the event stream."""
+    """A program bcc compiled and attached in this process. Its maps are read through
+    kvmtrace.handoff.FdSession (over the fds of map_fds(), in this process or in the one
+    the loader child hands them to)."""
 
     bpf: object
     plan: planmod.Plan
     attachments: list[Attachment]
-    perf_lost: int = 0
-    _callbacks: list[Callable[[bytes], None]] = field(default_factory=list)
+    ringbuf: bool
 
-    def read_counts(self) -> list[RawCount]:
+    def map_fds(self, names: Iterable[str]) -> dict[str, dict]:
+        """Per map: its fd and max_entries; for counts also the key and value sizes."""
         import ctypes as ct
-        import errno
 
-        from bcc.libbcc import lib
-
-        table = self.bpf[b"counts"]
-        # BPF_MAP_LOOKUP_BATCH (Linux 5.6+): the whole map in one or a few
-        # syscalls, not two per entry. bcc's items_lookup_batch() passes one
-        # variable as both the batch token and the count, so it is called
-        # directly here; any refusal falls back to per-key iteration.
-        n = table.max_entries
-        keys, values = (table.Key * n)(), (table.Leaf * n)()
-        token_in, token_out, count = ct.c_uint32(0), ct.c_uint32(0), ct.c_uint32(0)
-        ksize, vsize = ct.sizeof(table.Key), ct.sizeof(table.Leaf)
-        total, pairs = 0, None
-        while True:
-            count.value = n - total
-            res = lib.bpf_lookup_batch(table.map_fd, ct.byref(token_in) if total else None,
-                                       ct.byref(token_out), ct.byref(keys, ksize * total),
-                                       ct.byref(values, vsize * total), ct.byref(count))
-            err = ct.get_errno()
-            if res != 0 and err != errno.ENOENT:
-                break  # EINVAL/ENOTSUPP (old kernel), ENOSPC: per-key fallback
-            total += count.value
-            if res != 0 or total >= n or count.value == 0:  # ENOENT: all read
-                pairs = zip(keys[:total], values[:total], strict=True)
-                break
-            token_in.value = token_out.value
-        if pairs is None:
-            pairs = table.items()
-        # A u64 leaf reads as an int from the array, as a c_ulonglong from items().
-        return [(k.tgid, k.probe, k.vm_type, k.result, k.verdicts, bytes(k.comm),
-                 getattr(v, "value", v)) for k, v in pairs]
-
-    def delete_counts(self, raws: list[RawCount]) -> None:
-        import ctypes as ct
-        import errno
-
-        from bcc.libbcc import lib
-
-        if not raws:
-            return
-        table = self.bpf[b"counts"]
-        keys = (table.Key * len(raws))()
-        for key, (tgid, probe, vm_type, result, verdicts, comm, _) in zip(keys, raws,
-                                                                            strict=True):
-            key.tgid, key.probe, key.vm_type, key.result = tgid, probe, vm_type, result
-            key.verdicts = verdicts
-            key.comm = comm
-        # BPF_MAP_DELETE_BATCH (Linux 5.6+) stops at a key that is gone (ENOENT):
-        # skip it, as the per-key path does, and go on with the rest.
-        ksize, count, done = ct.sizeof(table.Key), ct.c_uint32(0), 0
-        while done < len(raws):
-            count.value = len(raws) - done
-            res = lib.bpf_delete_batch(table.map_fd, ct.byref(keys, ksize * done),
-                                       ct.byref(count))
-            if res == 0:
-                return
-            if ct.get_errno() != errno.ENOENT:
-                break  # EINVAL/ENOTSUPP: no batch deletes here (count is not reliable)
-            done += count.value + 1  # count: deleted before the missing key
-        for key in keys[done:]:  # kernels without batch deletes: one key at a time
-            with contextlib.suppress(KeyError):
-                del table[key]
-
-    def read_latency(self) -> tuple[list[tuple[int, int, int]], list[int]]:
-        """KVM_CREATE_VM latency: [(outcome, log2 slot, count)], and ns sums per outcome."""
-        hist = self.bpf[b"create_latency"]
-        slots = [(i // 64, i % 64, v.value) for i, v in enumerate(hist.values()) if v.value]
-        sums = [self.bpf[b"create_latency_sum"][i].value for i in range(2)]
-        return slots, sums
-
-    def health(self) -> dict[str, int]:
-        h = self.bpf[b"health"]  # per CPU: sum the CPUs' counters
-        total = [sum(h.getvalue(h.Key(i))) for i in range(4)]
-        return {
-            "counts_dropped": total[0],
-            "events_lost": total[1] + self.perf_lost,
-            "calls_dropped": total[2],
-            "events_throttled": total[3],
-        }
-
-    def open_events(self, callback: Callable[[bytes], None]) -> None:
-        import ctypes
-
-        def _raw(_cpu_or_ctx, data, size):
-            callback(ctypes.string_at(data, size))
-
-        def _lost(n):
-            self.perf_lost += n
-
-        table = self.bpf[b"events"]
-        if hasattr(table, "open_ring_buffer"):
-            table.open_ring_buffer(_raw)
-        else:
-            table.open_perf_buffer(_raw, lost_cb=_lost, page_cnt=64)
-        self._callbacks.append(_raw)  # keep the ctypes callback alive
-
-    def poll(self, timeout_ms: int) -> None:
-        if hasattr(self.bpf[b"events"], "open_ring_buffer"):
-            # Events are written with BPF_RB_NO_WAKEUP: poll() waits out the timeout,
-            # consume() reads what arrived meanwhile.
-            self.bpf.ring_buffer_poll(timeout_ms)
-            self.bpf.ring_buffer_consume()
-        else:
-            self.bpf.perf_buffer_poll(timeout_ms)
+        out = {}
+        for name in names:
+            table = self.bpf[name.encode()]
+            out[name] = {"fd": table.map_fd, "max_entries": table.max_entries}
+            if name == "counts":
+                out[name].update(key_size=ct.sizeof(table.Key), value_size=ct.sizeof(table.Leaf))
+        return out
 
     def close(self) -> None:
         self.bpf.cleanup()
@@ -288,7 +193,7 @@ def load(plan: planmod.Plan, opts: Options) -> Session:
                 except Exception as exc:
                     done[key] = f"{p.mechanism} attach failed: {_first_line(exc, err)}"
         attachments.append(Attachment(p, done[key] is None, done[key]))
-    return Session(bpf, plan, attachments)
+    return Session(bpf, plan, attachments, opts.use_ringbuf)
 
 
 def _attach(bpf, p: planmod.Point) -> None:

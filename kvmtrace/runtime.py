@@ -14,12 +14,11 @@ from typing import Protocol
 
 from kvmtrace.aggregate import Aggregator, Series, per_process
 from kvmtrace.decode import CountRecord, DecodeError, Decoder, Event
-
-RawCount = tuple[int, int, int, int, int, bytes, int]
+from kvmtrace.loader import RawCount
 
 
 class Source(Protocol):
-    """What a loaded program offers (kvmtrace.handoff.FdSession, kvmtrace.loader.Session)."""
+    """What a loaded program offers (kvmtrace.handoff.FdSession)."""
 
     def read_counts(self) -> list[RawCount]: ...
     def delete_counts(self, raws: list[RawCount]) -> None: ...
