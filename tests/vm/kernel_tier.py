@@ -1,20 +1,31 @@
 """The kernel tier (`make test-kernels`): kvmtrace's kprobe paths on real stock kernels.
 
-For every kernel pinned in tests/vm/kernels.txt this host-side test
+For every line of tests/vm/kernels.txt (a Debian suite and kernel flavour) this
+host-side test
 
-1. fetches and unpacks the stock Debian packages (tests/vm/kernels.py; cached),
-2. builds tests/vm/seedsim/ -- a test-only SIMULATION of the 2023 TDX v12 vm_type
-   dispatch, not the patch itself -- against that kernel's unpacked headers,
-3. boots the kernel with virtme-ng under QEMU/TCG (--disable-kvm gives `-cpu max`,
-   whose svm lets kvm_amd load in the guest) sharing the host root read-only, and runs
-   tests/vm/guest.sh there: modprobe kvm_amd, tracefs/debugfs, then kvmtrace's
-   privileged tests (tests/test_privileged*.py) plus tests/vm/guest_kprobes.py with this
-   checkout's .venv,
-4. fails -- never skips -- when the kernel does not boot, hangs past its time budget,
+1. resolves the build that suite serves now and fetches and unpacks it
+   (tests/vm/kernels.py; cached by version), printing what it resolved,
+2. for a line with a userland other than the host's (``userland=trixie``), uses the
+   Debian root that tests/vm/userland.py debootstrapped and set up with
+   scripts/setup-host.sh --test (the README's set-up, on that release),
+3. builds tests/vm/seedsim/ -- a test-only SIMULATION of the 2023 TDX v12 vm_type
+   dispatch, not the patch itself -- against that kernel's unpacked headers, with the
+   guest userland's compiler (the host's, or in a chroot of that root),
+4. boots the kernel with virtme-ng under QEMU/TCG (--disable-kvm gives `-cpu max`,
+   whose svm lets kvm_amd load in the guest) on the host root (read-only) or that
+   userland's root, and runs tests/vm/guest.sh there: modprobe kvm_amd,
+   tracefs/debugfs, then kvmtrace's privileged tests (tests/test_privileged*.py) plus
+   tests/vm/guest_kprobes.py with the checkout's .venv of that userland,
+5. fails -- never skips -- when the kernel does not boot, hangs past its time budget,
    or any guest test fails or skips, quoting the reason.
 
-Results land in build/vm/<kernel>/ (console.log, guest.log, junit.xml, facts.json,
-timing.json, seedsim/). The file name does not match test_*.py: `make test` never boots VMs.
+Each userland other than the host's also gets test_readme_commands: the README's two
+commands, `make test` and `make run` (answering a scrape), in a chroot of that root on
+this machine's kernel.
+
+Results land in build/vm/<kernel>/ (kernel.json: the resolved build; console.log,
+guest.log, junit.xml, facts.json, timing.json, seedsim/) and build/vm/userland-<codename>/.
+The file name does not match test_*.py: `make test` never boots VMs.
 """
 
 from __future__ import annotations
@@ -32,7 +43,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
 from tests.vm import kernels as kernelsmod
+from tests.vm import userland as userlandmod
 
 pytestmark = pytest.mark.privileged
 
@@ -88,17 +101,22 @@ def host_ready():
         pytest.fail("kernel tier cannot run here: " + "; ".join(problems))
 
 
-def build_seedsim(kernel: kernelsmod.Kernel, out: Path) -> Path:
+def build_seedsim(kernel: kernelsmod.Kernel, out: Path, root: Path | None) -> Path:
     """Build the SIMULATION module against ``kernel``'s unpacked headers, in ``out``.
 
     ``out`` is in this run's results directory (the guest sees it through --rwdir), so
-    two checkouts running the tier at once never share a build.
+    two checkouts running the tier at once never share a build. With a userland ``root``
+    the build runs chrooted there, with that release's compiler (its kernels' own).
     """
     out.mkdir(parents=True)
     for f in ("seedsim.c", "Kbuild", "Makefile"):
         shutil.copy2(HERE / "seedsim" / f, out / f)
-    p = subprocess.run(["make", "-C", str(kernel.headers), f"M={out}", "modules"],
-                       capture_output=True, text=True, timeout=300, check=False)
+    make = ["make", "-C", str(kernel.headers), f"M={out}", "modules"]
+    if root is None:
+        p = subprocess.run(make, capture_output=True, text=True, timeout=300, check=False)
+    else:
+        p = userlandmod.run_in(root, " ".join(make), timeout=300,
+                               binds=(kernelsmod.CACHE, out))
     ko = out / "seedsim.ko"
     if p.returncode != 0 or not ko.exists():
         pytest.fail(f"{kernel.name}: building seedsim against {kernel.headers} failed: "
@@ -113,13 +131,26 @@ def _pump(stream, path: Path) -> None:
             f.flush()
 
 
-def boot(kernel: kernelsmod.Kernel, run: Path, ko: Path) -> dict:
-    """Boot ``kernel`` and run guest.sh; returns timings. Never waits past VM_TIMEOUT."""
+def boot(kernel: kernelsmod.Kernel, run: Path, ko: Path, root: Path | None) -> dict:
+    """Boot ``kernel`` and run guest.sh; returns timings. Never waits past VM_TIMEOUT.
+
+    ``root`` None: the host's root, read-only, with this checkout at its own path.
+    Otherwise that userland root (read-only too), with its copy of the checkout at
+    userland.SRC and ``run`` at userland.GUEST_RUN.
+    """
     guest_timeout = max(60, VM_TIMEOUT - 90)
-    cmd = [str(VNG), "-v", "-r", str(kernel.image), "--disable-kvm", "--force-9p",
+    if root is None:
+        where, repo, grun = [], REPO, run
+        rwdir = str(run)
+    else:
+        repo, grun = userlandmod.SRC, userlandmod.GUEST_RUN
+        where = ["--root", str(root)]
+        rwdir = f"{grun}={run}"
+    gko = grun / ko.relative_to(run)
+    cmd = [str(VNG), "-v", "-r", str(kernel.image), *where, "--disable-kvm", "--force-9p",
            "-m", GUEST_MEMORY, "-p", GUEST_CPUS, f"--qemu-opts=-accel {GUEST_TCG}",
-           "--rodir", str(kernelsmod.CACHE), "--rwdir", str(run),
-           "--exec", f"{HERE / 'guest.sh'} {run} {REPO} {ko} {guest_timeout}"]
+           "--rodir", str(kernelsmod.CACHE), "--rwdir", rwdir,
+           "--exec", f"{repo / 'tests/vm/guest.sh'} {grun} {repo} {gko} {guest_timeout}"]
     (run / "vng-command.txt").write_text(" ".join(cmd) + "\n")
     env = dict(os.environ, PATH=f"{VNG.parent}:{os.environ.get('PATH', '')}")
     t0 = time.monotonic()
@@ -147,7 +178,8 @@ def boot(kernel: kernelsmod.Kernel, run: Path, ko: Path) -> dict:
     total = time.monotonic() - t0
     if booted_at is None and (run / "booted").exists():
         booted_at = total
-    timing = {"kernel": kernel.name, "release": kernel.release, "vm_seconds": round(total, 1),
+    timing = {"kernel": kernel.name, "release": kernel.release, "version": kernel.version,
+              "userland": kernel.spec.userland, "vm_seconds": round(total, 1),
               "boot_seconds": None if booted_at is None else round(booted_at, 1),
               "vng_exit": proc.returncode}
     (run / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
@@ -175,19 +207,84 @@ def junit_report(path: Path) -> tuple[dict[str, int], list[str], set[str]]:
     return counts, bad, classnames
 
 
-@pytest.mark.parametrize("kernel", kernelsmod.read_kernels(), ids=lambda k: k.name)
-def test_kernel(kernel: kernelsmod.Kernel):
+_roots: dict[str, Path] = {}
+
+
+def userland_root(codename: str) -> Path:
+    """The set-up root of ``codename`` (prepared once per run; the debootstrap is cached)."""
+    if codename not in _roots:
+        out = RESULTS / f"userland-{codename}"
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        t0 = time.monotonic()
+        try:
+            _roots[codename] = userlandmod.prepare(codename, out / "prepare.log")
+        except (userlandmod.UserlandError, kernelsmod.FetchError) as exc:
+            pytest.fail(f"userland {codename}: {exc} (log: {out / 'prepare.log'})")
+        info = {"codename": codename, "os_release": userlandmod.os_release(_roots[codename]),
+                "prepare_seconds": round(time.monotonic() - t0, 1)}
+        (out / "userland.json").write_text(json.dumps(info, indent=2) + "\n")
+        print(f"\nuserland {codename}: {info['os_release']} set up by scripts/setup-host.sh "
+              f"--test in {info['prepare_seconds']} s")
+    return _roots[codename]
+
+
+SPECS = kernelsmod.read_kernels()
+USERLANDS = sorted({s.userland for s in SPECS} - {"host"})
+
+
+@pytest.mark.parametrize("codename", USERLANDS)
+def test_readme_commands(codename: str):
+    """The README's Quick start on another Debian release: `make test`, then `make run`.
+
+    In a chroot of the userland root on this machine's kernel (real /dev/kvm, real bcc of
+    that release); `make run` must answer a scrape with kvmtrace's metrics.
+    """
+    root = userland_root(codename)
+    out = RESULTS / f"userland-{codename}"
+    t0 = time.monotonic()
+    p = userlandmod.run_in(root, f"cd {userlandmod.SRC} && make test", out / "make-test.log",
+                           timeout=1800)
+    test_seconds = round(time.monotonic() - t0, 1)
+    summary = [ln for ln in p.stdout.splitlines() if re.search(r"\d+ (passed|failed)", ln)]
+    if p.returncode != 0:
+        pytest.fail(f"userland {codename}: `make test` exited {p.returncode}: "
+                    f"{summary[-1:] or (p.stdout + p.stderr).strip().splitlines()[-10:]}"
+                    f" (log: {out / 'make-test.log'})")
+    port = free_port()
+    t1 = time.monotonic()
+    r = userlandmod.run_in(root, f"{userlandmod.SRC}/tests/vm/make_run_check.sh {port}",
+                           out / "make-run.log", timeout=600)
+    run_seconds = round(time.monotonic() - t1, 1)
+    metrics = r.stdout.split("### /metrics", 1)[-1]
+    (out / "timing.json").write_text(json.dumps(
+        {"make_test_seconds": test_seconds, "make_run_seconds": run_seconds,
+         "make_test_summary": summary[-1:]}, indent=2) + "\n")
+    print(f"\nuserland {codename}: make test {test_seconds} s ({summary[-1:]}), make run "
+          f"answered a scrape in {run_seconds} s")
+    assert r.returncode == 0 and "kvmtrace_probe_attached{" in metrics, (
+        f"userland {codename}: `make run` did not serve kvmtrace's metrics on :{port} and "
+        f"stop on SIGTERM (exit {r.returncode}): " + r.stdout[-2000:] + r.stderr[-1000:])
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_kernel(spec: kernelsmod.Spec):
     t0 = time.monotonic()
     try:
-        kernelsmod.fetch(kernel)
+        kernel = kernelsmod.fetch(spec)
     except kernelsmod.FetchError as exc:
-        pytest.fail(f"{kernel.name}: {exc}")
+        pytest.fail(f"{spec.name}: {exc}")
     run = RESULTS / kernel.name
     if run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True)
-    ko = build_seedsim(kernel, run / "seedsim")
-    timing = boot(kernel, run, ko)
+    (run / "kernel.json").write_text(json.dumps(kernel.describe(), indent=2) + "\n")
+    print(f"\n{kernel.name}: {spec.suite} {spec.image_meta} resolved to {kernel.release} "
+          f"({kernel.version}{', forced' if kernel.forced else ''}); userland {spec.userland}")
+    root = None if spec.userland == "host" else userland_root(spec.userland)
+    ko = build_seedsim(kernel, run / "seedsim", root)
+    timing = boot(kernel, run, ko, root)
     timing["total_seconds"] = round(time.monotonic() - t0, 1)
     (run / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
     print(f"\n{kernel.name} ({kernel.release}): boot {timing['boot_seconds']} s, VM "

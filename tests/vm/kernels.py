@@ -1,14 +1,27 @@
-"""Stock Debian kernels for the VM tier: read tests/vm/kernels.txt, fetch, unpack, prepare.
+"""Stock Debian kernels for the VM tier: read tests/vm/kernels.txt, resolve, fetch, unpack.
 
-    python3 tests/vm/kernels.py fetch [NAME...]   # idempotent; needs root (apt, depmod)
-    python3 tests/vm/kernels.py paths NAME        # where the unpacked pieces are
+    python3 tests/vm/kernels.py resolve [NAME...]  # what the mirror serves now (no download)
+    python3 tests/vm/kernels.py fetch [NAME...]    # resolve + download + unpack (idempotent)
+    python3 tests/vm/kernels.py paths NAME         # where the unpacked pieces are
 
-Nothing is installed and the system's apt sources are not touched: a private apt
-configuration (sources, lists and package cache under the cache directory) lists the
-Debian mirror the host's apt already uses, read from /etc/apt/sources.list and
-/etc/apt/sources.list.d, plus that mirror's <codename>-backports. The pinned packages
-are fetched with ``apt-get download`` and unpacked with ``dpkg-deb -x`` into
-CACHE/<release>/root, then prepared so that
+Each line of kernels.txt names *what* to test -- a Debian suite and the image metapackage
+of a kernel flavour (``bookworm linux-image-amd64``) -- never an exact build: Debian's
+archive rotates builds (a security upload replaces the ABI, backports keep only the
+newest), so exact pins rot. The concrete set is resolved from the mirror at run time:
+
+* every suite gets its own private apt configuration under CACHE/apt/<suite>/ listing
+  only that suite's pockets (``X``, ``X-updates`` and ``X-security`` for a release,
+  just ``X-backports`` for backports) on the Debian mirror the host's apt already uses,
+  read from /etc/apt/sources.list{,.d}; the system's sources and lists are untouched;
+* the metapackage's candidate there (its version is the kernel's Debian version) depends
+  on ``linux-image-<release>``; its ``linux-*`` dependencies with a version in their name
+  are followed recursively (image, binary and modules packages on 7.x, headers, their
+  ``-common`` half, kbuild), each at its pinned (``=``) or candidate version;
+* ``KVMTRACE_KERNEL_VERSION="NAME=VERSION[,NAME=VERSION]"`` forces the metapackage
+  version of a line, to reproduce a failure on a build the mirror still serves.
+
+Packages are fetched with ``apt-get download`` into CACHE/debs (cached by name and
+version), unpacked with ``dpkg-deb -x`` into CACHE/<release>/root and prepared so that
 
 * virtme-ng finds the modules: ``vng -r CACHE/<release>/root/boot/vmlinuz-<release>``
   derives the modules directory from the image's location and links it to
@@ -19,6 +32,8 @@ CACHE/<release>/root, then prepared so that
 * kbuild can build an out-of-tree module against them: Debian's
   linux-headers-<release>/Makefile includes the -common Makefile by absolute /usr/src
   path, which is rewritten to the unpacked copy.
+
+A suite the mirror lacks, or a metapackage it does not serve, is an error naming it.
 """
 
 from __future__ import annotations
@@ -26,11 +41,14 @@ from __future__ import annotations
 import argparse
 import glob
 import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,18 +57,45 @@ KERNELS_TXT = HERE / "kernels.txt"
 CACHE = Path(os.environ.get("KVMTRACE_KERNEL_CACHE", "/var/cache/kvmtrace-kernels"))
 # Bounded network steps: a stalled mirror is a failure, not a hang.
 APT_TIMEOUT = 900
+# Package lists older than this are refreshed before resolving (setup.sh and the tier
+# in one CI run then resolve the same build; a day-old list is never trusted).
+LISTS_MAX_AGE = int(os.environ.get("KVMTRACE_APT_LISTS_MAX_AGE", "3600"))
+FORCE_ENV = "KVMTRACE_KERNEL_VERSION"
+# The userlands a line can ask for: the host's root, or a debootstrapped Debian release.
+USERLANDS = ("host", "bookworm", "trixie")
 
 
 class FetchError(Exception):
-    """A kernel could not be fetched or prepared; one line for the user."""
+    """A kernel could not be resolved, fetched or prepared; one line for the user."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One line of kernels.txt: what to test, not which build."""
+
+    name: str
+    suite: str  # a Debian suite: bookworm, bookworm-backports, trixie, ...
+    image_meta: str  # the flavour's image metapackage, e.g. linux-image-amd64
+    userland: str  # "host", or the Debian codename of the guest's root
+
+    @property
+    def headers_meta(self) -> str:
+        return self.image_meta.replace("linux-image-", "linux-headers-", 1)
 
 
 @dataclass(frozen=True)
 class Kernel:
-    name: str
+    """A spec resolved against the mirror: the concrete build that is booted."""
+
+    spec: Spec
     release: str  # uname -r
-    version: str  # Debian package version
-    packages: tuple[str, ...]
+    version: str  # Debian version of linux-image-<release>
+    packages: tuple[tuple[str, str], ...]  # (package, version) to unpack
+    forced: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     @property
     def dir(self) -> Path:
@@ -83,29 +128,62 @@ class Kernel:
             raise FetchError(f"{self.name}: no linux-headers-*-common under {self.root}/usr/src")
         return found[0]
 
+    def describe(self) -> dict:
+        """What was booted, for the results and the log."""
+        return {"name": self.name, "suite": self.spec.suite, "metapackage": self.spec.image_meta,
+                "userland": self.spec.userland, "release": self.release,
+                "version": self.version, "forced": self.forced,
+                "packages": [f"{p}={v}" for p, v in self.packages]}
 
-def read_kernels(path: Path = KERNELS_TXT) -> list[Kernel]:
-    kernels = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+
+def parse_kernels(text: str, where: str = "kernels.txt") -> list[Spec]:
+    """Lines ``NAME SUITE IMAGE-METAPACKAGE [userland=host|CODENAME]``; # comments."""
+    specs: list[Spec] = []
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         parts = line.split()
-        if len(parts) < 4:
-            raise FetchError(f"{path}:{n}: want NAME RELEASE VERSION PACKAGE...")
-        kernels.append(Kernel(parts[0], parts[1], parts[2], tuple(parts[3:])))
-    return kernels
+        opts = dict(p.split("=", 1) for p in parts[3:] if "=" in p)
+        if len(parts) < 3 or any("=" not in p for p in parts[3:]) or set(opts) - {"userland"}:
+            raise FetchError(f"{where}:{n}: want NAME SUITE IMAGE-METAPACKAGE [userland=...]")
+        if not parts[2].startswith("linux-image-"):
+            raise FetchError(f"{where}:{n}: {parts[2]!r} is not a linux-image-* metapackage")
+        userland = opts.get("userland", "host")
+        if userland not in USERLANDS:
+            raise FetchError(f"{where}:{n}: userland {userland!r} is not one of {USERLANDS}")
+        specs.append(Spec(parts[0], parts[1], parts[2], userland))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise FetchError(f"{where}: duplicate names in {names}")
+    return specs
 
 
-def select(names: list[str]) -> list[Kernel]:
-    kernels = read_kernels()
+def read_kernels(path: Path = KERNELS_TXT) -> list[Spec]:
+    return parse_kernels(path.read_text(), str(path))
+
+
+def select(names: list[str]) -> list[Spec]:
+    specs = read_kernels()
     if not names:
-        return kernels
-    by_name = {k.name: k for k in kernels}
+        return specs
+    by_name = {s.name: s for s in specs}
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise FetchError(f"unknown kernel(s) {unknown}: {KERNELS_TXT} has {sorted(by_name)}")
     return [by_name[n] for n in names]
+
+
+def forced_versions(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``KVMTRACE_KERNEL_VERSION="debian12=6.1.176-1,..."`` as {name: version}."""
+    raw = (os.environ if env is None else env).get(FORCE_ENV, "").strip()
+    out: dict[str, str] = {}
+    for item in filter(None, (i.strip() for i in raw.split(","))):
+        name, sep, version = item.partition("=")
+        if not sep or not name or not version:
+            raise FetchError(f"{FORCE_ENV}: want NAME=VERSION[,NAME=VERSION], got {item!r}")
+        out[name] = version
+    return out
 
 
 # ---- the host's Debian mirror, from its own apt configuration ----------------
@@ -156,38 +234,26 @@ def system_debian_entries(etc: Path = Path("/etc/apt")) -> list[tuple[str, str, 
     return [e for e in entries if re.search(r"/debian(-security)?/?$", e[0])]
 
 
-def codename() -> str:
-    text = Path("/etc/os-release").read_text()
-    m = re.search(r"^VERSION_CODENAME=\"?(\w+)", text, re.M)
-    if not m:
-        raise FetchError("no VERSION_CODENAME in /etc/os-release")
-    return m.group(1)
-
-
-def private_sources() -> str:
-    entries = system_debian_entries()
+def mirrors(etc: Path = Path("/etc/apt")) -> tuple[str, str]:
+    """(archive, security) URIs of the host's Debian mirror."""
+    entries = system_debian_entries(etc)
     archive = [u for u, _, _ in entries if re.search(r"/debian/?$", u)]
     if not archive:
         raise FetchError("no Debian mirror ('deb .../debian SUITE main') in /etc/apt/sources.list"
                          " or /etc/apt/sources.list.d: cannot fetch kernels")
-    lines = [f"deb {u} {s} {c}" for u, s, c in entries]
-    lines.append(f"deb {archive[0]} {codename()}-backports main")
-    return "".join(f"{ln}\n" for ln in dict.fromkeys(lines))
+    security = [u for u, _, _ in entries if re.search(r"/debian-security/?$", u)]
+    return archive[0], security[0] if security else re.sub(r"/debian/?$", "/debian-security",
+                                                           archive[0])
 
 
-def _apt_dir() -> Path:
-    return CACHE / "apt"
-
-
-def apt_options() -> list[str]:
-    d = _apt_dir()
-    return [
-        "-o", f"Dir::Etc::sourcelist={d / 'sources.list'}",
-        "-o", "Dir::Etc::sourceparts=-",
-        "-o", f"Dir::State::Lists={d / 'lists'}",
-        "-o", f"Dir::Cache={d / 'cache'}",
-        "-o", "APT::Get::List-Cleanup=0",
-    ]
+def suite_sources(suite: str, archive: str, security: str) -> str:
+    """The pockets a suite's kernel can come from (a release's point and security updates)."""
+    if suite.endswith("-backports") or suite in ("sid", "unstable", "experimental"):
+        lines = [f"deb {archive} {suite} main"]
+    else:
+        lines = [f"deb {archive} {suite} main", f"deb {archive} {suite}-updates main",
+                 f"deb {security} {suite}-security main"]
+    return "".join(f"{ln}\n" for ln in lines)
 
 
 def _run(cmd: list[str], cwd: Path | None = None, timeout: int = APT_TIMEOUT) -> str:
@@ -202,55 +268,175 @@ def _run(cmd: list[str], cwd: Path | None = None, timeout: int = APT_TIMEOUT) ->
     return p.stdout
 
 
-def apt_update(force: bool = False) -> None:
-    d = _apt_dir()
-    for sub in ("lists/partial", "cache/archives/partial"):
-        (d / sub).mkdir(parents=True, exist_ok=True)
-    src = private_sources()
-    stamp = d / "lists" / ".sources-sha"
-    digest = hashlib.sha256(src.encode()).hexdigest()
-    fresh = stamp.exists() and stamp.read_text() == digest and any((d / "lists").glob("*Packages*"))
-    if fresh and not force:
-        return
-    (d / "sources.list").write_text(src)
-    _run(["apt-get", *apt_options(), "-q", "update"])
-    stamp.write_text(digest)
+class Suite:
+    """A private apt configuration that lists exactly one suite's pockets."""
 
+    def __init__(self, suite: str, archive: str, security: str):
+        self.suite = suite
+        self.archive = archive
+        self.dir = CACHE / "apt" / suite
+        self.sources = suite_sources(suite, archive, security)
+        self._updated = False
+
+    def options(self) -> list[str]:
+        d = self.dir
+        return ["-o", f"Dir::Etc::sourcelist={d / 'sources.list'}",
+                "-o", "Dir::Etc::sourceparts=-",
+                "-o", f"Dir::State::Lists={d / 'lists'}",
+                "-o", f"Dir::Cache={d / 'cache'}",
+                "-o", "APT::Get::List-Cleanup=0"]
+
+    def update(self, force: bool = False) -> None:
+        d = self.dir
+        for sub in ("lists/partial", "cache/archives/partial"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        stamp = d / "lists" / ".sources-sha"
+        digest = hashlib.sha256(self.sources.encode()).hexdigest()
+        fresh = (stamp.exists() and stamp.read_text() == digest
+                 and time.time() - stamp.stat().st_mtime < LISTS_MAX_AGE)
+        if (fresh or self._updated) and not force:
+            return
+        (d / "sources.list").write_text(self.sources)
+        try:
+            _run(["apt-get", *self.options(), "-q", "update"])
+        except FetchError as exc:
+            raise FetchError(f"suite {self.suite!r}: the mirror {self.archive} cannot be read "
+                             f"for it (does it serve {self.suite}?): {exc}") from None
+        # apt-get update exits 0 when a pocket is missing (it only warns): demand lists.
+        if not list((d / "lists").glob(f"*_dists_{self.suite}_main_binary-*_Packages*")):
+            raise FetchError(f"suite {self.suite!r}: the mirror {self.archive} has no "
+                             f"{self.suite}/main package list")
+        stamp.write_text(digest)
+        self._updated = True
+
+    def candidate(self, pkg: str) -> str | None:
+        out = _run(["apt-cache", *self.options(), "policy", pkg])
+        m = re.search(r"^\s*Candidate:\s*(\S+)", out, re.M)
+        return m.group(1) if m and m.group(1) != "(none)" else None
+
+    def depends(self, pkg: str, version: str) -> list[tuple[str, str | None]]:
+        """(name, exact version or None) of each dependency's first alternative."""
+        out = _run(["apt-cache", *self.options(), "show", f"{pkg}={version}"])
+        stanza = out.split("\n\n", 1)[0]
+        deps: list[tuple[str, str | None]] = []
+        for field in re.findall(r"^(?:Pre-)?Depends:(.*(?:\n[ \t].*)*)", stanza, re.M):
+            for item in field.replace("\n", " ").split(","):
+                first = item.split("|", 1)[0].strip()
+                dm = re.match(r"([a-z0-9][a-z0-9+.-]*)(?::\S+)?\s*(?:\(\s*(\S+)\s*([^)\s]+)\s*\))?",
+                              first)
+                if dm:
+                    deps.append((dm.group(1), dm.group(3) if dm.group(2) == "=" else None))
+        return deps
+
+    def download(self, specs: list[str], into: Path) -> None:
+        _run(["apt-get", *self.options(), "-q", "download", *specs], cwd=into)
+
+
+def _kernel_package(name: str) -> bool:
+    """Release-specific linux-* packages (image, binary, modules, headers, -common, kbuild):
+    a version in the name. Metapackages (linux-image-amd64, linux-modules-amd64),
+    linux-base and the compiler metapackage (linux-compiler-gcc-12-x86) are not needed
+    to boot or to build modules.
+    """
+    return re.match(r"linux-[a-z]+-.*\d+\.\d+", name) is not None \
+        and not name.startswith("linux-compiler-")
+
+
+def resolve_with(spec: Spec, suite: Suite, force: str | None = None) -> Kernel:
+    """The build ``suite`` serves for ``spec`` now (or the forced metapackage version)."""
+    suite.update()
+    version = force or suite.candidate(spec.image_meta)
+    if version is None:
+        raise FetchError(f"{spec.name}: suite {spec.suite!r} on {suite.archive} serves no "
+                         f"{spec.image_meta}")
+    todo = [(spec.image_meta, version)]
+    headers_version = force or suite.candidate(spec.headers_meta)
+    if headers_version is None:
+        raise FetchError(f"{spec.name}: suite {spec.suite!r} serves no {spec.headers_meta}")
+    todo.append((spec.headers_meta, headers_version))
+    seen: dict[str, str] = {}
+    release = None
+    while todo:
+        pkg, ver = todo.pop(0)
+        try:
+            deps = suite.depends(pkg, ver)
+        except FetchError:
+            raise FetchError(f"{spec.name}: {pkg}={ver} is not served by suite {spec.suite!r}"
+                             + (f" ({FORCE_ENV} asked for it)" if force else "")) from None
+        for dep, exact in deps:
+            if not _kernel_package(dep) or dep in seen:
+                continue
+            if pkg == spec.image_meta and dep.startswith("linux-image-") and release is None:
+                release = dep[len("linux-image-"):]
+            dep_version = exact or suite.candidate(dep)
+            if dep_version is None:
+                raise FetchError(f"{spec.name}: {pkg}={ver} needs {dep}, which suite "
+                                 f"{spec.suite!r} does not serve")
+            seen[dep] = dep_version
+            todo.append((dep, dep_version))
+    if release is None or f"linux-image-{release}" not in seen:
+        raise FetchError(f"{spec.name}: {spec.image_meta}={version} depends on no "
+                         f"linux-image-<release> package")
+    if f"linux-headers-{release}" not in seen:
+        raise FetchError(f"{spec.name}: {spec.headers_meta}={headers_version} does not give "
+                         f"linux-headers-{release} (image and headers metapackages disagree)")
+    return Kernel(spec, release, seen[f"linux-image-{release}"], tuple(sorted(seen.items())),
+                  forced=force is not None)
+
+
+class Resolver:
+    """Resolves specs against the host's mirror, one private apt config per suite."""
+
+    def __init__(self, etc: Path = Path("/etc/apt"), env: dict[str, str] | None = None):
+        self.archive, self.security = mirrors(etc)
+        self.forced = forced_versions(env)
+        self._suites: dict[str, Suite] = {}
+
+    def suite(self, name: str) -> Suite:
+        if name not in self._suites:
+            self._suites[name] = Suite(name, self.archive, self.security)
+        return self._suites[name]
+
+    def resolve(self, spec: Spec) -> Kernel:
+        return resolve_with(spec, self.suite(spec.suite), self.forced.get(spec.name))
+
+
+# ---- download, unpack, prepare ------------------------------------------------
 
 def _deb_glob(pkg: str, version: str) -> str:
     return str(CACHE / "debs" / f"{pkg}_{version.replace(':', '%3a')}_*.deb")
 
 
-def download(kernel: Kernel) -> list[Path]:
-    """The kernel's .debs, from the cache or the mirror."""
+def _cached(kernel: Kernel) -> Iterator[tuple[str, str, list[str]]]:
+    for pkg, version in kernel.packages:
+        yield pkg, version, sorted(glob.glob(_deb_glob(pkg, version)))
+
+
+def download(kernel: Kernel, suite: Suite) -> list[Path]:
+    """The kernel's .debs, from the cache (by name and version) or the mirror."""
     debs_dir = CACHE / "debs"
     debs_dir.mkdir(parents=True, exist_ok=True)
-    missing = [p for p in kernel.packages if not glob.glob(_deb_glob(p, kernel.version))]
+    missing = [f"{p}={v}" for p, v, found in _cached(kernel) if not found]
     if missing:
-        apt_update()
-        specs = [f"{p}={kernel.version}" for p in missing]
         try:
-            _run(["apt-get", *apt_options(), "-q", "download", *specs], cwd=debs_dir)
+            suite.download(missing, debs_dir)
         except FetchError:
-            apt_update(force=True)  # stale lists: refresh once, then give the real error
+            suite.update(force=True)  # lists older than the mirror: refresh once, retry
             try:
-                _run(["apt-get", *apt_options(), "-q", "download", *specs], cwd=debs_dir)
+                suite.download(missing, debs_dir)
             except FetchError as exc:
-                raise FetchError(
-                    f"{kernel.name}: cannot download {' '.join(specs)} from the host's Debian "
-                    f"mirror ({exc}); if the mirror no longer serves this version, pin the "
-                    f"current one in {KERNELS_TXT}") from None
+                raise FetchError(f"{kernel.name}: cannot download {' '.join(missing)} from "
+                                 f"suite {kernel.spec.suite!r} ({exc})") from None
     out = []
-    for p in kernel.packages:
-        found = sorted(glob.glob(_deb_glob(p, kernel.version)))
+    for p, v, found in _cached(kernel):
         if not found:
-            raise FetchError(f"{kernel.name}: {p}={kernel.version} missing after download")
+            raise FetchError(f"{kernel.name}: {p}={v} missing after download")
         out.append(Path(found[0]))
     return out
 
 
 def _stamp_text(debs: list[Path]) -> str:
-    return "".join(f"{d.name} {d.stat().st_size}\n" for d in debs) + "prepare-v1\n"
+    return "".join(f"{d.name} {d.stat().st_size}\n" for d in debs) + "prepare-v2\n"
 
 
 def unpack(kernel: Kernel, debs: list[Path]) -> None:
@@ -269,12 +455,22 @@ def unpack(kernel: Kernel, debs: list[Path]) -> None:
 
 def prepare(kernel: Kernel) -> None:
     """Make the unpacked tree usable by virtme-ng, bcc and kbuild (see the module doc)."""
-    if not kernel.image.exists():
-        raise FetchError(f"{kernel.name}: no {kernel.image} after unpacking")
+    # Merged-/usr packages (trixie's 7.x) ship /usr/lib/modules only; give /lib/modules
+    # too, as a merged-/usr root has it, so vng and depmod find them by either path.
+    if (kernel.root / "usr/lib/modules").is_dir() and not (kernel.root / "lib").exists():
+        (kernel.root / "lib").symlink_to("usr/lib")
     moddir = kernel.moddir
+    # 7.x packages ship the image as /usr/lib/modules/<release>/vmlinuz and leave /boot
+    # to the postinst (which is not run here): put it where an installed system has it.
+    if not kernel.image.exists() and (moddir / "vmlinuz").is_file():
+        kernel.image.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(moddir / "vmlinuz", kernel.image)
+    if not kernel.image.exists():
+        raise FetchError(f"{kernel.name}: no {kernel.image} (nor {moddir}/vmlinuz) after "
+                         f"unpacking")
     if not (moddir / "kernel").is_dir():
-        raise FetchError(f"{kernel.name}: no modules in {moddir} (is a modules package missing"
-                         f" from {KERNELS_TXT}?)")
+        raise FetchError(f"{kernel.name}: no modules in {moddir} (no modules package among "
+                         f"{[p for p, _ in kernel.packages]}?)")
     headers, common = kernel.headers, kernel.common
     if not (headers / "include/config/kernel.release").exists():
         raise FetchError(f"{kernel.name}: {headers} is not a prepared header tree")
@@ -290,8 +486,7 @@ def prepare(kernel: Kernel) -> None:
                    lambda m: f"include {kernel.root}/usr/src/{m.group(1)}/Makefile", text)
     if fixed != text:
         makefile.write_text(fixed)
-    base = kernel.root if moddir.is_relative_to(kernel.root / "lib") else kernel.root / "usr"
-    _run(["depmod", "-b", str(base), kernel.release], timeout=300)
+    _run(["depmod", "-b", str(kernel.root), kernel.release], timeout=300)
     if not (moddir / "modules.dep").exists():
         raise FetchError(f"{kernel.name}: depmod made no modules.dep in {moddir}")
     for mod in ("kvm", "kvm_amd"):
@@ -299,28 +494,39 @@ def prepare(kernel: Kernel) -> None:
             raise FetchError(f"{kernel.name}: {mod}.ko not among the unpacked modules")
 
 
-def fetch(kernel: Kernel) -> Kernel:
-    unpack(kernel, download(kernel))
+def fetch(spec: Spec, resolver: Resolver | None = None) -> Kernel:
+    """Resolve ``spec`` now, download what the cache lacks, unpack; the resolved kernel."""
+    resolver = resolver or Resolver()
+    kernel = resolver.resolve(spec)
+    unpack(kernel, download(kernel, resolver.suite(spec.suite)))
+    (kernel.dir / "resolved.json").write_text(json.dumps(kernel.describe(), indent=2) + "\n")
     return kernel
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("fetch", help="download + unpack + prepare (idempotent)")
-    f.add_argument("names", nargs="*")
+    for cmd, what in (("resolve", "print the build each line resolves to now"),
+                      ("fetch", "resolve + download + unpack + prepare (idempotent)")):
+        p = sub.add_parser(cmd, help=what)
+        p.add_argument("names", nargs="*")
     s = sub.add_parser("paths", help="print the unpacked paths of one kernel")
     s.add_argument("name")
     args = ap.parse_args(argv)
     try:
-        if args.cmd == "fetch":
-            for k in select(args.names):
-                fetch(k)
-                print(f"kernels: {k.name} {k.release} ({k.version}) ready in {k.dir}")
+        resolver = Resolver()
+        if args.cmd == "resolve":
+            for spec in select(args.names):
+                print(json.dumps(resolver.resolve(spec).describe()))
+        elif args.cmd == "fetch":
+            for spec in select(args.names):
+                k = fetch(spec, resolver)
+                print(f"kernels: {k.name}: {spec.suite} {spec.image_meta} -> {k.release} "
+                      f"({k.version}{', forced' if k.forced else ''}) ready in {k.dir}")
         else:
-            k = select([args.name])[0]
-            print(f"image={k.image}\nmoddir={k.moddir}\nheaders={k.headers}\n"
-                  f"common={k.common}")
+            k = resolver.resolve(select([args.name])[0])
+            print(f"release={k.release}\nversion={k.version}\nimage={k.image}\n"
+                  f"moddir={k.moddir}\nheaders={k.headers}\ncommon={k.common}")
     except FetchError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 1
