@@ -40,12 +40,15 @@ bench-quick: setup
 	bench/setup.sh
 	$(VENV)/bin/python bench/run.py --quick
 
-# Kernel tier (tests/vm/, see tests/vm/README.md): boots each stock Debian kernel pinned
-# in tests/vm/kernels.txt under QEMU/TCG with virtme-ng (host root shared read-only) and
-# runs kvmtrace's privileged tests plus tests/vm/guest_kprobes.py inside it: real kprobes
+# Kernel tier (tests/vm/, see tests/vm/README.md): resolves each line of
+# tests/vm/kernels.txt (a Debian suite + kernel metapackage) to the build the mirror serves
+# now, boots it under QEMU/TCG with virtme-ng (on the host root shared read-only, or on a
+# debootstrapped Debian 13 root set up by scripts/setup-host.sh) and runs kvmtrace's
+# privileged tests plus tests/vm/guest_kprobes.py inside it: real kprobes
 # on kvm_dev_ioctl and kvm_arch_init_vm, and on seedsim, a test-only SIMULATION of the
-# 2023 TDX v12 vm_type dispatch. Every boot is bounded (KVMTRACE_VM_TIMEOUT, 1080 s);
-# results in build/vm/<kernel>/. Fails, never skips.
+# 2023 TDX v12 vm_type dispatch. Every boot is bounded (KVMTRACE_VM_TIMEOUT, 900 s);
+# results in build/vm/<kernel>/. On Debian 13's root it also runs `make test` and
+# `make run` (chroot, this kernel). Fails, never skips.
 .PHONY: test-kernels
 test-kernels: setup-test
 	tests/vm/setup.sh

@@ -5,6 +5,7 @@
 # learns goes there, because the exit code of a vng --exec script does not reach the host
 # on a machine without udev. The host driver reads:
 #   booted       written first: the kernel booted and ran this script
+#   userland.txt the guest root's Debian release, Python and bcc versions
 #   failure      one line: why the guest could not run the tests (then no pytest.rc)
 #   pytest.rc    pytest's exit code; junit.xml its per-test results
 #   facts.json   `kvmtrace doctor --dump-facts` of this stock kernel (seedsim unloaded)
@@ -15,7 +16,10 @@ RUN=$1 REPO=$2 SEEDSIM_KO=$3 PYTEST_TIMEOUT=$4
 exec > >(tee -a "$RUN/guest.log") 2>&1
 
 uname -r > "$RUN/booted"
-echo "guest: $(uname -r) booted; cpu flags: $(grep -o -w -E 'svm|vmx|npt' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+. /etc/os-release
+{ echo "os=$PRETTY_NAME"; echo "python=$(python3 -V 2>&1)"
+  echo "bcc=$(dpkg-query -W -f='${Version}' python3-bpfcc 2>/dev/null)"; } > "$RUN/userland.txt"
+echo "guest: $(uname -r) booted on a $PRETTY_NAME userland; python $(python3 -V 2>&1); cpu flags: $(grep -o -w -E 'svm|vmx|npt' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 
 fail() {
     echo "guest: FAILURE: $*"
@@ -24,6 +28,10 @@ fail() {
     exit 1
 }
 
+# The privileged tests scrape kvmtrace over 127.0.0.1 (virtme-ng's init brings lo up with
+# the root's `ip`; flags bit 0 is IFF_UP).
+(( $(cat /sys/class/net/lo/flags) & 1 )) \
+    || fail "the guest's loopback is down (no iproute2 in the guest root?)"
 modprobe kvm_amd || fail "modprobe kvm_amd failed on $(uname -r) (is svm in the guest's cpu flags?)"
 [ -c /dev/kvm ] || fail "/dev/kvm missing after modprobe kvm_amd"
 mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing \
@@ -46,8 +54,9 @@ export KVMTRACE_SEEDSIM_KO="$SEEDSIM_KO"
 # (tests/test_privileged.py gives kvmtrace 60 s to attach, unless it honours this:)
 export KVMTRACE_TEST_START_TIMEOUT=240
 t0=$(date +%s)
-cat /usr/lib/x86_64-linux-gnu/libbcc.so.0* /usr/lib/x86_64-linux-gnu/libclang-cpp.so.14* \
-    /usr/lib/x86_64-linux-gnu/libLLVM-14.so* > /dev/null 2>&1
+# (Debian 12: LLVM 14; Debian 13: LLVM 19 -- whatever this userland's bcc links.)
+cat /usr/lib/*-linux-gnu/libbcc.so.0* /usr/lib/*-linux-gnu/libclang-cpp.so.* \
+    /usr/lib/*-linux-gnu/libLLVM*.so* > /dev/null 2>&1
 echo "guest: warmed bcc/clang/LLVM libraries in $(( $(date +%s) - t0 )) s"
 # kvmtrace's privileged tests (tests/test_privileged*.py) and the guest-only ones. Named
 # explicitly: other privileged tests (benchmarks) do not belong under emulation.

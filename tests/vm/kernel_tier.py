@@ -55,7 +55,7 @@ RESULTS = Path(os.environ.get("KVMTRACE_VM_RESULTS", REPO / "build" / "vm"))
 VNG = Path(os.environ.get("KVMTRACE_VNG", kernelsmod.CACHE / "vng-venv" / "bin" / "vng"))
 # Per kernel, from vng start to guest power-off: boot ~15 s, the guest's pytest a few
 # minutes under emulation. Past it the VM is killed and the test fails.
-VM_TIMEOUT = int(os.environ.get("KVMTRACE_VM_TIMEOUT", "1080"))
+VM_TIMEOUT = int(os.environ.get("KVMTRACE_VM_TIMEOUT", "900"))
 # The guest script must have started by then, or the kernel did not boot.
 BOOT_TIMEOUT = int(os.environ.get("KVMTRACE_VM_BOOT_TIMEOUT", "180"))
 GUEST_MEMORY = os.environ.get("KVMTRACE_VM_MEMORY", "4G")
@@ -146,10 +146,11 @@ def boot(kernel: kernelsmod.Kernel, run: Path, ko: Path, root: Path | None) -> d
         repo, grun = userlandmod.SRC, userlandmod.GUEST_RUN
         where = ["--root", str(root)]
         rwdir = f"{grun}={run}"
+        (run / "modules.txt").write_text(userlandmod.provide_kernel(root, kernel) + "\n")
     gko = grun / ko.relative_to(run)
     cmd = [str(VNG), "-v", "-r", str(kernel.image), *where, "--disable-kvm", "--force-9p",
            "-m", GUEST_MEMORY, "-p", GUEST_CPUS, f"--qemu-opts=-accel {GUEST_TCG}",
-           "--rodir", str(kernelsmod.CACHE), "--rwdir", rwdir,
+           f"--rodir={kernelsmod.CACHE}={kernelsmod.CACHE}", f"--rwdir={rwdir}",
            "--exec", f"{repo / 'tests/vm/guest.sh'} {grun} {repo} {gko} {guest_timeout}"]
     (run / "vng-command.txt").write_text(" ".join(cmd) + "\n")
     env = dict(os.environ, PATH=f"{VNG.parent}:{os.environ.get('PATH', '')}")

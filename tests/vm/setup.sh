@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Install what the kernel tier (make test-kernels) needs, idempotently (run as root):
-#   Debian packages   qemu-system-x86 (TCG), busybox-static (virtme-ng's initramfs), file
-#                     (vng reads the kernel version with it), make, gcc-12 and dwarves
-#                     (pahole: kbuild runs it on the seedsim module for 6.12)
+#   Debian packages   qemu-system-x86 (TCG), busybox-static (virtme-ng's initramfs),
+#                     debootstrap (the Debian 13 userland root), file (vng reads the kernel
+#                     version with it), make, gcc-12 and dwarves (pahole: kbuild runs it on
+#                     the seedsim module for 6.12)
 #   virtme-ng         pinned, in its own venv under the kernel cache (not the project .venv)
-#   kernels           tests/vm/kernels.txt, fetched and unpacked by tests/vm/kernels.py
-# The project .venv (make setup-test) is used inside the guests as it is.
+#   kernels           every line of tests/vm/kernels.txt, resolved against the mirror now,
+#                     fetched and unpacked by tests/vm/kernels.py
+# The project .venv (make setup-test) is used inside the host-userland guests as it is;
+# the userland roots are made and set up by the tier itself (tests/vm/userland.py).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -18,7 +21,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-pkgs=(qemu-system-x86 busybox-static file make gcc-12 dwarves kmod python3-venv)
+pkgs=(qemu-system-x86 busybox-static debootstrap file make gcc-12 dwarves kmod python3-venv)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

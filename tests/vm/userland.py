@@ -16,9 +16,9 @@ release's own python3-bpfcc, Python, libbpf and prometheus. The kernel tier then
 * boots stock kernels with that root (virtme-ng ``--root``), so the guest's privileged
   tests run with that release's bcc and Python.
 
-Beyond what setup-host.sh installs, the root gets only what the tier itself needs:
-kmod (modprobe/insmod in the guest) and make + gcc + dwarves (seedsim is built in the
-chroot with the release's own compiler, the one its kernels are built with).
+Beyond what setup-host.sh installs, the root gets only what the tier itself needs
+(TIER_PACKAGES): kmod and iproute2 for the guest, and make + gcc + dwarves because seedsim
+is built in the chroot with the release's own compiler, the one its kernels are built with.
 """
 
 from __future__ import annotations
@@ -38,7 +38,10 @@ REPO = Path(__file__).resolve().parents[2]
 # Where the checkout sits inside the root, and the guest's mount point for results.
 SRC = Path("/srv/kvmtrace")
 GUEST_RUN = Path("/srv/run")
-TIER_PACKAGES = ("kmod", "make", "gcc", "libc6-dev", "dwarves")
+# kmod: modprobe/insmod in the guest; iproute2: virtme-ng's init brings the guest's
+# loopback up with `ip` from the root (minbase has none, and serve's tests scrape over
+# 127.0.0.1); make, gcc, libc6-dev, dwarves: seedsim, built in a chroot of the root.
+TIER_PACKAGES = ("kmod", "iproute2", "make", "gcc", "libc6-dev", "dwarves")
 DEBOOTSTRAP_TIMEOUT = 900
 SETUP_TIMEOUT = 1800
 # A fresh root reaches the package registries the way this host does: its resolver, and
@@ -201,6 +204,35 @@ def prepare(codename: str, log: Path, repo: Path = REPO) -> Path:
                             f"(exit {p.returncode}): "
                             + " | ".join((p.stderr or p.stdout).strip().splitlines()[-3:]))
     return root
+
+
+def provide_kernel(root: Path, kernel: kernelsmod.Kernel) -> str:
+    """Make ``kernel``'s modules (and, through them, its headers) the root's own.
+
+    virtme-ng boots an external root with that root's /lib/modules. When the root has
+    this very build installed (setup-host.sh pulls the release's default kernel in with
+    its headers) that is used as it is; otherwise /lib/modules/<release> in the root
+    becomes a link to the unpacked tree in the kernel cache, which the guest sees at the
+    same path. Returns which of the two it was.
+    """
+    moddir = root / "usr/lib/modules" / kernel.release
+    status = subprocess.run(["chroot", str(root), "dpkg-query", "-W", "-f=${Version}",
+                             f"linux-image-{kernel.release}"], capture_output=True, text=True,
+                            check=False)
+    if status.returncode == 0 and status.stdout.strip():
+        if status.stdout.strip() != kernel.version:
+            raise UserlandError(f"{root} has linux-image-{kernel.release} "
+                                f"{status.stdout.strip()} installed, not the resolved "
+                                f"{kernel.version}")
+        return f"installed in the root (linux-image-{kernel.release} {kernel.version})"
+    if moddir.is_symlink():
+        moddir.unlink()
+    elif moddir.exists():
+        raise UserlandError(f"{moddir} exists but no linux-image-{kernel.release} is "
+                            f"installed in {root}")
+    moddir.parent.mkdir(parents=True, exist_ok=True)
+    moddir.symlink_to(kernel.moddir)
+    return f"linked from the kernel cache ({kernel.moddir})"
 
 
 def os_release(root: Path) -> str:
