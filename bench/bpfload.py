@@ -85,10 +85,11 @@ def main() -> int:
             stop.wait(0.2)
     out = {}
     if args.what == "variant":
-        h = [sum(bpf["health"].getvalue(bpf["health"].Key(i))) for i in range(4)]
-        out = {"counts_dropped": h[0], "events_lost": h[1], "calls_dropped": h[2],
-               "events_throttled": h[3], "events_seen": seen[0],
-               "count_entries": len(bpf["counts"].items())}
+        from kvmtrace import contract
+
+        out = {name: sum(bpf["health"].getvalue(bpf["health"].Key(i)))
+               for i, name in enumerate(contract.HEALTH)}
+        out.update(events_seen=seen[0], count_entries=len(bpf["counts"].items()))
     bpf.cleanup()
     print(json.dumps(out), flush=True)
     return 0

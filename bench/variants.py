@@ -27,8 +27,10 @@ NOLATENCY = [(LATENCY_BLOCK, "		/* no histogram */")]
 NOCOUNT = [(COUNT_CREATE, "/* no count */"), (COUNT_QUERY, "/* no count */")]
 # The latency histogram per CPU: no lock-prefixed add on a shared cache line.
 PERCPU_LATENCY = [
-    ("BPF_ARRAY(create_latency, u64, 128);", "BPF_PERCPU_ARRAY(create_latency, u64, 128);"),
-    ("BPF_ARRAY(create_latency_sum, u64, 2);", "BPF_PERCPU_ARRAY(create_latency_sum, u64, 2);"),
+    ("BPF_ARRAY(create_latency, u64, LATENCY_ENTRIES);",
+     "BPF_PERCPU_ARRAY(create_latency, u64, LATENCY_ENTRIES);"),
+    ("BPF_ARRAY(create_latency_sum, u64, LATENCY_SUM_ENTRIES);",
+     "BPF_PERCPU_ARRAY(create_latency_sum, u64, LATENCY_SUM_ENTRIES);"),
     (LATENCY_BLOCK, """		u64 *bucket = create_latency.lookup(&slot);
 		if (bucket)
 			(*bucket)++;

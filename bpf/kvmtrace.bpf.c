@@ -4,19 +4,25 @@
  *
  * Compiled by bcc at run time. Free of kernel struct layouts on purpose, so a
  * mismatch between the running kernel and the headers bcc compiles against
- * cannot corrupt what we read. The loader (kvmtrace/loader.py) passes:
+ * cannot corrupt what we read. Every struct, map and index shared with the
+ * Python side is declared in kvmtrace/contract.py, which gives the sizes and
+ * indices below as defines (tests/test_contract.py holds this file to it):
+ *
+ *   PROBE_CREATE_VM, PROBE_VM_TYPES_QUERY, PROBE_ARCH_INIT_VM
+ *       probe ids of the ioctl points and kvm_arch_init_vm; every other
+ *       function point is a type check
+ *   VERDICT_*      bits of what the function probes saw inside a KVM_CREATE_VM
+ *   HEALTH_*, HEALTH_ENTRIES      health counter indices
+ *   LATENCY_SLOTS, LATENCY_ENTRIES, LATENCY_SUM_ENTRIES   latency layout
+ *   COUNTS_MAX, CALLS_MAX, RINGBUF_PAGES   map sizes (loader options)
+ *
+ * The loader (kvmtrace/loader.py) adds:
  *
  *   KVM_CREATE_VM, KVM_CHECK_EXTENSION, KVM_CAP_VM_TYPES
  *       ioctl numbers from include/uapi/linux/kvm.h (kvmtrace/tables.py)
- *   PROBE_CREATE_VM, PROBE_VM_TYPES_QUERY, PROBE_ARCH_INIT_VM
- *       probe ids of the ioctl points and kvm_arch_init_vm (kvmtrace/plan.py);
- *       every other function point is a type check
- *   VERDICT_*      bits of what the function probes saw inside a KVM_CREATE_VM
- *                  (kvmtrace/decode.py)
  *   SELF_TGID      the exporter's own pid: its own KVM_CAP_VM_TYPES query
  *                  is not a client's and is not counted
  *   FILTER_TGID    only emit events for this pid (0: all); counts are global
- *   COUNTS_MAX, CALLS_MAX, RINGBUF_PAGES
  *   EVENT_BUDGET, EVENT_WINDOW_NS   at most EVENT_BUDGET events per CPU per
  *                  window reach the live stream; the rest are counted as
  *                  throttled (counts stay exact), so a storm cannot make the
@@ -49,10 +55,9 @@ struct count_key {
 
 /*
  * What the function probes saw inside one KVM_CREATE_VM (same thread, nested
- * in time). Kept in the count key, so the reason for a rejection is exact
- * even when events are lost.
+ * in time): VERDICT_* bits, kept in the count key, so the reason for a
+ * rejection is exact even when events are lost.
  */
-/* VERDICT_* bits come from the loader (kvmtrace/decode.py). */
 
 /* One record per completed call, for the live view. */
 struct event {
@@ -91,13 +96,14 @@ BPF_HASH(fn_calls, struct fn_key, struct fn_call, CALLS_MAX);
 /* Number of tracked ioctls in flight host-wide: the return hook of every
  * ioctl on the host reads it first and stops at once when it is 0. */
 BPF_ARRAY(inflight, u64, 1);
-/* Health counters, exported as kvmtrace_*_total (index: HEALTH_*). */
-#define HEALTH_COUNTS_DROPPED 0   /* counts map full: an update failed */
-#define HEALTH_EVENTS_LOST 1      /* ring buffer full: an event not emitted */
-#define HEALTH_CALLS_DROPPED 2    /* in-flight map full: a call not tracked */
-#define HEALTH_EVENTS_THROTTLED 3 /* over EVENT_BUDGET: an event not emitted */
-/* Per CPU: storms on several CPUs never contend on these cache lines. */
-BPF_PERCPU_ARRAY(health, u64, 4);
+/*
+ * Health counters, exported as kvmtrace_*_total, at index HEALTH_*:
+ * COUNTS_DROPPED (counts map full: an update failed), EVENTS_LOST (ring buffer
+ * full: an event not emitted), CALLS_DROPPED (in-flight map full: a call not
+ * tracked), EVENTS_THROTTLED (over EVENT_BUDGET: an event not emitted).
+ * Per CPU: storms on several CPUs never contend on these cache lines.
+ */
+BPF_PERCPU_ARRAY(health, u64, HEALTH_ENTRIES);
 
 /* The event budget of this CPU's current window. */
 struct event_window {
@@ -107,10 +113,10 @@ struct event_window {
 BPF_PERCPU_ARRAY(event_budget, struct event_window, 1);
 
 /* KVM_CREATE_VM latency (entry to return) per outcome (0 accepted, 1
- * rejected): counts per log2(ns) slot at index outcome * 64 + slot (an array:
- * no hashing on the hot path), and the sum of ns per outcome. */
-BPF_ARRAY(create_latency, u64, 128);
-BPF_ARRAY(create_latency_sum, u64, 2);
+ * rejected): counts per log2(ns) slot at index outcome * LATENCY_SLOTS + slot
+ * (an array: no hashing on the hot path), and the sum of ns per outcome. */
+BPF_ARRAY(create_latency, u64, LATENCY_ENTRIES);
+BPF_ARRAY(create_latency_sum, u64, LATENCY_SUM_ENTRIES);
 
 /*
  * The in-flight ioctl of the current thread. A slot with cmd == 0 is free.
@@ -290,7 +296,7 @@ static __always_inline int ioctl_return(void *ctx, s64 ret)
 	if (call.cmd == KVM_CREATE_VM) {
 		u64 ns = now - call.start_ns;
 		u32 outcome = ret < 0;
-		u32 slot = outcome * 64 + (bpf_log2l(ns) & 63);
+		u32 slot = outcome * LATENCY_SLOTS + (bpf_log2l(ns) & (LATENCY_SLOTS - 1));
 		u64 *bucket = create_latency.lookup(&slot);
 		if (bucket)
 			__sync_fetch_and_add(bucket, 1);

@@ -17,13 +17,13 @@ from dataclasses import asdict, dataclass, field
 
 from kvmtrace import plan as planmod
 from kvmtrace import tables
-from kvmtrace.decode import (
+from kvmtrace.contract import (
     VERDICT_ARCH_INIT_FAILED,
     VERDICT_ARCH_INIT_SEEN,
     VERDICT_TYPE_CHECK_REJECTED,
     VERDICT_TYPE_CHECK_SEEN,
-    Event,
 )
+from kvmtrace.decode import Event
 
 # Reasons, in the order they are tried.
 TYPE_UNSUPPORTED = "type_unsupported"

@@ -422,7 +422,7 @@ def cmd_explain(args) -> int:
 
 # ---- doctor ----------------------------------------------------------------
 
-def doctor_report(facts: factsmod.HostFacts, attachments: Sequence[loadermod.Attachment] | None,
+def doctor_report(facts: factsmod.HostFacts, attachments: Sequence[planmod.Attachment] | None,
                   load_error: str | None) -> dict:
     """The doctor's verdict from facts and (when root could try) attach results. Pure."""
     plan = planmod.make_plan(facts)

@@ -36,10 +36,11 @@ from kvmtrace import attempts as attemptsmod
 from kvmtrace import plan as planmod
 from kvmtrace import tables
 from kvmtrace.aggregate import Series
+from kvmtrace.contract import RawCount
 from kvmtrace.decode import CountRecord
 from kvmtrace.kvmdev import KvmInfo
-from kvmtrace.loader import Attachment
-from kvmtrace.runtime import RawCount, Runtime
+from kvmtrace.plan import Attachment
+from kvmtrace.runtime import Runtime
 
 NS = "kvmtrace"
 

@@ -6,29 +6,11 @@ parameters. Values it does not know render as ``unknown:N``, never raise.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import asdict, dataclass
 
 from kvmtrace import plan as planmod
 from kvmtrace import tables
-
-# struct event in bpf/kvmtrace.bpf.c: u64 ts_ns, duration_ns, vm_type; s64 result;
-# u32 tgid, tid, probe, verdicts; char comm[16].
-EVENT_FORMAT = struct.Struct("<QQQqIIII16s")
-
-# VERDICT_* bits (passed to the BPF program as defines): what the function
-# probes saw inside one KVM_CREATE_VM call on the same thread.
-VERDICT_TYPE_CHECK_REJECTED = 1  # an *_is_vm_type_supported returned false
-VERDICT_ARCH_INIT_FAILED = 2  # kvm_arch_init_vm returned -errno
-VERDICT_ARCH_INIT_SEEN = 4  # kvm_arch_init_vm returned (either way)
-VERDICT_TYPE_CHECK_SEEN = 8  # an *_is_vm_type_supported returned
-VERDICTS = {
-    "VERDICT_TYPE_CHECK_REJECTED": VERDICT_TYPE_CHECK_REJECTED,
-    "VERDICT_ARCH_INIT_FAILED": VERDICT_ARCH_INIT_FAILED,
-    "VERDICT_ARCH_INIT_SEEN": VERDICT_ARCH_INIT_SEEN,
-    "VERDICT_TYPE_CHECK_SEEN": VERDICT_TYPE_CHECK_SEEN,
-}
-
+from kvmtrace.contract import EVENT, RawCount
 
 _MEMO_MAX = 4096  # entries of each Decoder memo before it is cleared
 
@@ -107,7 +89,7 @@ class Decoder:
     def vm_type_name(self, vm_type: int) -> str:
         return tables.vm_type_name(vm_type, self._arch)
 
-    def count(self, raw: tuple[int, int, int, int, int, bytes, int]) -> CountRecord:
+    def count(self, raw: RawCount) -> CountRecord:
         tgid, probe_id, vm_type, result, verdicts, comm, value = raw
         name, layer, returns = self.point(probe_id)
         v = self.verdict(returns, result)
@@ -140,10 +122,10 @@ class Decoder:
                 rejected, errno, verdicts)
 
     def event(self, data: bytes) -> Event:
-        if len(data) < EVENT_FORMAT.size:
-            raise DecodeError(f"event of {len(data)} bytes, expected {EVENT_FORMAT.size}")
+        if len(data) < EVENT.size:
+            raise DecodeError(f"event of {len(data)} bytes, expected {EVENT.size}")
         ts, dur, vm_type, result, tgid, tid, probe_id, verdicts, comm = \
-            EVENT_FORMAT.unpack_from(data)
+            EVENT.unpack_from(data)
         name, layer, returns = self.point(probe_id)
         v = self.verdict(returns, result)
         return Event(

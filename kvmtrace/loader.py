@@ -10,16 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 
+from kvmtrace import contract, tables
 from kvmtrace import plan as planmod
-from kvmtrace import tables
-from kvmtrace.decode import VERDICTS
-
-# Raw count: (tgid, probe, vm_type, result, verdicts, comm bytes, count).
-RawCount = tuple[int, int, int, int, int, bytes, int]
+from kvmtrace.plan import Attachment
 
 
 class LoadError(Exception):
@@ -41,21 +38,6 @@ class Options:
     event_window_ns: int = 1_000_000_000
 
 
-@dataclass(frozen=True)
-class Attachment:
-    point: planmod.Point
-    attached: bool
-    error: str | None = None  # why not, when the plan had a mechanism
-
-    @property
-    def mechanism(self) -> str:
-        return self.point.mechanism if self.attached and self.point.mechanism else "none"
-
-    @property
-    def reason(self) -> str:
-        return self.error or self.point.reason
-
-
 def bpf_source() -> str:
     # kvmtrace/bpf links to the repository's bpf/ (and is copied into wheels).
     return resources.files("kvmtrace").joinpath("bpf/kvmtrace.bpf.c").read_text()
@@ -67,18 +49,12 @@ def build_text(plan: planmod.Plan, opts: Options) -> str:
         "KVM_CREATE_VM": hex(tables.KVM_CREATE_VM),
         "KVM_CHECK_EXTENSION": hex(tables.KVM_CHECK_EXTENSION),
         "KVM_CAP_VM_TYPES": str(tables.KVM_CAP_VM_TYPES),
-        "PROBE_CREATE_VM": str(planmod.PROBE_CREATE_VM),
-        "PROBE_VM_TYPES_QUERY": str(planmod.PROBE_VM_TYPES_QUERY),
-        "PROBE_ARCH_INIT_VM": str(planmod.PROBE_ARCH_INIT_VM),
+        **contract.defines(opts.counts_max, opts.calls_max, opts.ringbuf_pages),
         "SELF_TGID": str(opts.self_tgid),
         "FILTER_TGID": str(opts.filter_tgid),
-        "COUNTS_MAX": str(opts.counts_max),
-        "CALLS_MAX": str(opts.calls_max),
-        "RINGBUF_PAGES": str(opts.ringbuf_pages),
         "EVENT_BUDGET": str(opts.event_budget),
         "EVENT_WINDOW_NS": f"{opts.event_window_ns}ULL",
     }
-    defines.update({k: str(v) for k, v in VERDICTS.items()})
     ioctl = plan.ioctl_mechanism
     if ioctl is not None:
         defines[f"IOCTL_{ioctl.upper()}"] = "1"
@@ -140,25 +116,18 @@ def _first_line(exc: BaseException, stderr: list[str]) -> str:
 @dataclass
 class Session:
     """A program bcc compiled and attached in this process. Its maps are read through
-    kvmtrace.handoff.FdSession (over the fds of map_fds(), in this process or in the one
+    kvmtrace.reader.Reader (over the fds of map_fds(), in this process or in the one
     the loader child hands them to)."""
 
     bpf: object
     plan: planmod.Plan
     attachments: list[Attachment]
     ringbuf: bool
+    opts: Options
 
-    def map_fds(self, names: Iterable[str]) -> dict[str, dict]:
-        """Per map: its fd and max_entries; for counts also the key and value sizes."""
-        import ctypes as ct
-
-        out = {}
-        for name in names:
-            table = self.bpf[name.encode()]
-            out[name] = {"fd": table.map_fd, "max_entries": table.max_entries}
-            if name == "counts":
-                out[name].update(key_size=ct.sizeof(table.Key), value_size=ct.sizeof(table.Leaf))
-        return out
+    def map_fds(self) -> dict[str, int]:
+        """The fd of every map the reader reads (kvmtrace.contract.READ_MAPS)."""
+        return {name: self.bpf[name.encode()].map_fd for name in contract.READ_MAPS}
 
     def close(self) -> None:
         self.bpf.cleanup()
@@ -193,7 +162,7 @@ def load(plan: planmod.Plan, opts: Options) -> Session:
                 except Exception as exc:
                     done[key] = f"{p.mechanism} attach failed: {_first_line(exc, err)}"
         attachments.append(Attachment(p, done[key] is None, done[key]))
-    return Session(bpf, plan, attachments, opts.use_ringbuf)
+    return Session(bpf, plan, attachments, opts.use_ringbuf, opts)
 
 
 def _attach(bpf, p: planmod.Point) -> None:

@@ -9,6 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvmtrace.contract import (
+    FIRST_TYPE_CHECK,
+    PROBE_ARCH_INIT_VM,
+    PROBE_CREATE_VM,
+    PROBE_VM_TYPES_QUERY,
+)
 from kvmtrace.facts import (
     ARCH_INIT_FUNCTION,
     IOCTL_FUNCTION,
@@ -17,12 +23,6 @@ from kvmtrace.facts import (
     TYPE_CHECK_PATTERN,
     HostFacts,
 )
-
-# Probe ids as the BPF program sees them (count_key.probe / event.probe).
-PROBE_CREATE_VM = 0
-PROBE_VM_TYPES_QUERY = 1
-PROBE_ARCH_INIT_VM = 2
-FIRST_TYPE_CHECK = 3
 
 # Point names: the "probe" label of every metric.
 CREATE_VM = "KVM_CREATE_VM"
@@ -68,6 +68,23 @@ class Plan:
     @property
     def missing(self) -> list[Point]:
         return [p for p in self.points if not p.planned]
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A planned point and what happened when the loader attached it."""
+
+    point: Point
+    attached: bool
+    error: str | None = None  # why not, when the plan had a mechanism
+
+    @property
+    def mechanism(self) -> str:
+        return self.point.mechanism if self.attached and self.point.mechanism else "none"
+
+    @property
+    def reason(self) -> str:
+        return self.error or self.point.reason
 
 
 def _no_kprobes(facts: HostFacts) -> str:
@@ -146,9 +163,3 @@ def make_plan(facts: HostFacts) -> Plan:
                             mech, name if mech else None, why))
     return Plan(tuple(points))
 
-
-def is_rejection(point: Point, result: int) -> bool:
-    """Did a call of ``point`` returning ``result`` say no?"""
-    if point.returns == RETURNS_BOOL:
-        return result == 0
-    return result < 0

@@ -13,12 +13,12 @@ from collections.abc import Callable
 from typing import Protocol
 
 from kvmtrace.aggregate import Aggregator, Series, per_process
+from kvmtrace.contract import RawCount
 from kvmtrace.decode import CountRecord, DecodeError, Decoder, Event
-from kvmtrace.loader import RawCount
 
 
 class Source(Protocol):
-    """What a loaded program offers (kvmtrace.handoff.FdSession)."""
+    """What a loaded program offers (kvmtrace.reader.Reader)."""
 
     def read_counts(self) -> list[RawCount]: ...
     def delete_counts(self, raws: list[RawCount]) -> None: ...

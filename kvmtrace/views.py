@@ -10,7 +10,7 @@ from kvmtrace import plan as planmod
 from kvmtrace import tables
 from kvmtrace.attempts import Attempt, Step
 from kvmtrace.decode import Event
-from kvmtrace.loader import Attachment
+from kvmtrace.plan import Attachment
 
 
 def plan_rows(attachments: Sequence[Attachment]) -> list[list[str]]:

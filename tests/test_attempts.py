@@ -4,15 +4,15 @@ import pytest
 
 from kvmtrace import attempts as at
 from kvmtrace import plan as planmod
-from kvmtrace.decode import (
-    EVENT_FORMAT,
+from kvmtrace.contract import (
+    EVENT,
     VERDICT_ARCH_INIT_FAILED,
     VERDICT_ARCH_INIT_SEEN,
     VERDICT_TYPE_CHECK_REJECTED,
     VERDICT_TYPE_CHECK_SEEN,
-    Decoder,
 )
-from kvmtrace.loader import Attachment
+from kvmtrace.decode import Decoder
+from kvmtrace.plan import Attachment
 
 SEED = "seed-tdx-v12-kprobes"
 HOST = "firecracker-6.18-no-kprobes"
@@ -32,7 +32,7 @@ class Kernel:
 
     def ev(self, probe, vm_type, result, ts, dur, tid=500, pid=500, comm=b"qemu-system-x86",
            verdicts=0):
-        raw = EVENT_FORMAT.pack(ts, dur, vm_type, result, pid, tid, self.ids[probe], verdicts,
+        raw = EVENT.pack(ts, dur, vm_type, result, pid, tid, self.ids[probe], verdicts,
                                 comm)
         return self.decoder.event(raw)
 

@@ -5,23 +5,24 @@ import subprocess
 
 from prometheus_client import CollectorRegistry, generate_latest
 
+from kvmtrace import contract
 from kvmtrace import plan as planmod
 from kvmtrace.collector import KvmtraceCollector
 from kvmtrace.decode import Decoder
 from kvmtrace.kvmdev import KvmInfo
-from kvmtrace.loader import Attachment
+from kvmtrace.plan import Attachment
 from kvmtrace.runtime import Runtime
 from tests.recorded import RecordedSource
 
 RAWS = [
-    (100, planmod.PROBE_CREATE_VM, 0, 0, 0, b"qemu-system-x86", 4),
-    (100, planmod.PROBE_CREATE_VM, 2, -22, 0, b"qemu-system-x86", 3),
-    (101, planmod.PROBE_CREATE_VM, 2, -22, 0, b"qemu-system-x86", 1),
-    (101, planmod.PROBE_CREATE_VM, 2**32 + 1, -22, 0, b"fuzz\x07er", 1),
-    (100, planmod.PROBE_VM_TYPES_QUERY, 0, 1, 0, b"qemu-system-x86", 2),
-    (100, planmod.PROBE_ARCH_INIT_VM, 2, -22, 0, b"qemu-system-x86", 3),
-    (100, planmod.FIRST_TYPE_CHECK + 1, 2, 0, 0, b"qemu-system-x86", 3),
-    (100, planmod.FIRST_TYPE_CHECK + 1, 0, 1, 0, b"qemu-system-x86", 4),
+    (100, contract.PROBE_CREATE_VM, 0, 0, 0, b"qemu-system-x86", 4),
+    (100, contract.PROBE_CREATE_VM, 2, -22, 0, b"qemu-system-x86", 3),
+    (101, contract.PROBE_CREATE_VM, 2, -22, 0, b"qemu-system-x86", 1),
+    (101, contract.PROBE_CREATE_VM, 2**32 + 1, -22, 0, b"fuzz\x07er", 1),
+    (100, contract.PROBE_VM_TYPES_QUERY, 0, 1, 0, b"qemu-system-x86", 2),
+    (100, contract.PROBE_ARCH_INIT_VM, 2, -22, 0, b"qemu-system-x86", 3),
+    (100, contract.FIRST_TYPE_CHECK + 1, 2, 0, 0, b"qemu-system-x86", 3),
+    (100, contract.FIRST_TYPE_CHECK + 1, 0, 1, 0, b"qemu-system-x86", 4),
 ]
 
 
@@ -126,15 +127,15 @@ def test_promtool_accepts_the_exposition(kernel_facts):
 
 
 def test_one_sample_per_label_set_and_reasons_from_verdicts_and_errno(kernel_facts):
-    from kvmtrace.decode import VERDICT_ARCH_INIT_FAILED, VERDICT_ARCH_INIT_SEEN
+    from kvmtrace.contract import VERDICT_ARCH_INIT_FAILED, VERDICT_ARCH_INIT_SEEN
 
     raws = [
-        (100, planmod.PROBE_CREATE_VM, 0, 0, 0, b"vmm", 5),
-        (100, planmod.PROBE_CREATE_VM, 0, -24, 0, b"vmm", 2),  # EMFILE on type 0
-        (100, planmod.PROBE_CREATE_VM, 0, -24, VERDICT_ARCH_INIT_SEEN, b"vmm", 1),
-        (100, planmod.PROBE_CREATE_VM, 0, -12,
+        (100, contract.PROBE_CREATE_VM, 0, 0, 0, b"vmm", 5),
+        (100, contract.PROBE_CREATE_VM, 0, -24, 0, b"vmm", 2),  # EMFILE on type 0
+        (100, contract.PROBE_CREATE_VM, 0, -24, VERDICT_ARCH_INIT_SEEN, b"vmm", 1),
+        (100, contract.PROBE_CREATE_VM, 0, -12,
          VERDICT_ARCH_INIT_SEEN | VERDICT_ARCH_INIT_FAILED, b"vmm", 1),  # ENOMEM
-        (100, planmod.PROBE_CREATE_VM, 0, -22,
+        (100, contract.PROBE_CREATE_VM, 0, -22,
          VERDICT_ARCH_INIT_SEEN | VERDICT_ARCH_INIT_FAILED, b"vmm", 3),  # supported type
     ]
     reg, _, _ = make(kernel_facts, raws=raws)

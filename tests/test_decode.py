@@ -1,7 +1,9 @@
 import pytest
 
+from kvmtrace import contract
 from kvmtrace import plan as planmod
-from kvmtrace.decode import EVENT_FORMAT, DecodeError, Decoder
+from kvmtrace.contract import EVENT
+from kvmtrace.decode import DecodeError, Decoder
 
 
 @pytest.fixture
@@ -11,18 +13,18 @@ def decoder(kernel_facts):
 
 def raw_event(probe, vm_type, result, comm=b"qemu-system-x86", tgid=42, tid=43,
               ts=10_000, dur=1_500):
-    return EVENT_FORMAT.pack(ts, dur, vm_type, result, tgid, tid, probe, 0, comm)
+    return EVENT.pack(ts, dur, vm_type, result, tgid, tid, probe, 0, comm)
 
 
 @pytest.mark.parametrize(("probe", "vm_type", "result", "name", "rejected", "errno"), [
-    (planmod.PROBE_CREATE_VM, 0, 9, "KVM_CREATE_VM", False, None),
-    (planmod.PROBE_CREATE_VM, 2, -22, "KVM_CREATE_VM", True, "EINVAL"),
-    (planmod.PROBE_CREATE_VM, 0, -24, "KVM_CREATE_VM", True, "EMFILE"),
-    (planmod.PROBE_VM_TYPES_QUERY, 0, 0x1, "KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES)", False, None),
-    (planmod.PROBE_ARCH_INIT_VM, 5, -22, "kvm_arch_init_vm", True, "EINVAL"),
-    (planmod.PROBE_ARCH_INIT_VM, 0, 0, "kvm_arch_init_vm", False, None),
-    (planmod.FIRST_TYPE_CHECK, 1, 0, "kvm_is_vm_type_supported", True, None),
-    (planmod.FIRST_TYPE_CHECK, 0, 1, "kvm_is_vm_type_supported", False, None),
+    (contract.PROBE_CREATE_VM, 0, 9, "KVM_CREATE_VM", False, None),
+    (contract.PROBE_CREATE_VM, 2, -22, "KVM_CREATE_VM", True, "EINVAL"),
+    (contract.PROBE_CREATE_VM, 0, -24, "KVM_CREATE_VM", True, "EMFILE"),
+    (contract.PROBE_VM_TYPES_QUERY, 0, 0x1, "KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES)", False, None),
+    (contract.PROBE_ARCH_INIT_VM, 5, -22, "kvm_arch_init_vm", True, "EINVAL"),
+    (contract.PROBE_ARCH_INIT_VM, 0, 0, "kvm_arch_init_vm", False, None),
+    (contract.FIRST_TYPE_CHECK, 1, 0, "kvm_is_vm_type_supported", True, None),
+    (contract.FIRST_TYPE_CHECK, 0, 1, "kvm_is_vm_type_supported", False, None),
     (77, 0, 0, "unknown:77", False, None),
 ])
 def test_event_decoding(decoder, probe, vm_type, result, name, rejected, errno):
@@ -33,7 +35,7 @@ def test_event_decoding(decoder, probe, vm_type, result, name, rejected, errno):
 
 
 def test_event_with_hostile_comm_and_unknown_type(decoder):
-    ev = decoder.event(raw_event(planmod.PROBE_CREATE_VM, 2**32 + 1, -22, comm=b"a\nb\x1b[31m"))
+    ev = decoder.event(raw_event(contract.PROBE_CREATE_VM, 2**32 + 1, -22, comm=b"a\nb\x1b[31m"))
     assert ev.comm == "a\\x0ab\\x1b[31m"
     assert ev.vm_type_name == "unknown:4294967297"
 
@@ -44,6 +46,6 @@ def test_short_event_is_a_decode_error(decoder):
 
 
 def test_count_decoding(decoder):
-    r = decoder.count((7, planmod.PROBE_CREATE_VM, 3, -22, 0, b"vmm\0\0", 12))
+    r = decoder.count((7, contract.PROBE_CREATE_VM, 3, -22, 0, b"vmm\0\0", 12))
     assert (r.pid, r.comm, r.probe, r.vm_type_name, r.errno, r.rejected, r.count) == (
         7, "vmm", "KVM_CREATE_VM", "SEV_ES", "EINVAL", True, 12)

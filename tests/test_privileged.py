@@ -317,12 +317,12 @@ def test_kprobe_programs_pass_the_verifier_and_failed_attaches_are_reported(kern
 @pytest.mark.parametrize("task_storage", [True, False], ids=["task-storage", "hash"])
 def test_both_in_flight_variants_count_exactly(task_storage):
     """The in-flight ioctl lives in task storage (5.11+) or, on older kernels, a hash."""
-    from kvmtrace import facts, handoff, loader, plan
+    from kvmtrace import facts, loader, plan, reader
     from kvmtrace.decode import Decoder
 
     f = facts.gather()
     p = plan.make_plan(f)
-    session = handoff.FdSession.over(loader.load(p, loader.Options(
+    session = reader.Reader.over(loader.load(p, loader.Options(
         self_tgid=os.getpid(), use_task_storage=task_storage)))
     try:
         comm = unique_comm("kvts")
@@ -343,12 +343,12 @@ def test_both_in_flight_variants_count_exactly(task_storage):
 
 
 def test_event_budget_throttles_the_stream_but_never_the_counts():
-    from kvmtrace import facts, handoff, loader, plan
+    from kvmtrace import facts, loader, plan, reader
     from kvmtrace.decode import Decoder
 
     f = facts.gather()
     p = plan.make_plan(f)
-    session = handoff.FdSession.over(loader.load(p, loader.Options(
+    session = reader.Reader.over(loader.load(p, loader.Options(
         self_tgid=os.getpid(), event_budget=5, event_window_ns=60 * 10**9)))
     events = []
     session.open_events(events.append)

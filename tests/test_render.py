@@ -22,18 +22,20 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import choose_encoder
 
 from kvmtrace import attempts as attemptsmod
+from kvmtrace import contract
 from kvmtrace import plan as planmod
 from kvmtrace.aggregate import Series
 from kvmtrace.collector import KvmtraceCollector
-from kvmtrace.decode import VERDICT_ARCH_INIT_FAILED, VERDICT_ARCH_INIT_SEEN, CountRecord, Decoder
+from kvmtrace.contract import VERDICT_ARCH_INIT_FAILED, VERDICT_ARCH_INIT_SEEN
+from kvmtrace.decode import CountRecord, Decoder
 from kvmtrace.kvmdev import KvmInfo
-from kvmtrace.loader import Attachment
+from kvmtrace.plan import Attachment
 from kvmtrace.runtime import Runtime
 from kvmtrace.server import metrics_app
 from tests.recorded import RecordedSource
 
-CREATE, QUERY, ARCH, CHECK = (planmod.PROBE_CREATE_VM, planmod.PROBE_VM_TYPES_QUERY,
-                              planmod.PROBE_ARCH_INIT_VM, planmod.FIRST_TYPE_CHECK + 1)
+CREATE, QUERY, ARCH, CHECK = (contract.PROBE_CREATE_VM, contract.PROBE_VM_TYPES_QUERY,
+                              contract.PROBE_ARCH_INIT_VM, contract.FIRST_TYPE_CHECK + 1)
 # Raw counts (tgid, probe, vm type, result, verdicts, comm, count): every family, odd
 # comms (a quote, a backslash, a newline, UTF-8, NUL padding, format characters),
 # 2**32+1, an unknown probe id, an unknown errno, two keys that fold into one series.

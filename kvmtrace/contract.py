@@ -1,0 +1,193 @@
+"""The kernel<->user contract: what bpf/kvmtrace.bpf.c and the Python side share.
+
+Every struct layout, map (name, type, key and value size, entries), probe id, verdict
+bit, health index and latency index the BPF program and this package must agree on is
+written here once, beside the C (as ebpf_exporter declares each map's layout next to its
+``.bpf.c``). The C takes the numbers as ``#define``s from :func:`defines`, so the
+program compiled is always the one described here; ``tests/test_contract.py`` parses
+the C and fails when a struct, a map declaration or a define disagrees; and the reader
+checks every map it is handed against :data:`MAPS`, as the kernel reports it, before
+reading a byte (:func:`check_map`).
+
+Pure data and pure functions: nothing here touches the machine.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import struct
+from dataclasses import dataclass
+
+TASK_COMM_LEN = 16  # include/linux/sched.h
+
+# ---- probe ids: count_key.probe / event.probe --------------------------------
+PROBE_CREATE_VM = 0
+PROBE_VM_TYPES_QUERY = 1
+PROBE_ARCH_INIT_VM = 2
+FIRST_TYPE_CHECK = 3  # every further function point, in plan order
+
+# ---- VERDICT_* bits: what the function probes saw inside one KVM_CREATE_VM ----
+# (same thread, nested in time), kept in count_key.verdicts and event.verdicts.
+VERDICT_TYPE_CHECK_REJECTED = 1  # an *_is_vm_type_supported returned false
+VERDICT_ARCH_INIT_FAILED = 2  # kvm_arch_init_vm returned -errno
+VERDICT_ARCH_INIT_SEEN = 4  # kvm_arch_init_vm returned (either way)
+VERDICT_TYPE_CHECK_SEEN = 8  # an *_is_vm_type_supported returned
+VERDICTS = {
+    "VERDICT_TYPE_CHECK_REJECTED": VERDICT_TYPE_CHECK_REJECTED,
+    "VERDICT_ARCH_INIT_FAILED": VERDICT_ARCH_INIT_FAILED,
+    "VERDICT_ARCH_INIT_SEEN": VERDICT_ARCH_INIT_SEEN,
+    "VERDICT_TYPE_CHECK_SEEN": VERDICT_TYPE_CHECK_SEEN,
+}
+
+# ---- health: per-CPU counters, index i is HEALTH[i] (kvmtrace_<name>_total) ----
+HEALTH = ("counts_dropped", "events_lost", "calls_dropped", "events_throttled")
+
+# ---- KVM_CREATE_VM latency: log2(ns) slots per outcome ---------------------------
+LATENCY_OUTCOMES = ("accepted", "rejected")  # outcome = (ret < 0)
+LATENCY_SLOTS = 64  # bpf_log2l() of a u64
+
+
+def latency_index(outcome: int, slot: int) -> int:
+    """Index in the create_latency array of (outcome, log2 slot)."""
+    return outcome * LATENCY_SLOTS + slot
+
+
+def latency_slot(index: int) -> tuple[int, int]:
+    """(outcome, log2 slot) of a create_latency index."""
+    return divmod(index, LATENCY_SLOTS)
+
+
+# ---- struct count_key: the counts map's key ----------------------------------
+
+
+class CountKey(ct.Structure):
+    """struct count_key."""
+
+    _fields_ = [("tgid", ct.c_uint32), ("probe", ct.c_uint32), ("vm_type", ct.c_uint64),
+                ("result", ct.c_int64), ("verdicts", ct.c_uint32), ("pad", ct.c_uint32),
+                ("comm", ct.c_char * TASK_COMM_LEN)]
+
+
+# struct count_key as a struct format, to read a batch buffer without a ctypes
+# object per entry: tgid, probe, vm_type, result, verdicts, pad, comm.
+COUNT_KEY = struct.Struct("<IIQqII16s")
+COUNT_VALUE_SIZE = 8  # u64
+
+# A count as read from the map: (tgid, probe, vm_type, result, verdicts, comm, count),
+# comm without its NULs. A plain tuple: a scrape of 10,000 series makes 10,000 of them.
+RawCount = tuple[int, int, int, int, int, bytes, int]
+
+# struct event: one record per completed call on the live stream:
+# u64 ts_ns, duration_ns, vm_type; s64 result; u32 tgid, tid, probe, verdicts; comm.
+EVENT = struct.Struct("<QQQqIIII16s")
+
+# The C struct fields, in order, as (C type, name): what tests/test_contract.py holds
+# the C against, and what the formats above are built from.
+STRUCTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "count_key": (("u32", "tgid"), ("u32", "probe"), ("u64", "vm_type"), ("s64", "result"),
+                  ("u32", "verdicts"), ("u32", "pad"), ("char[TASK_COMM_LEN]", "comm")),
+    "event": (("u64", "ts_ns"), ("u64", "duration_ns"), ("u64", "vm_type"),
+              ("s64", "result"), ("u32", "tgid"), ("u32", "tid"), ("u32", "probe"),
+              ("u32", "verdicts"), ("char[TASK_COMM_LEN]", "comm")),
+}
+STRUCT_FORMATS = {"count_key": COUNT_KEY, "event": EVENT}
+
+# ---- maps -----------------------------------------------------------------------
+# Kernel map types (include/uapi/linux/bpf.h enum bpf_map_type).
+BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PERF_EVENT_ARRAY = 4
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_RINGBUF = 27
+PAGE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """One map the reader reads: its declaration in the C and its shape in the kernel."""
+
+    name: str  # the C name, which bcc gives the kernel map (truncated to 15 chars)
+    macro: str  # the bcc macro that declares it
+    key: str | None  # C key type (None: bcc's default, an int index)
+    value: str | None  # C value type
+    entries: str  # the define that sizes it
+    key_size: int
+    value_size: int  # per CPU for a per-CPU array
+
+
+# Sizes defines: max_entries of each map (COUNTS_MAX, CALLS_MAX and RINGBUF_PAGES are
+# the loader's options; the others are fixed by the layouts above).
+HEALTH_ENTRIES = len(HEALTH)
+LATENCY_ENTRIES = len(LATENCY_OUTCOMES) * LATENCY_SLOTS
+LATENCY_SUM_ENTRIES = len(LATENCY_OUTCOMES)
+
+MAPS: dict[str, MapSpec] = {m.name: m for m in (
+    MapSpec("counts", "BPF_HASH", "struct count_key", "u64", "COUNTS_MAX",
+            COUNT_KEY.size, COUNT_VALUE_SIZE),
+    MapSpec("health", "BPF_PERCPU_ARRAY", None, "u64", "HEALTH_ENTRIES", 4, 8),
+    MapSpec("create_latency", "BPF_ARRAY", None, "u64", "LATENCY_ENTRIES", 4, 8),
+    MapSpec("create_latency_sum", "BPF_ARRAY", None, "u64", "LATENCY_SUM_ENTRIES", 4, 8),
+)}
+EVENTS_MAP = "events"  # BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES) or BPF_PERF_OUTPUT(events)
+# Every map the reader is handed, by name.
+READ_MAPS = (*MAPS, EVENTS_MAP)
+
+
+def defines(counts_max: int, calls_max: int, ringbuf_pages: int) -> dict[str, str]:
+    """The contract's ``#define``s for the C (the loader adds host and plan ones)."""
+    out = {
+        "PROBE_CREATE_VM": str(PROBE_CREATE_VM),
+        "PROBE_VM_TYPES_QUERY": str(PROBE_VM_TYPES_QUERY),
+        "PROBE_ARCH_INIT_VM": str(PROBE_ARCH_INIT_VM),
+        **{k: str(v) for k, v in VERDICTS.items()},
+        **{f"HEALTH_{name.upper()}": str(i) for i, name in enumerate(HEALTH)},
+        "HEALTH_ENTRIES": str(HEALTH_ENTRIES),
+        "LATENCY_SLOTS": str(LATENCY_SLOTS),
+        "LATENCY_ENTRIES": str(LATENCY_ENTRIES),
+        "LATENCY_SUM_ENTRIES": str(LATENCY_SUM_ENTRIES),
+        "COUNTS_MAX": str(counts_max),
+        "CALLS_MAX": str(calls_max),
+        "RINGBUF_PAGES": str(ringbuf_pages),
+    }
+    return out
+
+
+def expected_entries(name: str, counts_max: int) -> int:
+    """max_entries the kernel must report for one of :data:`MAPS`."""
+    return {"counts": counts_max, "health": HEALTH_ENTRIES, "create_latency": LATENCY_ENTRIES,
+            "create_latency_sum": LATENCY_SUM_ENTRIES}[name]
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    """What the kernel says of a map fd (struct bpf_map_info's first fields)."""
+
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+
+
+def check_map(name: str, info: MapInfo, counts_max: int, ringbuf: bool,
+              ringbuf_pages: int) -> str | None:
+    """None when the kernel's map ``name`` is the one this contract describes, else why
+    not (one line)."""
+    if name == EVENTS_MAP:
+        want_type = BPF_MAP_TYPE_RINGBUF if ringbuf else BPF_MAP_TYPE_PERF_EVENT_ARRAY
+        if info.type != want_type:
+            return f"map {name}: kernel type {info.type}, expected {want_type}"
+        if ringbuf and info.max_entries != ringbuf_pages * PAGE_SIZE:
+            return (f"map {name}: {info.max_entries} bytes, expected "
+                    f"{ringbuf_pages * PAGE_SIZE}")
+        return None
+    spec = MAPS.get(name)
+    if spec is None:
+        return f"map {name}: not in kvmtrace.contract.MAPS"
+    want_type = {"BPF_HASH": BPF_MAP_TYPE_HASH, "BPF_ARRAY": BPF_MAP_TYPE_ARRAY,
+                 "BPF_PERCPU_ARRAY": BPF_MAP_TYPE_PERCPU_ARRAY}[spec.macro]
+    got = (info.type, info.key_size, info.value_size, info.max_entries)
+    want = (want_type, spec.key_size, spec.value_size, expected_entries(name, counts_max))
+    if got != want:
+        return (f"map {name}: the kernel has (type, key size, value size, max entries) "
+                f"{got}, kvmtrace.contract expects {want}")
+    return None
