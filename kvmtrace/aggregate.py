@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from kvmtrace.decode import CountRecord
-from kvmtrace.plan import CREATE_VM
+from kvmtrace.plan import CREATE_VM, Layer
 
 
 class Series(NamedTuple):
@@ -80,7 +80,7 @@ def per_process(live: Iterable[CountRecord]) -> list[dict]:
                 t["rejected"] += r.count
             else:
                 t["accepted"] += r.count
-        elif r.layer == "ioctl":
+        elif r.layer == Layer.IOCTL:
             p["vm_types_queries"] += r.count
         else:
             p["type_checks"] += r.count

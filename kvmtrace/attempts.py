@@ -84,7 +84,7 @@ def supported_types(host_mask: int | None) -> list[int] | None:
     """Types the host accepts from its KVM_CAP_VM_TYPES answer (0: cap unknown → [0])."""
     if host_mask is None:
         return None
-    return [0] if host_mask == 0 else tables.vm_types_in_mask(host_mask)
+    return tables.supported_vm_types(host_mask)
 
 
 # classify() runs once per new series at a scrape (the collector keeps its result)
@@ -131,7 +131,7 @@ class Step:
     probe: str
     layer: str
     observed: bool
-    mechanism: str  # "none" when not observed
+    mechanism: str  # planmod.Mechanism.NONE when not observed
     vm_type: int | None = None
     result: int | None = None
     rejected: bool | None = None
@@ -170,8 +170,8 @@ class Attempt:
         return d
 
 
-def _type_label(vm_type: int, name: str) -> str:
-    title = tables.X86_VM_TYPE_TITLES.get(vm_type) if not name.startswith("unknown") else None
+def _type_label(vm_type: int, name: str, arch: str) -> str:
+    title = tables.vm_type_title(vm_type, arch)
     return f"VM type {vm_type} ({name}{': ' + title if title else ''})"
 
 
@@ -184,19 +184,21 @@ def explain(a: Attempt, arch: str, vendor_modules: Sequence[str] = ()) -> None:
     c = classify(a.errno, vm_type, a.verdicts, a.host_mask)
     a.reason, a.basis = c.reason, c.basis
     supported = supported_types(a.host_mask)
-    parts = [f"pid {a.pid} ({a.comm}) asked for " + (_type_label(vm_type, name)
+    parts = [f"pid {a.pid} ({a.comm}) asked for " + (_type_label(vm_type, name, arch)
                                                     if a.vm_type is not None
                                                     else "an unobserved VM type")]
     if supported is not None:
         names = ", ".join(tables.vm_type_name(t, arch) for t in supported)
         only = "only " if len(supported) == 1 else ""
         parts.append(f"this host supports {only}{names} (KVM_CAP_VM_TYPES={a.host_mask:#x})")
-    rejecting = [s for s in a.steps if s.observed and s.rejected and s.layer != "ioctl"]
+    rejecting = [s for s in a.steps if s.observed and s.rejected
+                 and s.layer != planmod.Layer.IOCTL]
     if rejecting:
         chain = " → ".join(s.probe for s in sorted(rejecting, key=_depth))
         where = f"KVM rejected it in {chain}"
     else:
-        unseen = [s.probe for s in a.steps if not s.observed and s.layer != "ioctl"]
+        unseen = [s.probe for s in a.steps
+                  if not s.observed and s.layer != planmod.Layer.IOCTL]
         where = "KVM_CREATE_VM failed" + (
             f" (inside the kernel not observable here: {', '.join(unseen)} not attached)"
             if unseen else "")
@@ -206,11 +208,8 @@ def explain(a: Attempt, arch: str, vendor_modules: Sequence[str] = ()) -> None:
     a.hint = hint(c.reason, name, vendor_modules)
 
 
-_DEPTH = {"ioctl": 0, "arch_init": 1, "type_check": 2}
-
-
 def _depth(s: Step) -> int:
-    return _DEPTH.get(s.layer, 3)
+    return planmod.layer_depth(s.layer)
 
 
 class Stitcher:
@@ -238,12 +237,13 @@ class Stitcher:
                                       ioctl_ev.result, ioctl_ev.rejected, ioctl_ev.errno,
                                       ioctl_ev.duration_ns or None))
                 else:
-                    steps.append(Step(point.name, point.layer, False, "none",
+                    steps.append(Step(point.name, point.layer, False, planmod.Mechanism.NONE,
                                       note=reason if not attached else "not seen"))
                 continue
             seen = [e for e in inner if e.probe == point.name]
             if not attached:
-                steps.append(Step(point.name, point.layer, False, "none", note=reason))
+                steps.append(Step(point.name, point.layer, False, planmod.Mechanism.NONE,
+                                  note=reason))
             elif not seen:
                 steps.append(Step(point.name, point.layer, False, mechanism,
                                   note="attached, not called in this attempt"))
@@ -275,7 +275,7 @@ class Stitcher:
 
     def feed(self, ev: Event) -> list[Attempt]:
         """Take one event; return the attempts it completes (usually none or one)."""
-        if ev.layer in ("arch_init", "type_check"):
+        if ev.layer in (planmod.Layer.ARCH_INIT, planmod.Layer.TYPE_CHECK):
             q = self._pending.setdefault(ev.tid, deque(maxlen=self._per_thread))
             q.append(ev)
             return []
@@ -322,8 +322,8 @@ def _chains(events: list[Event]) -> list[list[Event]]:
 def _verdicts_of(events: Iterable[Event]) -> int:
     v = 0
     for e in events:
-        if e.layer == "arch_init":
+        if e.layer == planmod.Layer.ARCH_INIT:
             v |= VERDICT_ARCH_INIT_SEEN | (VERDICT_ARCH_INIT_FAILED if e.rejected else 0)
-        elif e.layer == "type_check":
+        elif e.layer == planmod.Layer.TYPE_CHECK:
             v |= VERDICT_TYPE_CHECK_SEEN | (VERDICT_TYPE_CHECK_REJECTED if e.rejected else 0)
     return v

@@ -450,11 +450,11 @@ def doctor_report(facts: factsmod.HostFacts, attachments: Sequence[planmod.Attac
     for p in plan.points:
         a = by_id.get(p.id)
         points.append({
-            "probe": p.name, "layer": p.layer, "mechanism": p.mechanism or "none",
+            "probe": p.name, "layer": p.layer, "mechanism": p.mechanism or planmod.Mechanism.NONE,
             "target": p.target, "attached": bool(a and a.attached),
             "detail": a.reason if a else p.reason,
         })
-    ioctl_ok = any(pt["attached"] for pt in points if pt["layer"] == "ioctl")
+    ioctl_ok = any(pt["attached"] for pt in points if pt["layer"] == planmod.Layer.IOCTL)
     if attachments is not None and not ioctl_ok:
         errors.append("the ioctl layer (KVM_CREATE_VM) could not attach: "
                       + points[0]["detail"])
@@ -545,8 +545,8 @@ def _doctor_text(r: dict) -> str:
         "probe points" + ("" if r["attach_tested"] else " (planned; attach not tested)") + ":",
     ]
     for p in r["points"]:
-        state = "attached" if p["attached"] else ("planned" if not r["attach_tested"]
-                                                  and p["mechanism"] != "none" else "NOT ATTACHED")
+        planned = not r["attach_tested"] and p["mechanism"] != planmod.Mechanism.NONE
+        state = "attached" if p["attached"] else ("planned" if planned else "NOT ATTACHED")
         lines.append(f"  {p['probe']:<40} {p['mechanism']:<10} {state:<12} {p['detail']}")
     lines += [f"WARNING: {w}" for w in r["warnings"]]
     lines.append("verdict: tracing works here" if r["ok"] else "verdict: tracing cannot work here")

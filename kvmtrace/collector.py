@@ -17,6 +17,7 @@ cannot drift (tests/test_render.py checks them byte for byte).
 
 from __future__ import annotations
 
+import logging
 import operator
 import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
@@ -36,13 +37,14 @@ from kvmtrace import attempts as attemptsmod
 from kvmtrace import plan as planmod
 from kvmtrace import tables
 from kvmtrace.aggregate import Series
-from kvmtrace.contract import RawCount
+from kvmtrace.contract import LATENCY_OUTCOMES, RawCount
 from kvmtrace.decode import CountRecord
 from kvmtrace.kvmdev import KvmInfo
 from kvmtrace.plan import Attachment
 from kvmtrace.runtime import Runtime
 
 NS = "kvmtrace"
+log = logging.getLogger(__name__)
 
 # The per-series counter families, in exposition order: (name, help, label names
 # before the optional pid label, label names after it).
@@ -172,6 +174,7 @@ class KvmtraceCollector(Collector):
         self._formats: dict[str, _Format | None] = {}
         self._templates: dict[tuple[str, ...], int] = {}
         self._value_texts: dict[int | float, bytes] = {}
+        self._scrape_errors: dict[str, int] = {}  # exception kind -> failed map reads
 
     # ---- the scrape, shared by both outputs ---------------------------------
 
@@ -183,8 +186,13 @@ class KvmtraceCollector(Collector):
             raws, exited, counts = self._rt.raw_counts()
             health = self._rt.health()
             latency = self._rt.latency()
-        except Exception:  # a map read failed: degrade, never a 500
+        except Exception as exc:  # whatever a map read raised: degrade, never a 500
             raws, exited, counts, health, latency, ok = [], [], [], {}, ([], [0, 0]), 0
+            kind = type(exc).__name__
+            if kind not in self._scrape_errors:  # logged once per kind, counted always
+                log.warning("reading the BPF maps failed (%s: %s); serving partial "
+                            "metrics (kvmtrace_scrape_errors_total counts each)", kind, exc)
+            self._scrape_errors[kind] = self._scrape_errors.get(kind, 0) + 1
         order = self._update(raws, exited, counts, kvm.vm_types_mask, bool(ok))
         return kvm, health, latency, ok, order
 
@@ -468,6 +476,12 @@ class KvmtraceCollector(Collector):
             f"{NS}_collect_success", "1 when the BPF maps were read at this scrape.")
         success.add_metric([], ok)
         out.append(success)
+        errors = CounterMetricFamily(
+            f"{NS}_scrape_errors", "Scrapes whose BPF map reads failed, by exception kind.",
+            labels=["kind"])
+        for kind in sorted(self._scrape_errors):
+            errors.add_metric([kind], self._scrape_errors[kind])
+        out.append(errors)
         info = GaugeMetricFamily(f"{NS}_build_info", "kvmtrace build and host information.",
                                  labels=sorted(self._build))
         info.add_metric([self._build[k] for k in sorted(self._build)], 1)
@@ -517,7 +531,6 @@ class _Template:
 # Bucket bounds of kvmtrace_vm_create_duration_seconds: powers of two of ns,
 # 2**10 (~1 µs) .. 2**31 (~2.1 s), matching the kernel's log2 slots.
 LATENCY_BOUNDS_LOG2 = range(10, 32)
-OUTCOMES = ("accepted", "rejected")
 
 
 def _latency_histogram(slots: list[tuple[int, int, int]], sums: list[int]) -> Metric:
@@ -526,7 +539,7 @@ def _latency_histogram(slots: list[tuple[int, int, int]], sums: list[int]) -> Me
         f"{NS}_vm_create_duration_seconds",
         "KVM_CREATE_VM latency, entry to return at the ioctl layer, by outcome.",
         labels=["outcome"])
-    for outcome, name in enumerate(OUTCOMES):
+    for outcome, name in enumerate(LATENCY_OUTCOMES):
         mine = [(slot, n) for o, slot, n in slots if o == outcome]
         # A value in slot s lies in [2**s, 2**(s+1)) ns: at most 2**(s+1).
         buckets = [(f"{2 ** b / 1e9:.9g}", sum(n for slot, n in mine if slot + 1 <= b))

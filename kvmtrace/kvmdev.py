@@ -25,9 +25,7 @@ class KvmInfo:
     def supported_types(self) -> list[int]:
         if self.vm_types_mask is None:
             return []
-        if self.vm_types_mask == 0:
-            return [0]
-        return tables.vm_types_in_mask(self.vm_types_mask)
+        return tables.supported_vm_types(self.vm_types_mask)
 
 
 def _ioctl(libc: ctypes.CDLL, fd: int, request: int, arg: int) -> int:

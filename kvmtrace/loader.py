@@ -65,13 +65,14 @@ def build_text(plan: planmod.Plan, opts: Options) -> str:
     head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
     lines = []
     for p in plan.points:
-        if p.layer == "ioctl" or p.mechanism is None:
+        if p.layer == planmod.Layer.IOCTL or p.mechanism is None:
             continue
-        if p.mechanism == planmod.KPROBE:
-            argn, ret_t = (2, "int") if p.layer == "arch_init" else (1, "u8")
+        if p.mechanism == planmod.Mechanism.KPROBE:
+            argn, ret_t = (2, "int") if p.layer == planmod.Layer.ARCH_INIT else (1, "u8")
             lines.append(f"FN_KPROBE({p.id}, {argn}, {ret_t})")
-        elif p.mechanism == planmod.FENTRY:
-            macro = "FN_FEXIT_ARCH_INIT_VM" if p.layer == "arch_init" else "FN_FEXIT_TYPE_CHECK"
+        elif p.mechanism == planmod.Mechanism.FENTRY:
+            macro = ("FN_FEXIT_ARCH_INIT_VM" if p.layer == planmod.Layer.ARCH_INIT
+                     else "FN_FEXIT_TYPE_CHECK")
             lines.append(f"{macro}({p.id}, {p.target})")
     return head + bpf_source() + "".join(f"{ln}\n" for ln in lines)
 
@@ -153,7 +154,7 @@ def load(plan: planmod.Plan, opts: Options) -> Session:
         if p.mechanism is None:
             attachments.append(Attachment(p, False))
             continue
-        key = "ioctl" if p.layer == "ioctl" else p.name
+        key = planmod.Layer.IOCTL if p.layer == planmod.Layer.IOCTL else p.name
         if key not in done:
             with _stderr_captured() as err:
                 try:
@@ -167,11 +168,12 @@ def load(plan: planmod.Plan, opts: Options) -> Session:
 
 def _attach(bpf, p: planmod.Point) -> None:
     """Attach one point's programs (fentry ones were attached by bcc at load)."""
-    if p.mechanism == planmod.TRACEPOINT:
+    if p.mechanism == planmod.Mechanism.TRACEPOINT:
         if bpf.num_open_tracepoints() < 2:
             raise LoadError("the syscall tracepoints did not attach")
-    elif p.mechanism == planmod.KPROBE:
-        enter, ret = (("kvmtrace_ioctl_enter", "kvmtrace_ioctl_return") if p.layer == "ioctl"
+    elif p.mechanism == planmod.Mechanism.KPROBE:
+        enter, ret = (("kvmtrace_ioctl_enter", "kvmtrace_ioctl_return")
+                      if p.layer == planmod.Layer.IOCTL
                       else (f"kvmtrace_enter_{p.id}", f"kvmtrace_return_{p.id}"))
         bpf.attach_kprobe(event=p.target.encode(), fn_name=enter.encode())
         bpf.attach_kretprobe(event=p.target.encode(), fn_name=ret.encode())

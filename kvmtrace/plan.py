@@ -8,6 +8,7 @@ here touches the machine.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from kvmtrace.contract import (
     FIRST_TYPE_CHECK,
@@ -28,9 +29,37 @@ from kvmtrace.facts import (
 CREATE_VM = "KVM_CREATE_VM"
 VM_TYPES_QUERY = "KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES)"
 
-KPROBE = "kprobe"
-FENTRY = "fentry"
-TRACEPOINT = "tracepoint"
+
+
+class Mechanism(StrEnum):
+    """How a point is attached (the ``mechanism`` label of kvmtrace_probe_attached)."""
+
+    KPROBE = "kprobe"
+    FENTRY = "fentry"
+    TRACEPOINT = "tracepoint"
+    NONE = "none"  # not attached
+
+
+class Layer(StrEnum):
+    """Where in KVM's call chain a point sits, outermost first."""
+
+    IOCTL = "ioctl"  # KVM_CREATE_VM / KVM_CHECK_EXTENSION at the ioctl layer
+    ARCH_INIT = "arch_init"  # kvm_arch_init_vm
+    TYPE_CHECK = "type_check"  # *_is_vm_type_supported
+
+    @property
+    def depth(self) -> int:
+        """Nesting depth in the call chain (0: the ioctl)."""
+        return list(Layer).index(self)
+
+
+def layer_depth(layer: str) -> int:
+    """Depth of a layer name; an unknown one sorts after every known layer."""
+    try:
+        return Layer(layer).depth
+    except ValueError:
+        return len(Layer)
+
 
 # What a point's return value means (decode uses it).
 RETURNS_FD = "fd"  # KVM_CREATE_VM: a VM fd or -errno
@@ -43,9 +72,9 @@ RETURNS_BOOL = "bool"  # true: the type is supported
 class Point:
     id: int
     name: str
-    layer: str  # "ioctl" | "arch_init" | "type_check"
+    layer: Layer
     returns: str
-    mechanism: str | None  # None: not attached
+    mechanism: Mechanism | None  # None: not attached
     target: str | None  # what the mechanism attaches to
     reason: str  # why this mechanism, or why none
 
@@ -79,8 +108,9 @@ class Attachment:
     error: str | None = None  # why not, when the plan had a mechanism
 
     @property
-    def mechanism(self) -> str:
-        return self.point.mechanism if self.attached and self.point.mechanism else "none"
+    def mechanism(self) -> Mechanism:
+        return self.point.mechanism if self.attached and self.point.mechanism \
+            else Mechanism.NONE
 
     @property
     def reason(self) -> str:
@@ -120,10 +150,10 @@ def _function_mechanism(facts: HostFacts, name: str) -> tuple[str | None, str]:
     if facts.kprobes:
         if name in facts.kprobe_blacklist:
             return None, "in the kprobe blacklist"
-        return KPROBE, "kprobe + kretprobe"
+        return Mechanism.KPROBE, "kprobe + kretprobe"
     refusal = _fentry_refusal(facts, name)
     if refusal is None:
-        return FENTRY, "fentry/fexit (no kprobes on this kernel)"
+        return Mechanism.FENTRY, "fentry/fexit (no kprobes on this kernel)"
     return None, f"{_no_kprobes(facts)}; {refusal}"
 
 
@@ -143,7 +173,7 @@ def make_plan(facts: HostFacts) -> Plan:
     target: str | None = IOCTL_FUNCTION
     if mech is None:
         if all(tp in facts.tracepoints for tp in IOCTL_TRACEPOINTS):
-            mech, target = TRACEPOINT, "+".join(IOCTL_TRACEPOINTS)
+            mech, target = Mechanism.TRACEPOINT, "+".join(IOCTL_TRACEPOINTS)
             why = f"{IOCTL_FUNCTION}: {why}; syscall tracepoints filtered in-kernel"
         else:
             target = None
@@ -151,15 +181,16 @@ def make_plan(facts: HostFacts) -> Plan:
                 else "syscalls:sys_{enter,exit}_ioctl tracepoints missing"
             why = f"{IOCTL_FUNCTION}: {why}; {missing}"
     points = [
-        Point(PROBE_CREATE_VM, CREATE_VM, "ioctl", RETURNS_FD, mech, target, why),
-        Point(PROBE_VM_TYPES_QUERY, VM_TYPES_QUERY, "ioctl", RETURNS_MASK, mech, target, why),
+        Point(PROBE_CREATE_VM, CREATE_VM, Layer.IOCTL, RETURNS_FD, mech, target, why),
+        Point(PROBE_VM_TYPES_QUERY, VM_TYPES_QUERY, Layer.IOCTL, RETURNS_MASK, mech, target,
+              why),
     ]
     mech, why = _function_mechanism(facts, ARCH_INIT_FUNCTION)
-    points.append(Point(PROBE_ARCH_INIT_VM, ARCH_INIT_FUNCTION, "arch_init", RETURNS_INT,
+    points.append(Point(PROBE_ARCH_INIT_VM, ARCH_INIT_FUNCTION, Layer.ARCH_INIT, RETURNS_INT,
                         mech, ARCH_INIT_FUNCTION if mech else None, why))
     for i, name in enumerate(_type_check_names(facts)):
         mech, why = _function_mechanism(facts, name)
-        points.append(Point(FIRST_TYPE_CHECK + i, name, "type_check", RETURNS_BOOL,
+        points.append(Point(FIRST_TYPE_CHECK + i, name, Layer.TYPE_CHECK, RETURNS_BOOL,
                             mech, name if mech else None, why))
     return Plan(tuple(points))
 

@@ -16,12 +16,6 @@ KVM_CHECK_EXTENSION = 0xAE03
 # include/uapi/linux/kvm.h (upstream since 6.8). The 2023 TDX v12 series used 227.
 KVM_CAP_VM_TYPES = 235
 
-IOCTL_NAMES: Mapping[int, str] = {
-    KVM_GET_API_VERSION: "KVM_GET_API_VERSION",
-    KVM_CREATE_VM: "KVM_CREATE_VM",
-    KVM_CHECK_EXTENSION: "KVM_CHECK_EXTENSION",
-}
-
 # arch/x86/include/uapi/asm/kvm.h: KVM_X86_*_VM
 _X86_VM_TYPES: Mapping[int, str] = {
     0: "DEFAULT",
@@ -82,9 +76,22 @@ def vm_type_name(vm_type: int, arch: str = "x86_64") -> str:
     return table.get(vm_type, unknown(vm_type))
 
 
+def vm_type_title(vm_type: int, arch: str = "x86_64") -> str | None:
+    """What a known VM type is, in a few words (x86 only), for reports."""
+    if arch != "x86_64" or vm_type_name(vm_type, arch).startswith("unknown"):
+        return None
+    return X86_VM_TYPE_TITLES.get(vm_type)
+
+
 def vm_types_in_mask(mask: int) -> list[int]:
     """KVM_CAP_VM_TYPES: bit n set means VM type n is supported."""
     return [bit for bit in range(64) if mask >> bit & 1]
+
+
+def supported_vm_types(mask: int) -> list[int]:
+    """The types a host accepts, from its KVM_CAP_VM_TYPES answer: a kernel without the
+    capability answers 0 and accepts only type 0."""
+    return [0] if mask == 0 else vm_types_in_mask(mask)
 
 
 def errno_name(err: int) -> str:

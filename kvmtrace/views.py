@@ -10,7 +10,7 @@ from kvmtrace import plan as planmod
 from kvmtrace import tables
 from kvmtrace.attempts import Attempt, Step
 from kvmtrace.decode import Event
-from kvmtrace.plan import Attachment
+from kvmtrace.plan import Attachment, Layer, layer_depth
 
 
 def plan_rows(attachments: Sequence[Attachment]) -> list[list[str]]:
@@ -42,7 +42,7 @@ def describe_result(ev: Event, arch: str) -> str:
             return str(ev.result)
         names = [tables.vm_type_name(t, arch) for t in tables.vm_types_in_mask(ev.result)]
         return f"{ev.result:#x}({'|'.join(names) or 'none'})"
-    if ev.layer == "type_check":
+    if ev.layer == Layer.TYPE_CHECK:
         return "true" if ev.result else "false"
     return str(ev.result)
 
@@ -85,9 +85,9 @@ def attempt_note(a: Attempt) -> list[str]:
 def _step_line(s: Step, arch: str) -> str:
     if not s.observed:
         return f"{s.probe:<38} [{s.mechanism}] not observed: {s.note}"
-    if s.layer == "ioctl":
+    if s.layer == Layer.IOCTL:
         verdict = f"fd={s.result}" if not s.rejected else f"{s.result} {s.errno}"
-    elif s.layer == "type_check":
+    elif s.layer == Layer.TYPE_CHECK:
         verdict = "true (supported)" if not s.rejected else "false (not supported)"
     else:
         verdict = str(s.result) + (f" {s.errno}" if s.errno else "")
@@ -101,8 +101,7 @@ def attempt_report(a: Attempt, arch: str, number: int) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall_time(a.end_ns)))
     asked = ("unknown (the ioctl was not observed)" if a.vm_type is None
              else f"VM type {a.vm_type} = {a.vm_type_name}")
-    title = tables.X86_VM_TYPE_TITLES.get(a.vm_type) if a.vm_type is not None and \
-        a.vm_type_name and not a.vm_type_name.startswith("unknown") else None
+    title = tables.vm_type_title(a.vm_type, arch) if a.vm_type is not None else None
     if title:
         asked += f" ({title})"
     lines = [
@@ -111,13 +110,12 @@ def attempt_report(a: Attempt, arch: str, number: int) -> str:
         f"  asked for: {asked}",
     ]
     if a.host_mask is not None:
-        sup = ", ".join(tables.vm_type_name(t, arch) for t in
-                        (tables.vm_types_in_mask(a.host_mask) if a.host_mask else [0]))
+        sup = ", ".join(tables.vm_type_name(t, arch)
+                        for t in tables.supported_vm_types(a.host_mask))
         lines.append(f"  host:      KVM_CAP_VM_TYPES={a.host_mask:#x} → supports {sup}")
     lines.append("  chain (call order; [mechanism]):")
-    depth = {"ioctl": 0, "arch_init": 1, "type_check": 2}
     for s in a.steps:
-        lines.append("    " + "  " * depth.get(s.layer, 0) + _step_line(s, arch))
+        lines.append("    " + "  " * layer_depth(s.layer) + _step_line(s, arch))
     if a.result is not None:
         lines.append(f"  latency:   {a.latency_ns / 1000:.1f} µs")
     lines += [

@@ -101,6 +101,19 @@ def test_a_failing_map_read_degrades_to_partial_output(kernel_facts):
     assert reg.get_sample_value("kvmtrace_host_kvm_up") == 1
 
 
+def test_scrape_errors_are_logged_once_per_kind_and_counted(kernel_facts, caplog):
+    reg, _, source = make(kernel_facts, fail=True)
+    for _ in range(2):
+        generate_latest(reg)
+    # Three scrapes (make's own registration does none): get_sample_value is one more.
+    assert reg.get_sample_value("kvmtrace_scrape_errors_total", {"kind": "OSError"}) == 3
+    warnings = [r for r in caplog.records if "reading the BPF maps failed" in r.getMessage()]
+    assert len(warnings) == 1 and "OSError" in warnings[0].getMessage()
+    source.fail = False
+    assert reg.get_sample_value("kvmtrace_collect_success") == 1
+    assert reg.get_sample_value("kvmtrace_scrape_errors_total", {"kind": "OSError"}) == 3
+
+
 def test_retiring_exited_processes_keeps_every_count(kernel_facts):
     reg, rt, source = make(kernel_facts, live={100})
     before = generate_latest(reg)

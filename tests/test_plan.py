@@ -16,7 +16,7 @@ def test_this_host_uses_syscall_tracepoints_and_names_every_missing_point(kernel
     assert [p.name for p in plan.points] == [
         "KVM_CREATE_VM", "KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES)", "kvm_arch_init_vm",
         "kvm_is_vm_type_supported", "vmx_is_vm_type_supported", "svm_is_vm_type_supported"]
-    assert pts["KVM_CREATE_VM"].mechanism == planmod.TRACEPOINT
+    assert pts["KVM_CREATE_VM"].mechanism == planmod.Mechanism.TRACEPOINT
     assert pts["KVM_CREATE_VM"].target == "syscalls:sys_enter_ioctl+syscalls:sys_exit_ioctl"
     assert "CONFIG_KPROBES" in pts["KVM_CREATE_VM"].reason
     init = pts["kvm_arch_init_vm"]
@@ -29,10 +29,10 @@ def test_this_host_uses_syscall_tracepoints_and_names_every_missing_point(kernel
 
 def test_debian_61_uses_kprobes_on_kvm_dev_ioctl_and_arch_init(kernel_facts):
     pts = by_name(planmod.make_plan(kernel_facts("debian-6.1-kprobes")))
-    assert pts["KVM_CREATE_VM"].mechanism == planmod.KPROBE
+    assert pts["KVM_CREATE_VM"].mechanism == planmod.Mechanism.KPROBE
     assert pts["KVM_CREATE_VM"].target == "kvm_dev_ioctl"
     assert pts["KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES)"].target == "kvm_dev_ioctl"
-    assert pts["kvm_arch_init_vm"].mechanism == planmod.KPROBE
+    assert pts["kvm_arch_init_vm"].mechanism == planmod.Mechanism.KPROBE
     assert pts["vmx_is_vm_type_supported"].mechanism is None
 
 
@@ -41,7 +41,7 @@ def test_seed_patch_kernel_probes_the_whole_chain_including_found_callbacks(kern
     pts = by_name(plan)
     for name in ("kvm_arch_init_vm", "kvm_is_vm_type_supported", "vmx_is_vm_type_supported",
                  "__kvm_is_vm_type_supported"):
-        assert pts[name].mechanism == planmod.KPROBE, name
+        assert pts[name].mechanism == planmod.Mechanism.KPROBE, name
         assert pts[name].returns == (planmod.RETURNS_INT if name == "kvm_arch_init_vm"
                                      else planmod.RETURNS_BOOL)
     # svm is absent (kvm_intel host) and reported, not dropped.
@@ -52,7 +52,7 @@ def test_seed_patch_kernel_probes_the_whole_chain_including_found_callbacks(kern
 
 def test_fentry_when_kprobes_missing_but_tracing_programs_load(kernel_facts):
     pts = by_name(planmod.make_plan(kernel_facts("fentry-only-constructed")))
-    assert pts["KVM_CREATE_VM"].mechanism == planmod.FENTRY
+    assert pts["KVM_CREATE_VM"].mechanism == planmod.Mechanism.FENTRY
     assert pts["kvm_arch_init_vm"].mechanism is None  # not in available_filter_functions
     assert "notrace" in pts["kvm_arch_init_vm"].reason
     svm = pts["svm_is_vm_type_supported"]
@@ -120,4 +120,4 @@ def test_any_other_is_vm_type_supported_callback_is_planned(kernel_facts):
     syms = {**facts.symbols,
             "tdx_is_vm_type_supported": Symbol("tdx_is_vm_type_supported", "kvm_intel")}
     pts = by_name(planmod.make_plan(dataclasses.replace(facts, symbols=syms)))
-    assert pts["tdx_is_vm_type_supported"].mechanism == planmod.KPROBE
+    assert pts["tdx_is_vm_type_supported"].mechanism == planmod.Mechanism.KPROBE
