@@ -7,12 +7,11 @@ import html
 import json
 import socket
 from collections.abc import Callable
-from socketserver import ThreadingMixIn
 from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
 
 # (encoder, content type) as prometheus_client.exposition.choose_encoder gives them →
@@ -38,14 +37,6 @@ def parse_address(text: str) -> tuple[str, int]:
         raise AddressError(f"bad listen address {text!r}: expected HOST:PORT, e.g. :{DEFAULT_PORT}")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -141,6 +132,15 @@ def make_app(registry: CollectorRegistry, title: str,
 
 
 def bind(app: Callable, host: str, port: int) -> WSGIServer:
-    """Bind HOST:PORT (OSError on failure); the caller runs serve_forever."""
-    cls = _Server6 if ":" in host else _Server
-    return make_server(host, port, app, server_class=cls, handler_class=_QuietHandler)
+    """Bind HOST:PORT (OSError on failure, socket.gaierror for a name that does not
+    resolve); the caller runs serve_forever. The address family is what getaddrinfo
+    gives for HOST, as prometheus_client's start_wsgi_server picks it; the server is its
+    thread-per-request ThreadingWSGIServer."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+    return make_server(sockaddr[0], port, app, server_class=Server,
+                       handler_class=_QuietHandler)

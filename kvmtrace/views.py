@@ -124,3 +124,11 @@ def attempt_report(a: Attempt, arch: str, number: int) -> str:
         f"  hint:      {a.hint}",
     ]
     return "\n".join(lines)
+
+
+def host_summary(kvm, arch: str) -> str:
+    """What the host's own KVM_CAP_VM_TYPES answer says (kvmtrace.kvmdev.KvmInfo)."""
+    if kvm.vm_types_mask is None:
+        return f"/dev/kvm could not be asked ({kvm.error})"
+    names = ", ".join(f"{t} {tables.vm_type_name(t, arch)}" for t in kvm.supported_types)
+    return f"this host supports {names} (KVM_CAP_VM_TYPES={kvm.vm_types_mask:#x})"
