@@ -1,9 +1,20 @@
+import functools
 import os
 import socket
 import sys
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
+
+from kvmtrace import contract
+from kvmtrace import plan as planmod
+from kvmtrace.collector import KvmtraceCollector
+from kvmtrace.decode import Decoder
+from kvmtrace.kvmdev import KvmInfo
+from kvmtrace.plan import Attachment
+from kvmtrace.runtime import Runtime
+from tests.recorded import RecordedSource
 
 HERE = Path(__file__).parent
 KERNELS = HERE / "kernels"
@@ -29,3 +40,38 @@ def free_port() -> int:
 def unique_comm(prefix: str = "kvmt") -> str:
     """A comm no other process on the host has (15 bytes max)."""
     return f"{prefix}-{os.getpid() % 100000}-{os.urandom(2).hex()}"[:15]
+
+
+# Raw counts (tgid, probe, vm type, result, verdicts, comm, count) of one recorded
+# host: every per-series family, two processes, an odd comm and a type past 32 bits.
+RECORDED_RAWS = [
+    (100, contract.PROBE_CREATE_VM, 0, 0, 0, b"qemu-system-x86", 4),
+    (100, contract.PROBE_CREATE_VM, 2, -22, 0, b"qemu-system-x86", 3),
+    (101, contract.PROBE_CREATE_VM, 2, -22, 0, b"qemu-system-x86", 1),
+    (101, contract.PROBE_CREATE_VM, 2**32 + 1, -22, 0, b"fuzz\x07er", 1),
+    (100, contract.PROBE_VM_TYPES_QUERY, 0, 1, 0, b"qemu-system-x86", 2),
+    (100, contract.PROBE_ARCH_INIT_VM, 2, -22, 0, b"qemu-system-x86", 3),
+    (100, contract.FIRST_TYPE_CHECK + 1, 2, 0, 0, b"qemu-system-x86", 3),
+    (100, contract.FIRST_TYPE_CHECK + 1, 0, 1, 0, b"qemu-system-x86", 4),
+]
+
+
+def _recorded_collector(kernel_facts, raws=RECORDED_RAWS, kvm=None, fail=False, with_pid=False,
+                        live=None):
+    plan = planmod.make_plan(kernel_facts("seed-tdx-v12-kprobes"))
+    source = RecordedSource(raws, fail=fail)
+    rt = Runtime(source, Decoder(plan, "x86_64"),
+                 live_pids=lambda: live if live is not None else {100, 101})
+    attachments = [Attachment(p, p.mechanism is not None) for p in plan.points]
+    reg = CollectorRegistry()
+    reg.register(KvmtraceCollector(
+        rt, attachments, lambda: kvm or KvmInfo(True, 12, 0x1), "x86_64",
+        {"version": "t", "bcc_version": "0.26.0", "kernel": "6.3"}, with_pid=with_pid))
+    return reg, rt, source
+
+
+@pytest.fixture
+def recorded_collector(kernel_facts):
+    """A factory: (registry, runtime, source) of a KvmtraceCollector over a recorded
+    source (RECORDED_RAWS by default) on the seed kernel's plan, in a fresh registry."""
+    return functools.partial(_recorded_collector, kernel_facts)

@@ -3,44 +3,14 @@
 import shutil
 import subprocess
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import generate_latest
 
 from kvmtrace import contract
-from kvmtrace import plan as planmod
-from kvmtrace.collector import KvmtraceCollector
-from kvmtrace.decode import Decoder
 from kvmtrace.kvmdev import KvmInfo
-from kvmtrace.plan import Attachment
-from kvmtrace.runtime import Runtime
-from tests.recorded import RecordedSource
-
-RAWS = [
-    (100, contract.PROBE_CREATE_VM, 0, 0, 0, b"qemu-system-x86", 4),
-    (100, contract.PROBE_CREATE_VM, 2, -22, 0, b"qemu-system-x86", 3),
-    (101, contract.PROBE_CREATE_VM, 2, -22, 0, b"qemu-system-x86", 1),
-    (101, contract.PROBE_CREATE_VM, 2**32 + 1, -22, 0, b"fuzz\x07er", 1),
-    (100, contract.PROBE_VM_TYPES_QUERY, 0, 1, 0, b"qemu-system-x86", 2),
-    (100, contract.PROBE_ARCH_INIT_VM, 2, -22, 0, b"qemu-system-x86", 3),
-    (100, contract.FIRST_TYPE_CHECK + 1, 2, 0, 0, b"qemu-system-x86", 3),
-    (100, contract.FIRST_TYPE_CHECK + 1, 0, 1, 0, b"qemu-system-x86", 4),
-]
 
 
-def make(kernel_facts, raws=RAWS, kvm=None, fail=False, with_pid=False, live=None):
-    plan = planmod.make_plan(kernel_facts("seed-tdx-v12-kprobes"))
-    source = RecordedSource(raws, fail=fail)
-    rt = Runtime(source, Decoder(plan, "x86_64"),
-                 live_pids=lambda: live if live is not None else {100, 101})
-    attachments = [Attachment(p, p.mechanism is not None) for p in plan.points]
-    reg = CollectorRegistry()
-    reg.register(KvmtraceCollector(
-        rt, attachments, lambda: kvm or KvmInfo(True, 12, 0x1), "x86_64",
-        {"version": "t", "bcc_version": "0.26.0", "kernel": "6.3"}, with_pid=with_pid))
-    return reg, rt, source
-
-
-def test_counts_per_comm_type_and_errno(kernel_facts):
-    reg, _, _ = make(kernel_facts)
+def test_counts_per_comm_type_and_errno(recorded_collector):
+    reg, _, _ = recorded_collector()
     g = reg.get_sample_value
     q = {"comm": "qemu-system-x86"}
     assert g("kvmtrace_vm_create_attempts_total", {**q, "vm_type": "0",
@@ -70,8 +40,8 @@ def test_counts_per_comm_type_and_errno(kernel_facts):
                                                        "vm_type_name": "SEV"}) == 3
 
 
-def test_host_support_attachments_health_and_build_info(kernel_facts):
-    reg, _, _ = make(kernel_facts)
+def test_host_support_attachments_health_and_build_info(recorded_collector):
+    reg, _, _ = recorded_collector()
     g = reg.get_sample_value
     assert g("kvmtrace_host_kvm_up") == 1
     assert g("kvmtrace_host_vm_type_supported", {"vm_type": "0", "vm_type_name": "DEFAULT"}) == 1
@@ -88,21 +58,21 @@ def test_host_support_attachments_health_and_build_info(kernel_facts):
                                      "kernel": "6.3"}) == 1
 
 
-def test_without_dev_kvm_no_support_series_and_health_says_so(kernel_facts):
-    reg, _, _ = make(kernel_facts, kvm=KvmInfo(False, error="/dev/kvm does not exist"))
+def test_without_dev_kvm_no_support_series_and_health_says_so(recorded_collector):
+    reg, _, _ = recorded_collector(kvm=KvmInfo(False, error="/dev/kvm does not exist"))
     assert reg.get_sample_value("kvmtrace_host_kvm_up") == 0
     text = generate_latest(reg).decode()
     assert "kvmtrace_host_vm_type_supported{" not in text
 
 
-def test_a_failing_map_read_degrades_to_partial_output(kernel_facts):
-    reg, _, _ = make(kernel_facts, fail=True)
+def test_a_failing_map_read_degrades_to_partial_output(recorded_collector):
+    reg, _, _ = recorded_collector(fail=True)
     assert reg.get_sample_value("kvmtrace_collect_success") == 0
     assert reg.get_sample_value("kvmtrace_host_kvm_up") == 1
 
 
-def test_scrape_errors_are_logged_once_per_kind_and_counted(kernel_facts, caplog):
-    reg, _, source = make(kernel_facts, fail=True)
+def test_scrape_errors_are_logged_once_per_kind_and_counted(recorded_collector, caplog):
+    reg, _, source = recorded_collector(fail=True)
     for _ in range(2):
         generate_latest(reg)
     # Three scrapes (make's own registration does none): get_sample_value is one more.
@@ -114,8 +84,8 @@ def test_scrape_errors_are_logged_once_per_kind_and_counted(kernel_facts, caplog
     assert reg.get_sample_value("kvmtrace_scrape_errors_total", {"kind": "OSError"}) == 3
 
 
-def test_retiring_exited_processes_keeps_every_count(kernel_facts):
-    reg, rt, source = make(kernel_facts, live={100})
+def test_retiring_exited_processes_keeps_every_count(recorded_collector):
+    reg, rt, source = recorded_collector(live={100})
     before = generate_latest(reg)
     assert rt.retire_exited() == 2  # pid 101's two entries
     assert {r[0] for r in source.deleted} == {101}
@@ -124,22 +94,22 @@ def test_retiring_exited_processes_keeps_every_count(kernel_facts):
     assert after == before
 
 
-def test_pid_label_behind_a_flag(kernel_facts):
-    reg, _, _ = make(kernel_facts, with_pid=True)
+def test_pid_label_behind_a_flag(recorded_collector):
+    reg, _, _ = recorded_collector(with_pid=True)
     assert reg.get_sample_value("kvmtrace_vm_create_rejected_total", {
         "comm": "qemu-system-x86", "pid": "101", "vm_type": "2", "vm_type_name": "SEV",
         "errno": "EINVAL", "reason": "type_unsupported"}) == 1
 
 
-def test_promtool_accepts_the_exposition(kernel_facts):
-    reg, _, _ = make(kernel_facts)
+def test_promtool_accepts_the_exposition(recorded_collector):
+    reg, _, _ = recorded_collector()
     assert shutil.which("promtool"), "promtool missing: 'make test' installs Debian's prometheus"
     out = subprocess.run(["promtool", "check", "metrics"], input=generate_latest(reg),
                          capture_output=True, check=False)
     assert out.returncode == 0 and out.stdout == b"" and out.stderr == b"", out
 
 
-def test_one_sample_per_label_set_and_reasons_from_verdicts_and_errno(kernel_facts):
+def test_one_sample_per_label_set_and_reasons_from_verdicts_and_errno(recorded_collector):
     from kvmtrace.contract import VERDICT_ARCH_INIT_FAILED, VERDICT_ARCH_INIT_SEEN
 
     raws = [
@@ -151,7 +121,7 @@ def test_one_sample_per_label_set_and_reasons_from_verdicts_and_errno(kernel_fac
         (100, contract.PROBE_CREATE_VM, 0, -22,
          VERDICT_ARCH_INIT_SEEN | VERDICT_ARCH_INIT_FAILED, b"vmm", 3),  # supported type
     ]
-    reg, _, _ = make(kernel_facts, raws=raws)
+    reg, _, _ = recorded_collector(raws=raws)
     text = generate_latest(reg).decode()
     lines = [ln for ln in text.splitlines() if ln.startswith("kvmtrace_vm_create_")]
     assert len(lines) == len(set(ln.rsplit(" ", 1)[0] for ln in lines))
@@ -166,8 +136,8 @@ def test_one_sample_per_label_set_and_reasons_from_verdicts_and_errno(kernel_fac
              {**base, "errno": "EINVAL", "reason": "arch_init_failed"}) == 3
 
 
-def test_latency_histogram_from_log2_slots(kernel_facts):
-    reg, _, source = make(kernel_facts)
+def test_latency_histogram_from_log2_slots(recorded_collector):
+    reg, _, source = recorded_collector()
     # 3 accepted calls in slot 18 (262-524 µs), 2 rejected in slot 13 (8-16 µs).
     source.latency = ([(0, 18, 3), (1, 13, 2)], [900_000, 20_000])
     g = reg.get_sample_value

@@ -51,16 +51,16 @@ export PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH="$REPO"
 export KVMTRACE_SEEDSIM_KO="$SEEDSIM_KO"
 # Under emulation the first bcc compile also pages clang/LLVM in over 9p; do that now
-# (tests/test_privileged.py gives kvmtrace 60 s to attach, unless it honours this:)
+# (tests/privileged/ gives kvmtrace 60 s to attach, unless it honours this:)
 export KVMTRACE_TEST_START_TIMEOUT=240
 t0=$(date +%s)
 # (Debian 12: LLVM 14; Debian 13: LLVM 19 -- whatever this userland's bcc links.)
 cat /usr/lib/*-linux-gnu/libbcc.so.0* /usr/lib/*-linux-gnu/libclang-cpp.so.* \
     /usr/lib/*-linux-gnu/libLLVM*.so* > /dev/null 2>&1
 echo "guest: warmed bcc/clang/LLVM libraries in $(( $(date +%s) - t0 )) s"
-# kvmtrace's privileged tests (tests/test_privileged*.py) and the guest-only ones. Named
+# kvmtrace's privileged tier (tests/privileged/) and the guest-only tests. Named
 # explicitly: other privileged tests (benchmarks) do not belong under emulation.
-tests=(tests/test_privileged*.py tests/vm/guest_kprobes.py)
+tests=(tests/privileged tests/vm/guest_kprobes.py)
 echo "guest: running ${tests[*]}"
 timeout -k 10 "$PYTEST_TIMEOUT" "$REPO/.venv/bin/python" -m pytest -p no:cacheprovider -v \
     --durations=10 -m privileged --junitxml="$RUN/junit.xml" "${tests[@]}"

@@ -14,7 +14,7 @@ host-side test
 4. boots the kernel with virtme-ng under QEMU/TCG (--disable-kvm gives `-cpu max`,
    whose svm lets kvm_amd load in the guest) on the host root (read-only) or that
    userland's root, and runs tests/vm/guest.sh there: modprobe kvm_amd,
-   tracefs/debugfs, then kvmtrace's privileged tests (tests/test_privileged*.py) plus
+   tracefs/debugfs, then kvmtrace's privileged tier (tests/privileged/) plus
    tests/vm/guest_kprobes.py with the checkout's .venv of that userland,
 5. fails -- never skips -- when the kernel does not boot, hangs past its time budget,
    or any guest test fails or skips, quoting the reason.
@@ -203,7 +203,7 @@ def junit_report(path: Path) -> tuple[dict[str, int], list[str], set[str]]:
                 msg = (el.get("message") or el.text or "").strip().splitlines()
                 bad.append(f"{tag.upper()} {case.get('classname')}::{case.get('name')}: "
                            f"{msg[0][:300] if msg else ''}")
-    # classname: "tests.test_privileged" (module), or "tests.test_x.TestY" (class)
+    # classname: "tests.privileged.test_privileged" (module), or "….test_x.TestY" (class)
     classnames = {c.get("classname", "") for c in root.iter("testcase")}
     return counts, bad, classnames
 
@@ -309,7 +309,7 @@ def test_kernel(spec: kernelsmod.Spec):
     if rc != 0 or bad or counts["tests"] == 0:
         pytest.fail(f"{where}: guest pytest exited {rc}, {counts}:\n" + "\n".join(bad)
                     + f"\n(full log: {run / 'guest.log'})")
-    for module in ("tests.test_privileged", "tests.vm.guest_kprobes"):
+    for module in ("tests.privileged.test_privileged", "tests.vm.guest_kprobes"):
         if not any(c == module or c.startswith(f"{module}.") for c in classnames):
             pytest.fail(f"{where}: the guest ran no test of {module} ({sorted(classnames)})")
     if not (run / "done").exists():

@@ -1,6 +1,6 @@
 """Privileged tier for rejected-attempt explanations (real kernel, real /dev/kvm).
 
-Never skips: see tests/test_privileged.py.
+Never skips: see tests/privileged/conftest.py.
 """
 
 from __future__ import annotations
@@ -14,17 +14,15 @@ import time
 import pytest
 
 from kvmtrace import kvmdev, tables
-from tests.test_privileged import (
+from tests.privileged.conftest import (
     VMMAKER,
     Serve,
     host_has_kprobes,
-    privileged_host,
     samples,
     start_attached,
 )
 
 pytestmark = pytest.mark.privileged
-assert privileged_host  # the module-scoped autouse check, shared
 
 TYPES = [0, 1, 2, 3, 4, 5, 99, 2**32 + 1]
 THREAD_REPEAT = 5
