@@ -4,7 +4,7 @@
                                     sys_exit_ioctl: the cost of the hooks alone
   bpfload.py variant NAME [--poll]  kvmtrace's own BPF text as `kvmtrace trace --ebpf`
                                     builds it (SELF_TGID = this process), with the
-                                    edit NAME from bench/variants.py applied;
+                                    knobs of variant NAME (bench/variants.py) defined;
                                     --poll drains the ring buffer like `serve` does
 
 Prints "READY <n tracepoints>" on stdout once the programs are attached (bcc

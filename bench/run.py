@@ -18,7 +18,7 @@ Phases (all by default):
   scale     10,000 live series: scrape latency and exporter RSS
   cold      (from every `kvmtrace serve` start above) Popen -> first /metrics
   variants  only with --variants NAME,...: none, floor, kvmtrace serve and
-            bpftrace, then kvmtrace's BPF text with each named edit from
+            bpftrace, then kvmtrace's BPF text with each named variant's knobs from
             bench/variants.py (NAME/nopoll: ring buffer never drained), loaded
             alone by bench/bpfload.py; interleaved like overhead
 
@@ -446,7 +446,7 @@ class Floor(ReadyLine):
 
 
 class Variant(ReadyLine):
-    """kvmtrace's BPF text with a bench/variants.py edit; NAME/nopoll: nobody drains events."""
+    """kvmtrace's BPF text with a bench/variants.py variant; NAME/nopoll: nobody drains events."""
 
     def __init__(self, variant: str):
         name, _, mode = variant.partition("/")
@@ -466,12 +466,12 @@ class Variant(ReadyLine):
 
 
 def make_variant(name: str) -> Callable[[], Config]:
-    """NAME or NAME/nopoll: kvmtrace's BPF text with that edit, loaded by bpfload.py."""
+    """NAME or NAME/nopoll: kvmtrace's BPF text with that variant, loaded by bpfload.py."""
     return lambda: Variant(name)
 
 
 def variant_names() -> set[str]:
-    """The edits bench/variants.py defines (plain data: importing it loads no BPF)."""
+    """The variants bench/variants.py defines (plain data: importing it loads no BPF)."""
     sys.path.insert(0, str(BENCH))
     import variants
 

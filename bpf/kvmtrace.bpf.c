@@ -33,6 +33,15 @@
  *                  BTF), else in a hash keyed by thread id
  *
  * and appends one FN_KPROBE / FN_FEXIT_* line per attached function point.
+ *
+ * Benchmark knobs (bench/variants.py sets them; kvmtrace never does): each takes
+ * one part of the ioctl return path away, or swaps it for a candidate, so that
+ * its cost is measured on this very program.
+ *   BENCH_NO_EMIT         no event from the ioctl return path
+ *   BENCH_NO_LATENCY      no latency histogram
+ *   BENCH_NO_COUNT        no count from the ioctl return path
+ *   BENCH_RB_WAKEUP       a reader wakeup per event (as shipped until 2026-11-26)
+ *   BENCH_PERCPU_LATENCY  the latency histogram in per-CPU arrays, without atomics
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
@@ -115,8 +124,13 @@ BPF_PERCPU_ARRAY(event_budget, struct event_window, 1);
 /* KVM_CREATE_VM latency (entry to return) per outcome (0 accepted, 1
  * rejected): counts per log2(ns) slot at index outcome * LATENCY_SLOTS + slot
  * (an array: no hashing on the hot path), and the sum of ns per outcome. */
+#ifdef BENCH_PERCPU_LATENCY
+BPF_PERCPU_ARRAY(create_latency, u64, LATENCY_ENTRIES);
+BPF_PERCPU_ARRAY(create_latency_sum, u64, LATENCY_SUM_ENTRIES);
+#else
 BPF_ARRAY(create_latency, u64, LATENCY_ENTRIES);
 BPF_ARRAY(create_latency_sum, u64, LATENCY_SUM_ENTRIES);
+#endif
 
 /*
  * The in-flight ioctl of the current thread. A slot with cmd == 0 is free.
@@ -239,11 +253,34 @@ static __always_inline void emit(void *ctx, u64 id, u32 probe, u64 vm_type,
 #ifdef USE_RINGBUF
 	/* No wakeup per event: the reader drains the ring at its poll timeout
 	 * (100-200 ms), so a traced VMM never pays for waking it. */
+#ifdef BENCH_RB_WAKEUP
+	if (events.ringbuf_output(&ev, sizeof(ev), 0))
+#else
 	if (events.ringbuf_output(&ev, sizeof(ev), BPF_RB_NO_WAKEUP))
+#endif
 		health_inc(HEALTH_EVENTS_LOST);
 #else
 	if (events.perf_submit(ctx, &ev, sizeof(ev)))
 		health_inc(HEALTH_EVENTS_LOST);
+#endif
+}
+
+/* One KVM_CREATE_VM's latency: its log2(ns) slot and the sum, per outcome. */
+static __always_inline void latency_record(u32 outcome, u64 ns)
+{
+	u32 slot = outcome * LATENCY_SLOTS + (bpf_log2l(ns) & (LATENCY_SLOTS - 1));
+	u64 *bucket = create_latency.lookup(&slot);
+	u64 *sum = create_latency_sum.lookup(&outcome);
+#ifdef BENCH_PERCPU_LATENCY
+	if (bucket)
+		(*bucket)++;
+	if (sum)
+		*sum += ns;
+#else
+	if (bucket)
+		__sync_fetch_and_add(bucket, 1);
+	if (sum)
+		__sync_fetch_and_add(sum, ns);
 #endif
 }
 
@@ -294,21 +331,23 @@ static __always_inline int ioctl_return(void *ctx, s64 ret)
 	u32 tgid = id >> 32;
 	u64 now = bpf_ktime_get_ns();
 	if (call.cmd == KVM_CREATE_VM) {
-		u64 ns = now - call.start_ns;
-		u32 outcome = ret < 0;
-		u32 slot = outcome * LATENCY_SLOTS + (bpf_log2l(ns) & (LATENCY_SLOTS - 1));
-		u64 *bucket = create_latency.lookup(&slot);
-		if (bucket)
-			__sync_fetch_and_add(bucket, 1);
-		u64 *sum = create_latency_sum.lookup(&outcome);
-		if (sum)
-			__sync_fetch_and_add(sum, ns);
+#ifndef BENCH_NO_LATENCY
+		latency_record(ret < 0, now - call.start_ns);
+#endif
+#ifndef BENCH_NO_COUNT
 		/* Success returns a new fd: count it as 0 to keep keys bounded. */
 		count(tgid, PROBE_CREATE_VM, call.arg, ret < 0 ? ret : 0, call.verdicts);
+#endif
+#ifndef BENCH_NO_EMIT
 		emit(ctx, id, PROBE_CREATE_VM, call.arg, ret, call.start_ns, call.verdicts, now);
+#endif
 	} else {
+#ifndef BENCH_NO_COUNT
 		count(tgid, PROBE_VM_TYPES_QUERY, 0, ret, 0);
+#endif
+#ifndef BENCH_NO_EMIT
 		emit(ctx, id, PROBE_VM_TYPES_QUERY, 0, ret, call.start_ns, 0, now);
+#endif
 	}
 	return 0;
 }

@@ -17,7 +17,7 @@ import pytest
 from kvmtrace import contract, loader
 from kvmtrace import plan as planmod
 from kvmtrace.facts import HostFacts
-from tests.conftest import KERNELS
+from tests.conftest import HERE, KERNELS
 
 C = loader.bpf_source()
 # C type -> (struct format character, size); char[TASK_COMM_LEN] is a fixed string.
@@ -125,6 +125,11 @@ def _defined_in_c() -> set[str]:
     return set(re.findall(r"^#define (\w+)", C, re.M))
 
 
+def _knobs_in_c() -> set[str]:
+    """Names the C only tests with #ifdef / #ifndef / defined(): optional by design."""
+    return {a or b for a, b in re.findall(r"#ifn?def (\w+)|defined\((\w+)\)", C)}
+
+
 def _used_in_c() -> set[str]:
     text = _without_comments(C)
     words = set(re.findall(r"\b([A-Z][A-Z0-9_]{2,})\b", text))
@@ -132,9 +137,22 @@ def _used_in_c() -> set[str]:
            "BPF_RINGBUF_OUTPUT", "BPF_PERF_OUTPUT", "BPF_RB_NO_WAKEUP",
            "BPF_LOCAL_STORAGE_GET_F_CREATE", "TASK_COMM_LEN", "TRACEPOINT_PROBE",
            "KFUNC_PROBE", "KRETFUNC_PROBE", "PT_REGS_RC", "SPDX", "GPL", "ARGN", "RET_T",
-           "FN_KPROBE", "FN_FEXIT_ARCH_INIT_VM", "FN_FEXIT_TYPE_CHECK", "FN", "USE_RINGBUF",
-           "USE_TASK_STORAGE", "IOCTL_KPROBE", "IOCTL_FENTRY", "IOCTL_TRACEPOINT"}
-    return {w for w in words if w not in bcc and not w.startswith("PT_REGS_PARM")}
+           "FN_KPROBE", "FN_FEXIT_ARCH_INIT_VM", "FN_FEXIT_TYPE_CHECK", "FN"}
+    return {w for w in words if w not in bcc and w not in _knobs_in_c()
+            and not w.startswith("PT_REGS_PARM")}
+
+
+def test_every_benchmark_knob_is_a_variant_and_documented():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("variants", HERE.parent / "bench/variants.py")
+    variants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(variants)
+    knobs = {k for k in _knobs_in_c() if k.startswith("BENCH_")}
+    used = {k for defines in variants.VARIANTS.values() for k in defines}
+    assert knobs == used, (knobs, used)
+    header = C.split("*/", 1)[0]
+    assert all(k in header for k in knobs)
 
 
 def test_every_define_the_c_uses_is_given_by_the_loader():
