@@ -10,57 +10,35 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from typing import NamedTuple
 
-from kvmtrace.decode import CountRecord
+from kvmtrace.decode import CountRecord, Key
 from kvmtrace.plan import CREATE_VM, Layer
-
-
-class Series(NamedTuple):
-    """One exported series' identity. A NamedTuple (immutable, compared by value):
-    hashing it is C-speed, and every scrape looks up each exited series by it."""
-
-    probe: str
-    layer: str
-    comm: str
-    pid: int | None  # None: folded over processes (or exited ones)
-    vm_type: int
-    vm_type_name: str
-    result: int
-    rejected: bool
-    errno: str | None
-    verdicts: int
-
-
-def series_of(r: CountRecord, with_pid: bool) -> Series:
-    return Series(r.probe, r.layer, r.comm, r.pid if with_pid else None, r.vm_type,
-                  r.vm_type_name, r.result, r.rejected, r.errno, r.verdicts)
 
 
 class Aggregator:
     """Holds the counts of exited processes; everything else is passed in."""
 
     def __init__(self) -> None:
-        self._exited: Counter[Series] = Counter()
+        self._exited: Counter[Key] = Counter()  # keys folded over processes (pid None)
         self.exited_processes = 0
 
     def retire(self, records: Iterable[CountRecord], live_pids: set[int]) -> list[CountRecord]:
         """Fold the records of processes not in ``live_pids``; return them for deletion."""
         dead = [r for r in records if r.pid not in live_pids]
         for r in dead:
-            self._exited[series_of(r, with_pid=False)] += r.count
+            self._exited[r.key(with_pid=False)] += r.count
         self.exited_processes += len({r.pid for r in dead})
         return dead
 
-    def exited(self) -> tuple[list[Series], list[int]]:
+    def exited(self) -> tuple[list[Key], list[int]]:
         """The exited residual: its series and their counts, as two parallel lists."""
         return list(self._exited), list(self._exited.values())
 
-    def totals(self, live: Iterable[CountRecord], with_pid: bool = False) -> Counter[Series]:
+    def totals(self, live: Iterable[CountRecord], with_pid: bool = False) -> Counter[Key]:
         """Live map records plus the exited residual, summed per series."""
-        out: Counter[Series] = Counter(self._exited)
+        out: Counter[Key] = Counter(self._exited)
         for r in live:
-            out[series_of(r, with_pid)] += r.count
+            out[r.key(with_pid)] += r.count
         return out
 
 

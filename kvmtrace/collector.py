@@ -21,7 +21,7 @@ import logging
 import operator
 import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from itertools import chain
 
 from prometheus_client.core import (
@@ -36,9 +36,8 @@ from prometheus_client.utils import floatToGoString
 from kvmtrace import attempts as attemptsmod
 from kvmtrace import plan as planmod
 from kvmtrace import tables
-from kvmtrace.aggregate import Series
 from kvmtrace.contract import LATENCY_OUTCOMES, RawCount
-from kvmtrace.decode import CountRecord
+from kvmtrace.decode import Key
 from kvmtrace.kvmdev import KvmInfo
 from kvmtrace.plan import Attachment
 from kvmtrace.runtime import Runtime
@@ -72,13 +71,9 @@ _VALUE_TEXTS_MAX = 4096
 _KEY, _COUNT = operator.itemgetter(slice(0, 6)), operator.itemgetter(6)  # of a raw count
 _FORMATS_MAX = 16
 
-# A series as the collector reads it: CountRecord's fields but the count, as
-# Decoder.count_labels() gives them for a live map key (an exited Series is put in
-# the same order, with pid None).
-_Row = tuple[int | None, str, str, str, int, str, int, bool, str | None, int]
-_ROW_FIELDS = tuple(f.name for f in fields(CountRecord) if f.name != "count")
-_SERIES_ROW = operator.itemgetter(*(Series._fields.index(name) for name in _ROW_FIELDS))
-_PID, _COMM, _VM_TYPE, _NAME = (operator.itemgetter(_ROW_FIELDS.index(name))
+# A series as the collector reads it is a decoded Key: Decoder.count_labels() of a
+# live map key, or an exited series as the aggregator keeps it (pid None).
+_PID, _COMM, _VM_TYPE, _NAME = (operator.itemgetter(Key._fields.index(name))
                                 for name in ("pid", "comm", "vm_type", "vm_type_name"))
 
 
@@ -196,7 +191,7 @@ class KvmtraceCollector(Collector):
         order = self._update(raws, exited, counts, kvm.vm_types_mask, bool(ok))
         return kvm, health, latency, ok, order
 
-    def _update(self, raws: list[RawCount], exited: list[Series], counts: list[int],
+    def _update(self, raws: list[RawCount], exited: list[Key], counts: list[int],
                 mask: int | None, complete: bool) -> list[list[int]]:
         """Sum the live map's counts and the exited residual into one sample per
         label set; return the sample ids of each family, sorted by label values.
@@ -218,7 +213,7 @@ class KvmtraceCollector(Collector):
         # residual by its series: the two kinds of keys never compare equal.
         reorder = False
         for keys, values, rows in ((map(_KEY, raws), map(_COUNT, raws), self._rows_of_keys),
-                                   (exited, counts, _rows_of_series)):
+                                   (exited, counts, list)):
             new, reorder_ = self._add(keys, values, g, active)
             reorder |= reorder_
             if new:  # keys seen for the first time: their samples, all at once
@@ -269,10 +264,10 @@ class KvmtraceCollector(Collector):
                     active.append(i)
         return ((new_keys, new_counts) if new_keys else None), reorder
 
-    def _rows_of_keys(self, keys: list[Hashable]) -> list[_Row]:
+    def _rows_of_keys(self, keys: list[Hashable]) -> list[Key]:
         return list(map(self._rt.decoder.count_labels, keys))
 
-    def _new_entries(self, rows: list[_Row], mask: int | None) -> list[tuple[int, ...]]:
+    def _new_entries(self, rows: list[Key], mask: int | None) -> list[tuple[int, ...]]:
         """The samples each series adds to (one or two ids), creating new samples.
 
         Written for many rows at once (the first scrape after a burst of new series):
@@ -487,10 +482,6 @@ class KvmtraceCollector(Collector):
         info.add_metric([self._build[k] for k in sorted(self._build)], 1)
         out.append(info)
         return out
-
-
-def _rows_of_series(series: list[Hashable]) -> list[_Row]:
-    return list(map(_SERIES_ROW, series))
 
 
 def _sorted(ids: list[int], labels: list[tuple[str, ...]]) -> list[int]:

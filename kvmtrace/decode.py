@@ -7,6 +7,7 @@ parameters. Values it does not know render as ``unknown:N``, never raise.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 from kvmtrace import plan as planmod
 from kvmtrace import tables
@@ -27,8 +28,27 @@ class Verdict:
     errno: str | None  # "EINVAL"; None when the call did not fail with an errno
 
 
+class Key(NamedTuple):
+    """One decoded count key: the labels of a live map entry (``pid`` set) or of a
+    series folded over processes (``pid`` None). A NamedTuple (immutable, compared by
+    value): hashing it is C-speed, and a scrape looks up each folded series by it."""
+
+    pid: int | None
+    comm: str
+    probe: str
+    layer: str
+    vm_type: int
+    vm_type_name: str
+    result: int
+    rejected: bool
+    errno: str | None
+    verdicts: int
+
+
 @dataclass(frozen=True, slots=True)
 class CountRecord:
+    """A live map entry: its decoded key's fields (in Key's order) and its count."""
+
     pid: int
     comm: str
     probe: str
@@ -40,6 +60,12 @@ class CountRecord:
     errno: str | None
     verdicts: int
     count: int
+
+    def key(self, with_pid: bool = True) -> Key:
+        """The decoded key; ``with_pid`` False: the series folded over processes."""
+        return Key(self.pid if with_pid else None, self.comm, self.probe, self.layer,
+                   self.vm_type, self.vm_type_name, self.result, self.rejected, self.errno,
+                   self.verdicts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,11 +125,9 @@ class Decoder:
             rejected=v.rejected, errno=v.errno, verdicts=verdicts, count=value,
         )
 
-    def count_labels(self, key: tuple[int, int, int, int, int, bytes]
-                     ) -> tuple[int, str, str, str, int, str, int, bool, str | None, int]:
-        """count() of a raw map key without its value: CountRecord's other fields, in
-        order, as a plain tuple (what a per-key cache keeps). Same values as count();
-        the comm and verdict decodings are memoized."""
+    def count_labels(self, key: tuple[int, int, int, int, int, bytes]) -> Key:
+        """count() of a raw map key without its value: its Key (what a per-key cache
+        keeps). Same values as count(); the comm and verdict decodings are memoized."""
         tgid, probe_id, vm_type, result, verdicts, comm = key
         decoded = self._results.get((probe_id, result))
         if decoded is None:
@@ -118,8 +142,8 @@ class Decoder:
                 self._comms.clear()
             text = self._comms[comm] = tables.escape_comm(comm)
         name, layer, rejected, errno = decoded
-        return (tgid, text, name, layer, vm_type, self.vm_type_name(vm_type), result,
-                rejected, errno, verdicts)
+        return Key(tgid, text, name, layer, vm_type, self.vm_type_name(vm_type), result,
+                   rejected, errno, verdicts)
 
     def event(self, data: bytes) -> Event:
         if len(data) < EVENT.size:

@@ -12,9 +12,9 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
 
-from kvmtrace.aggregate import Aggregator, Series, per_process
+from kvmtrace.aggregate import Aggregator, per_process
 from kvmtrace.contract import RawCount
-from kvmtrace.decode import CountRecord, DecodeError, Decoder, Event
+from kvmtrace.decode import CountRecord, DecodeError, Decoder, Event, Key
 
 
 class Source(Protocol):
@@ -59,11 +59,11 @@ class Runtime:
             self.source.delete_counts([raw for raw, r in pairs if id(r) in dead_ids])
             return len(dead)
 
-    def totals(self, with_pid: bool = False) -> Counter[Series]:
+    def totals(self, with_pid: bool = False) -> Counter[Key]:
         with self._lock:
             return self.aggregator.totals([r for _, r in self._records()], with_pid)
 
-    def raw_counts(self) -> tuple[list[RawCount], list[Series], list[int]]:
+    def raw_counts(self) -> tuple[list[RawCount], list[Key], list[int]]:
         """The live map's raw counts (undecoded: Decoder.count_labels() decodes a
         key), and the exited residual's series and counts as two parallel lists.
         What a scrape reads, with no per-entry work (see the collector's caches)."""

@@ -1,6 +1,9 @@
 """The planner is pure: hand it the facts of other kernels, check the plan."""
 
 import dataclasses
+from pathlib import Path
+
+import pytest
 
 from kvmtrace import plan as planmod
 from kvmtrace.facts import Symbol, read_kallsyms
@@ -121,3 +124,20 @@ def test_any_other_is_vm_type_supported_callback_is_planned(kernel_facts):
             "tdx_is_vm_type_supported": Symbol("tdx_is_vm_type_supported", "kvm_intel")}
     pts = by_name(planmod.make_plan(dataclasses.replace(facts, symbols=syms)))
     assert pts["tdx_is_vm_type_supported"].mechanism == planmod.Mechanism.KPROBE
+
+
+CAPTURED = sorted(p.stem for p in (Path(__file__).parent / "kernels").glob("*-guest-captured.json"))
+
+
+@pytest.mark.parametrize("name", CAPTURED)
+def test_stock_debian_kernels_captured_in_the_kernel_tier_plan_kprobes(kernel_facts, name):
+    """`kvmtrace doctor --dump-facts` of each stock kernel the kernel tier booted: the
+    ioctl layer and kvm_arch_init_vm by kprobe, the 2023 callbacks reported absent."""
+    pts = by_name(planmod.make_plan(kernel_facts(name)))
+    for point in ("KVM_CREATE_VM", "KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES)"):
+        assert (pts[point].mechanism, pts[point].target) == (planmod.Mechanism.KPROBE,
+                                                             "kvm_dev_ioctl")
+    assert pts["kvm_arch_init_vm"].mechanism == planmod.Mechanism.KPROBE
+    for fn in ("kvm_is_vm_type_supported", "vmx_is_vm_type_supported",
+               "svm_is_vm_type_supported"):
+        assert pts[fn].mechanism is None and "absent from kallsyms" in pts[fn].reason

@@ -25,10 +25,9 @@ from prometheus_client.exposition import choose_encoder
 from kvmtrace import attempts as attemptsmod
 from kvmtrace import contract
 from kvmtrace import plan as planmod
-from kvmtrace.aggregate import Series
 from kvmtrace.collector import KvmtraceCollector
 from kvmtrace.contract import VERDICT_ARCH_INIT_FAILED, VERDICT_ARCH_INIT_SEEN
-from kvmtrace.decode import CountRecord, Decoder
+from kvmtrace.decode import CountRecord, Decoder, Key
 from kvmtrace.kvmdev import KvmInfo
 from kvmtrace.plan import Attachment
 from kvmtrace.runtime import Runtime
@@ -157,9 +156,9 @@ def test_odd_label_values_are_escaped_like_the_library():
         decoder = None
 
         def raw_counts(self):
-            series = [Series(planmod.CREATE_VM, "ioctl", c, None, t, f"unknown:{t}", -22, True,
-                             "EINVAL", 0) for t, c in enumerate(comms)]
-            series += [Series("probe\n\"x\\", "type_check", c, None, 2, "SEV", 0, True, None, 1)
+            series = [Key(None, c, planmod.CREATE_VM, "ioctl", t, f"unknown:{t}", -22, True,
+                          "EINVAL", 0) for t, c in enumerate(comms)]
+            series += [Key(None, c, "probe\n\"x\\", "type_check", 2, "SEV", 0, True, None, 1)
                        for c in comms]
             return [], series, list(range(1, len(series) + 1))
 
@@ -186,7 +185,7 @@ def test_odd_label_values_are_escaped_like_the_library():
 
 def reference_samples(rt: Runtime, with_pid: bool, mask: int | None) -> dict:
     """The collector's per-series samples as it computed them before any caching:
-    decode every entry, total per Series, classify, sum per label set, sort."""
+    decode every entry, total per Key, classify, sum per label set, sort."""
     sums: dict[tuple[str, tuple[str, ...]], float] = defaultdict(float)
     for s, n in rt.totals(with_pid).items():
         p = [] if not with_pid else ["" if s.pid is None else str(s.pid)]
