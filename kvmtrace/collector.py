@@ -4,15 +4,13 @@ One computation, two outputs:
 
 - ``collect()``: prometheus_client metric families (the registry path: tests and the
   reference output);
-- ``exposition()``: the whole /metrics body rendered by kvmtrace for ``serve``.
+- ``exposition()``: the whole /metrics body for ``serve``, the per-series families
+  rendered by kvmtrace.render in the format the library itself would write.
 
 Both read the maps once per scrape and share the per-series work. What does not
 change between scrapes is kept: each series' family membership and label values
 (classified once per host mask), the samples' order, and each sample's rendered line
-(re-rendered only when its value changes). The formats themselves (names, label
-order, HELP/TYPE lines, escaping of names) are never written here: they are taken
-from prometheus_client's own output for the negotiated format, so the two paths
-cannot drift (tests/test_render.py checks them byte for byte).
+(re-rendered only when its value changes).
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ import logging
 import operator
 import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from itertools import chain
 
 from prometheus_client.core import (
@@ -31,7 +28,6 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
 from kvmtrace import attempts as attemptsmod
 from kvmtrace import plan as planmod
@@ -40,6 +36,7 @@ from kvmtrace.contract import LATENCY_OUTCOMES, RawCount
 from kvmtrace.decode import Key
 from kvmtrace.kvmdev import KvmInfo
 from kvmtrace.plan import Attachment
+from kvmtrace.render import FixedFamilies, Renderer
 from kvmtrace.runtime import Runtime
 
 NS = "kvmtrace"
@@ -67,9 +64,7 @@ ATTEMPTS, REJECTED, CHECKS, CHECK_REJECTED, QUERIES = range(len(_PER_SERIES))
 # over when there are more than _CACHE_SLACK per exported one (plus _CACHE_FLOOR);
 # cache entries of keys no longer read, as soon as there are _CACHE_FLOOR of them.
 _CACHE_SLACK, _CACHE_FLOOR = 2, 1024
-_VALUE_TEXTS_MAX = 4096
 _KEY, _COUNT = operator.itemgetter(slice(0, 6)), operator.itemgetter(6)  # of a raw count
-_FORMATS_MAX = 16
 
 # A series as the collector reads it is a decoded Key: Decoder.count_labels() of a
 # live map key, or an exited series as the aggregator keeps it (pid None).
@@ -118,32 +113,6 @@ class _Samples:
             self.tid.extend([-1] * new)
 
 
-class _Families:
-    """A collector over fixed families: prometheus_client encoders take a collector."""
-
-    def __init__(self, families: Iterable[Metric]):
-        self._families = list(families)
-
-    def collect(self) -> list[Metric]:
-        return self._families
-
-
-@dataclass(frozen=True)
-class _Format:
-    """One exposition format's text for the per-series families, learned from the
-    prometheus_client encoder: per family, the HELP/TYPE block and the sample-line
-    template."""
-
-    headers: tuple[bytes, ...]
-    templates: tuple[_Template, ...]
-
-
-def _escape_values(values: tuple[str, ...]) -> tuple[str, ...]:
-    # Label values as prometheus_client escapes them in both formats.
-    return tuple(v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-                 for v in values)
-
-
 class KvmtraceCollector(Collector):
     def __init__(self, runtime: Runtime, attachments: Sequence[Attachment],
                  kvm_query: Callable[[], KvmInfo], arch: str,
@@ -166,9 +135,7 @@ class KvmtraceCollector(Collector):
         self._order: list[list[int]] = [[] for _ in _PER_SERIES]  # per family, sorted
         self._ordered = 0
         self._exported = 0  # samples exported at the last scrape that read the maps
-        self._formats: dict[str, _Format | None] = {}
-        self._templates: dict[tuple[str, ...], int] = {}
-        self._value_texts: dict[int | float, bytes] = {}
+        self._renderer = Renderer(self._per_series_families, self._labelnames)
         self._scrape_errors: dict[str, int] = {}  # exception kind -> failed map reads
 
     # ---- the scrape, shared by both outputs ---------------------------------
@@ -337,96 +304,16 @@ class KvmtraceCollector(Collector):
         """The exposition ``encoder`` (a prometheus_client encoder, as chosen by
         ``prometheus_client.exposition.choose_encoder``, whose content type is
         ``content_type``) would make of a registry holding only this collector, at
-        a fraction of the cost. None when the format is not one this can render
-        (then use the encoder on the registry)."""
-        parts: list[bytes] = []
+        a fraction of the cost (kvmtrace.render). None when the format is not one this
+        can render (then use the encoder on the registry)."""
         with self._lock:
-            fmt = self._formats.get(content_type, False)
-            if fmt is False:
-                fmt = self._learn_format(encoder)
-                if len(self._formats) >= _FORMATS_MAX:
-                    self._formats.clear()
-                self._formats[content_type] = fmt
+            fmt = self._renderer.format(encoder, content_type)
             if fmt is None:
                 return None
             kvm, health, latency, ok, order = self._scrape()
-            sm = self._samples
-            sm.grow_lines()
-            labels, value, line, line_value, plen, tids = (
-                sm.labels, sm.value, sm.line, sm.line_value, sm.plen, sm.tid)
-            texts = self._value_texts
-            for header, template, ids in zip(fmt.headers, fmt.templates, order, strict=True):
-                parts.append(header)
-                tid = template.tid
-                new = [i for i in ids if tids[i] != tid]  # no line yet (or another format's)
-                if new:
-                    for i, prefix in zip(new, template.prefixes(map(labels.__getitem__, new)),
-                                         strict=True):
-                        n = value[i]
-                        line[i] = prefix + (texts.get(n) or self._value_text(n))
-                        plen[i], tids[i], line_value[i] = len(prefix), tid, n
-                for i in ids:
-                    n = value[i]
-                    if line_value[i] != n:  # the value changed: the same prefix, a new value
-                        line[i] = line[i][:plen[i]] + (texts.get(n) or self._value_text(n))
-                        line_value[i] = n
-                    parts.append(line[i])
-        parts.append(encoder(_Families(self._other_families(kvm, health, latency, ok))))
+            parts = self._renderer.samples(fmt, self._samples, order)
+        parts.append(encoder(FixedFamilies(self._other_families(kvm, health, latency, ok))))
         return b"".join(parts)
-
-    def _value_text(self, n: int) -> bytes:
-        """A sample value as the library writes it, with the newline (memoized)."""
-        texts = self._value_texts
-        if len(texts) >= _VALUE_TEXTS_MAX:
-            texts.clear()
-        text = texts[n] = f"{floatToGoString(n)}\n".encode()
-        return text
-
-    def _learn_format(self, encoder: Callable[[Collector], bytes]) -> _Format | None:
-        """Headers and sample-line templates of the per-series families, from what
-        ``encoder`` makes of them: empty, with one sample whose label values are
-        markers, and with one whose values need escaping (checked against the
-        template). None when its output does not have the expected shape."""
-
-        def render(family: Metric | None = None) -> str:
-            return encoder(_Families([family] if family else [])).decode("utf-8")
-
-        try:
-            end = render()  # "# EOF\n" in OpenMetrics, nothing in the text format
-            headers, templates = [], []
-            for f, names in enumerate(self._labelnames):
-                empty = render(self._per_series_families()[f])
-                header = empty[:len(empty) - len(end)]
-                marked = self._per_series_families()[f]
-                marked.add_metric([f"\0{i}\0" for i in range(len(names))], 0.0)
-                one = render(marked)
-                line = one[len(header):len(one) - len(end)]
-                if (not empty.endswith(end) or not one.startswith(header)
-                        or not one.endswith(end) or not line.endswith(" 0.0\n")
-                        or line.count("\0") != 2 * len(names) or "\n" in line[:-1]):
-                    return None
-                # 'name{a="\0i\0",...} 0.0\n' → 'name{a="%s",...} ' and the label order.
-                pieces = line[:-len("0.0\n")].split("\0")
-                literal = "%s".join(p.replace("%", "%%") for p in pieces[0::2])
-                index = [int(i) for i in pieces[1::2]]
-                if sorted(index) != list(range(len(names))):
-                    return None
-                template = _Template(self._template_id(tuple(pieces)), literal, index)
-                odd = self._per_series_families()[f]
-                labels = tuple(f'{i}\\"\n\\n\x7fé' for i in range(len(names)))
-                odd.add_metric(list(labels), 3.0)
-                if render(odd).encode() != (header.encode() + template.prefixes([labels])[0]
-                                            + b"3.0\n" + end.encode()):
-                    return None
-                headers.append(header.encode())
-                templates.append(template)
-        except Exception:  # an encoder this does not know: the library renders instead
-            return None
-        return _Format(tuple(headers), tuple(templates))
-
-    def _template_id(self, pieces: tuple[str, ...]) -> int:
-        """Formats with the same sample lines share rendered lines. Caller holds _lock."""
-        return self._templates.setdefault(pieces, len(self._templates))
 
     # ---- the other families (small; built fresh, rendered by the library) ----
 
@@ -492,31 +379,6 @@ def _sorted(ids: list[int], labels: list[tuple[str, ...]]) -> list[int]:
     if not ids or "".join(keys).count("\0") != len(ids) * (len(labels[ids[0]]) - 1):
         return sorted(ids, key=labels.__getitem__)
     return list(map(ids.__getitem__, sorted(range(len(ids)), key=keys.__getitem__)))
-
-
-class _Template:
-    """A family's sample line up to its value, learned from the library's output:
-    ``literal`` with a %s per label, filled with the escaped label values picked in
-    the library's label order; ``tid`` identifies it across formats."""
-
-    def __init__(self, tid: int, literal: str, index: list[int]):
-        self.tid = tid
-        self.literal = literal
-        # The labels as they are when the library's order is the family's (no copy).
-        self._pick = None if index == list(range(len(index))) and len(index) > 1 else (
-            operator.itemgetter(*index))
-        self._single = len(index) == 1
-
-    def prefixes(self, labels: Iterable[tuple[str, ...]]) -> list[bytes]:
-        """The line prefixes of samples with these labels (in family order)."""
-        # A str each when there is one label, else a tuple.
-        values = list(labels) if self._pick is None else list(map(self._pick, labels))
-        flat = "".join(values if self._single else map("".join, values))
-        if "\\" in flat or "\n" in flat or '"' in flat:
-            values = [_escape_values((v,) if self._single else v) for v in values]
-            if self._single:
-                values = [v[0] for v in values]
-        return list(map(str.encode, map(self.literal.__mod__, values)))
 
 
 # Bucket bounds of kvmtrace_vm_create_duration_seconds: powers of two of ns,
