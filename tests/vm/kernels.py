@@ -30,8 +30,9 @@ version), unpacked with ``dpkg-deb -x`` into CACHE/<release>/root and prepared s
   unpacked linux-headers-<release> and -common trees, the same layout an installed
   linux-headers package gives (bcc reads /lib/modules/$(uname -r)/{build,source});
 * kbuild can build an out-of-tree module against them: Debian's
-  linux-headers-<release>/Makefile includes the -common Makefile by absolute /usr/src
-  path, which is rewritten to the unpacked copy.
+  linux-headers-<release>/Makefile names the header trees by absolute /usr/src path
+  (the -common Makefile it includes; on 7.x also KBUILD_OUTPUT), rewritten to the
+  unpacked copies.
 
 A suite the mirror lacks, or a metapackage it does not serve, is an error naming it.
 """
@@ -436,7 +437,7 @@ def download(kernel: Kernel, suite: Suite) -> list[Path]:
 
 
 def _stamp_text(debs: list[Path]) -> str:
-    return "".join(f"{d.name} {d.stat().st_size}\n" for d in debs) + "prepare-v2\n"
+    return "".join(f"{d.name} {d.stat().st_size}\n" for d in debs) + "prepare-v3\n"
 
 
 def unpack(kernel: Kernel, debs: list[Path]) -> None:
@@ -480,10 +481,12 @@ def prepare(kernel: Kernel) -> None:
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(target)
+    # Its Makefile names the header trees by absolute /usr/src path (6.x: the include
+    # of -common's Makefile; 7.x also KBUILD_OUTPUT=): point them at the unpacked ones.
     makefile = headers / "Makefile"
     text = makefile.read_text()
-    fixed = re.sub(r"(?m)^include /usr/src/(linux-headers-\S+)/Makefile$",
-                   lambda m: f"include {kernel.root}/usr/src/{m.group(1)}/Makefile", text)
+    fixed = re.sub(r"(?<![^\s=])/usr/src/(linux-headers-[^\s/]+)",
+                   lambda m: f"{kernel.root}/usr/src/{m.group(1)}", text)
     if fixed != text:
         makefile.write_text(fixed)
     _run(["depmod", "-b", str(kernel.root), kernel.release], timeout=300)

@@ -1,0 +1,258 @@
+"""The benchmark phases: the overhead matrix, the storm, the 10,000-series scale run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+from common import (
+    CHILDREN,
+    CODES,
+    PROMETHEUS_ACCEPT,
+    BenchError,
+    end,
+    foreign_tracing_progs_settled,
+    log,
+    metric_sum,
+    qemu_processes,
+    rss_breakdown,
+    rss_kib,
+    samples,
+    scrape,
+    spawn,
+)
+from configs import Bpftrace, Config, Serve
+
+# ---- phase: overhead matrix ---------------------------------------------------
+
+PIN: list[str] = []  # --pin-driver: ["taskset", "-c", CPU]
+
+
+def run_driver(bins: dict, wrap: list[str], workload: str, seconds: float, comm: str) -> dict:
+    cmd = [*PIN, *wrap, bins["workload"], workload, str(seconds), comm]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 40 + 60,
+                         check=False)
+    if out.returncode != 0:
+        raise BenchError(f"{' '.join(cmd)} exited {out.returncode}: {out.stderr.strip()}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def overhead(bins: dict, configs: list[Callable[[], Config]], workloads: list[str],
+             rounds: int, seconds: float, comm_prefix: str = "kb") -> dict:
+    runs, tracer_health = [], []
+    cold: list[float] = []
+    for r in range(1, rounds + 1):
+        for make in configs:
+            cfg = make()
+            foreign = foreign_tracing_progs_settled()
+            cfg.start()
+            comms = {}
+            try:
+                for wl in workloads:
+                    comm = f"{comm_prefix}{r}{CODES[wl]}"
+                    comms[wl] = comm
+                    qemu = qemu_processes()
+                    res = run_driver(bins, cfg.wrap, wl, seconds, comm)
+                    counted = cfg.counted(comm, wl)
+                    runs.append({"round": r, "config": cfg.name, "workload": wl,
+                                 "ns_per_op": res["ns_per_op"], "ops": res["ops"],
+                                 "calls": res["calls"], "traced": counted,
+                                 "foreign_tracing_progs": foreign,
+                                 "qemu_running": max(qemu, qemu_processes())})
+                    log(f"round {r}/{rounds} {cfg.name:<10} {wl:<16} "
+                        f"{res['ns_per_op']:>12,.1f} ns/op")
+            finally:
+                health = cfg.stop()
+            if health:
+                tracer_health.append({"round": r, "config": cfg.name, **health})
+            if isinstance(cfg, Serve):
+                cold.extend(cfg.cold_starts)
+            if isinstance(cfg, Bpftrace):
+                for run in runs:
+                    if run["round"] == r and run["config"] == "bpftrace" \
+                            and run["workload"].startswith("create"):
+                        run["traced"] = cfg.counts.get(comms[run["workload"]], 0)
+    for run in runs:
+        run["verified"] = None if run["traced"] is None else run["traced"] == run["calls"]
+    return {"runs": runs, "tracer_health": tracer_health, "cold_starts_s": cold,
+            "summary": summarize(runs, [c().name for c in configs], workloads)}
+
+
+def summarize(runs: list[dict], configs: list[str], workloads: list[str]) -> dict:
+    """Per workload and config: median, min, max of ns/op; added = median over rounds
+    of (config - none) in the same round (interleaving makes the pairs comparable)."""
+    out: dict = {}
+    for wl in workloads:
+        row: dict = {}
+        base = {r["round"]: r["ns_per_op"] for r in runs
+                if r["workload"] == wl and r["config"] == "none"}
+        for c in configs:
+            vals = {r["round"]: r["ns_per_op"] for r in runs
+                    if r["workload"] == wl and r["config"] == c}
+            if not vals:
+                continue
+            v = list(vals.values())
+            cell = {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
+            diffs = [vals[k] - base[k] for k in vals if k in base]
+            if c != "none" and diffs:
+                cell["added_ns"] = statistics.median(diffs)
+                cell["added_min"], cell["added_max"] = min(diffs), max(diffs)
+            row[c] = cell
+        k = row.get("kvmtrace", {}).get("added_ns")
+        for other in ("floor", "bpftrace"):
+            o = row.get(other, {}).get("added_ns")
+            if k is not None and o:
+                row[f"ratio_kvmtrace_to_{other}"] = k / o
+        out[wl] = row
+    return out
+
+
+# ---- phase: storm -------------------------------------------------------------
+
+def storm(bins: dict, per_process: int, scrape_every: float) -> dict:
+    serve = Serve()
+    serve.start()
+    tag = f"{os.getpid() % 10000}"
+    comms = [f"kbstorm{tag}a", f"kbstorm{tag}b"]
+    procs = [spawn([bins["storm"], c, str(per_process)], stdin=subprocess.PIPE,
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in comms]
+    try:
+        for p in procs:
+            assert p.stdout is not None
+            if p.stdout.readline().strip() != "ready":
+                raise BenchError(f"storm driver did not start: {p.stderr.read()}")
+        lat: list[float] = []
+        errors: list[str] = []
+        done = threading.Event()
+
+        def scraper() -> None:
+            deadline = time.monotonic() + 600
+            while not done.is_set() and time.monotonic() < deadline:
+                try:
+                    lat.append(scrape(serve.url, timeout=30)[0])
+                except (OSError, urllib.error.URLError) as exc:
+                    errors.append(str(exc))
+                done.wait(scrape_every)
+
+        th = threading.Thread(target=scraper, daemon=True)
+        th.start()
+        t0 = time.perf_counter()
+        for p in procs:  # go: one byte each, as close together as we can
+            assert p.stdin is not None
+            p.stdin.write("g")
+            p.stdin.flush()
+        results = []
+        for p in procs:
+            out, err = p.communicate(timeout=600)
+            CHILDREN.remove(p)
+            if p.returncode != 0:
+                raise BenchError(f"storm driver exited {p.returncode}: {err}")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        wall = time.perf_counter() - t0
+        done.set()
+        th.join(60)
+        text = serve.metrics()
+        exported = {c: int(metric_sum(text, "kvmtrace_vm_create_attempts_total", comm=c))
+                    for c in comms}
+        rejected = {c: int(metric_sum(text, "kvmtrace_vm_create_rejected_total", comm=c,
+                                      errno="EINVAL")) for c in comms}
+        health = {k: int(metric_sum(text, f"kvmtrace_{k}_total"))
+                  for k in ("events_lost", "counts_dropped", "calls_dropped")}
+        issued = sum(r["calls"] for r in results)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                end(p, signal.SIGKILL)
+        serve.stop()
+    total = sum(exported.values())
+    return {
+        "per_process": per_process, "comms": comms, "drivers": results,
+        "issued_total": issued, "exported": exported, "exported_total": total,
+        "exported_rejected_einval": rejected, "exact": total == issued == 2 * per_process
+        and all(exported[c] == per_process == rejected[c] for c in comms),
+        "events_lost_total": health["events_lost"], "counts_dropped_total":
+        health["counts_dropped"], "calls_dropped_total": health["calls_dropped"],
+        "storm_wall_s": wall,
+        "ns_per_call": [r["ns"] / r["calls"] for r in results],
+        "scrapes_during_storm": len(lat), "scrape_errors": len(errors),
+        "scrape_error_examples": errors[:3], "scrape_every_s": scrape_every,
+        "scrape_latency_max_ms": max(lat) * 1e3 if lat else None,
+        "scrape_latency_median_ms": statistics.median(lat) * 1e3 if lat else None,
+        "cold_starts_s": serve.cold_starts,
+    }
+
+
+# ---- phase: scale (10,000 series) ---------------------------------------------
+
+def scale(bins: dict, n_types: int, scrapes: int, retire_interval: float | None) -> dict:
+    extra = ("--retire-interval", str(retire_interval)) if retire_interval else ()
+    serve = Serve(extra)
+    serve.start()
+    comm = f"kbseries{os.getpid() % 10000}"
+    out: dict = {"vm_types": n_types, "comm": comm, "retire_interval_s": retire_interval or 10.0,
+                 "cold_starts_s": serve.cold_starts}
+    driver = None
+    try:
+        assert serve.proc is not None
+        pid = serve.proc.pid
+
+        def measure(label: str) -> None:
+            lat, size, n_samples = [], 0, 0
+            for _ in range(scrapes):
+                t, text = scrape(serve.url, timeout=120)
+                lat.append(t)
+                size = len(text)
+            n_samples = sum(1 for ln in text.splitlines() if ln and not ln.startswith("#"))
+            om = [scrape(serve.url, timeout=120, accept=PROMETHEUS_ACCEPT)[0]
+                  for _ in range(max(1, scrapes // 3))]
+            out[label] = {
+                "scrapes": len(lat), "latency_ms": [round(x * 1e3, 2) for x in lat],
+                "median_ms": statistics.median(lat) * 1e3, "max_ms": max(lat) * 1e3,
+                "body_bytes": size, "exported_samples": n_samples,
+                "openmetrics_median_ms": statistics.median(om) * 1e3,
+                "series": {"attempts": len([1 for lb, _ in samples(text,
+                           "kvmtrace_vm_create_attempts_total") if lb.get("comm") == comm]),
+                           "rejected": len([1 for lb, _ in samples(text,
+                           "kvmtrace_vm_create_rejected_total") if lb.get("comm") == comm])},
+                "rss_kib": rss_kib(pid), "rss_top_mappings": rss_breakdown(pid),
+            }
+            log(f"scale {label}: median {out[label]['median_ms']:.1f} ms, max "
+                f"{out[label]['max_ms']:.1f} ms, RSS {out[label]['rss_kib']['VmRSS']} KiB")
+
+        measure("empty")
+        driver = spawn([bins["series"], comm, str(n_types), "1000"], stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert driver.stdout is not None
+        line = driver.stdout.readline()
+        if not line:
+            raise BenchError(f"series driver failed: {driver.stderr.read()}")
+        out["driver"] = json.loads(line)
+        measure("live")  # 10,000 entries in the kernel map, read at every scrape
+        assert driver.stdin is not None
+        driver.stdin.close()
+        driver.wait(30)
+        CHILDREN.remove(driver)
+        # Wait for the retirement pass to fold the exited process out of the map.
+        deadline = time.monotonic() + (retire_interval or 10.0) * 3 + 30
+        while time.monotonic() < deadline:
+            if metric_sum(serve.metrics(), "kvmtrace_exited_processes_total") >= 1:
+                break
+            time.sleep(0.5)
+        else:
+            raise BenchError("the series driver's counts were never folded")
+        measure("folded")  # the same series, now held by the exporter in Python
+    finally:
+        if driver is not None and driver.poll() is None:
+            end(driver, signal.SIGKILL)
+        serve.stop()
+    return out
+
+

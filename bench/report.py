@@ -1,0 +1,187 @@
+"""Targets and the Markdown report, derived from a run's JSON."""
+
+from __future__ import annotations
+
+# ---- targets and report --------------------------------------------------------
+
+def targets(res: dict) -> list[dict]:
+    t = []
+    s = res.get("overhead", {}).get("summary", {})
+
+    def added(wl: str, cfg: str) -> float | None:
+        return s.get(wl, {}).get(cfg, {}).get("added_ns")
+
+    k, f = added("fionread", "kvmtrace"), added("fionread", "floor")
+    if k is not None and f:
+        t.append({"name": "unrelated ioctl (FIONREAD): kvmtrace added <= 1.1x floor's added",
+                  "value": f"{k:.0f} ns vs {f:.0f} ns ({k / f:.2f}x)", "met": k <= 1.1 * f})
+    k, f = added("getppid", "kvmtrace"), added("getppid", "floor")
+    if k is not None and f is not None:
+        t.append({"name": "getppid: kvmtrace added <= floor's added + 10 ns",
+                  "value": f"{k:.0f} ns vs {f:.0f} ns ({k - f:+.0f} ns)", "met": k <= f + 10})
+    k, b = added("create_rejected", "kvmtrace"), added("create_rejected", "bpftrace")
+    if k is not None and b:
+        t.append({"name": "rejected KVM_CREATE_VM: kvmtrace added <= 0.5x bpftrace's added",
+                  "value": f"{k:.0f} ns vs {b:.0f} ns ({k / b:.2f}x)", "met": k <= 0.5 * b})
+    st = res.get("storm")
+    if st:
+        t.append({"name": "storm counts exact",
+                  "value": f"{st['exported_total']:,} exported of {st['issued_total']:,} issued",
+                  "met": st["exact"]})
+    cold = res.get("cold_start")
+    if cold and cold.get("samples_s"):
+        t.append({"name": "cold start (Popen to first /metrics) <= 3 s",
+                  "value": f"median {cold['median_s']:.2f} s, max {cold['max_s']:.2f} s",
+                  "met": cold["max_s"] <= 3.0})
+    sc = res.get("scale")
+    if sc:
+        worst = max(sc["live"]["max_ms"], sc["folded"]["max_ms"])
+        t.append({"name": f"scrape of {sc['vm_types']:,} series <= 100 ms",
+                  "value": f"live map: median {sc['live']['median_ms']:.0f} ms, max "
+                           f"{sc['live']['max_ms']:.0f} ms; folded: median "
+                           f"{sc['folded']['median_ms']:.0f} ms", "met": worst <= 100})
+        rss = max(sc[p]["rss_kib"]["VmRSS"] for p in ("empty", "live", "folded")) / 1024
+        t.append({"name": "exporter RSS <= 60 MB",
+                  "value": f"{rss:.0f} MiB (VmRSS, max over the scale phase)",
+                  "met": rss * 1.048576 <= 60})
+    return t
+
+
+def fmt_ns(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}"
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = [f"# kvmtrace benchmarks ({res['mode']})", "",
+             f"Machine: nproc {m['nproc']}, kernel {m['kernel']}, CPU {m['cpu_model']}, "
+             f"{m['mem_gib']} GiB, {m['os']}; kvmtrace {m['kvmtrace']}, bcc {m['bcc']}, "
+             f"{m['bpftrace']}, {m['strace']}.", "",
+             f"Run {res['started']} ({res['duration_s']:.0f} s). Noise: load average "
+             f"{res['noise']['loadavg_start']} at start, {res['noise']['loadavg_end']} at end; "
+             f"CPU steal {res['noise']['steal_pct']}%; another engineer's QEMU was running "
+             f"during {res['noise'].get('runs_with_qemu', '?')} of "
+             f"{res['noise'].get('runs', '?')} driver runs (max "
+             f"{res['noise']['qemu_processes_max']} qemu processes seen); foreign tracing BPF "
+             f"programs seen {res['noise']['foreign_tracing_progs_max']}.", ""]
+    ov = res.get("overhead")
+    if ov:
+        cfgs = res["settings"]["configs"]
+        lines += [f"## Overhead: ns per call, median (min–max) of {res['settings']['rounds']} "
+                  f"interleaved rounds, {res['settings']['seconds']} s per run"
+                  + (f", drivers pinned to CPU {res['settings']['driver_cpu']}"
+                     if res["settings"].get("driver_cpu") is not None else ""), "",
+                  "| workload | " + " | ".join(cfgs) + " |",
+                  "|---|" + "---:|" * len(cfgs)]
+        for wl, row in ov["summary"].items():
+            cells = [f"{fmt_ns(row[c]['median'])} ({fmt_ns(row[c]['min'])}–"
+                     f"{fmt_ns(row[c]['max'])})" if c in row else "—" for c in cfgs]
+            lines.append(f"| {wl} | " + " | ".join(cells) + " |")
+        added_cfgs = [c for c in cfgs if c != "none"]
+        lines += ["", "## Added ns per call over none (median of per-round differences) "
+                  "and kvmtrace's ratios", "",
+                  "| workload | " + " | ".join(added_cfgs)
+                  + " | kvmtrace ÷ floor | kvmtrace ÷ bpftrace |",
+                  "|---|" + "---:|" * (len(added_cfgs) + 2)]
+        noisy = False
+        for wl, row in ov["summary"].items():
+            # Within noise: smaller than half the spread of "none" over the rounds.
+            spread = (row["none"]["max"] - row["none"]["min"]) / 2 if "none" in row else 0
+
+            def mark(x: float, spread: float = spread) -> str:
+                return "†" if abs(x) < spread else ""
+
+            cells = [f"{row[c]['added_ns']:+,.0f}{mark(row[c]['added_ns'])}"
+                     if "added_ns" in row.get(c, {}) else "—" for c in added_cfgs]
+            for other in ("floor", "bpftrace"):
+                r = row.get(f"ratio_kvmtrace_to_{other}")
+                dubious = any(mark(row.get(c, {}).get("added_ns", 1e18))
+                              for c in ("kvmtrace", other))
+                cells.append(f"{r:.2f}×{'†' if dubious else ''}" if r is not None else "—")
+                noisy |= dubious
+            lines.append(f"| {wl} | " + " | ".join(cells) + " |")
+        if noisy:
+            lines += ["", "† within noise: smaller than half the min–max spread of \"none\" "
+                      "over the rounds, so the sign and ratio mean little."]
+        bad = [r for r in ov["runs"] if r["verified"] is False]
+        checked = [r for r in ov["runs"] if r["verified"] is not None]
+        lines += ["", f"Tracer counts checked against the drivers' calls: {len(checked)} runs, "
+                  f"{len(bad)} mismatches."
+                  + "".join(f" {r['config']}/{r['workload']}/round {r['round']}: "
+                            f"{r['traced']} of {r['calls']};" for r in bad)]
+        for h in ov["tracer_health"]:
+            if h.get("events_lost"):
+                lines.append(f"kvmtrace round {h['round']}: {h['events_lost']:,} live-view events "
+                             "lost (ring buffer full; counts are exact regardless).")
+                break
+    st = res.get("storm")
+    if st:
+        lines += ["", "## Storm", "",
+                  f"2 processes x {st['per_process']:,} rejected KVM_CREATE_VM as fast as "
+                  f"they can, under `kvmtrace serve -q`: {st['storm_wall_s']:.2f} s, "
+                  + ", ".join(f"{x:,.0f}" for x in st["ns_per_call"]) + " ns per call.", "",
+                  "| comm | issued | exported attempts | exported rejected (EINVAL) |",
+                  "|---|---:|---:|---:|"]
+        for d in st["drivers"]:
+            c = d["comm"]
+            lines.append(f"| {c} | {d['calls']:,} | {st['exported'][c]:,} | "
+                         f"{st['exported_rejected_einval'][c]:,} |")
+        lines += [f"| total | {st['issued_total']:,} | {st['exported_total']:,} | |", "",
+                  f"Exact: **{'yes' if st['exact'] else 'NO'}**. kvmtrace_events_lost_total "
+                  f"{st['events_lost_total']:,}, counts_dropped {st['counts_dropped_total']}, "
+                  f"calls_dropped {st['calls_dropped_total']}. Scrapes during the storm "
+                  f"(one every {st['scrape_every_s']} s): {st['scrapes_during_storm']}, errors "
+                  f"{st['scrape_errors']}, latency median "
+                  f"{st['scrape_latency_median_ms'] or 0:.1f} ms, max "
+                  f"{st['scrape_latency_max_ms'] or 0:.1f} ms."]
+    cold = res.get("cold_start")
+    if cold and cold.get("samples_s"):
+        lines += ["", "## Cold start", "",
+                  f"Popen of `kvmtrace serve` to first successful /metrics, "
+                  f"{len(cold['samples_s'])} starts: median {cold['median_s']:.2f} s, "
+                  f"min {cold['min_s']:.2f} s, max {cold['max_s']:.2f} s "
+                  f"(first start of the run {cold['samples_s'][0]:.2f} s)."]
+    sc = res.get("scale")
+    if sc:
+        lines += ["", f"## Scale: {sc['vm_types']:,} series", "",
+                  f"One process ({sc['comm']}) makes one rejected KVM_CREATE_VM for each of "
+                  f"{sc['vm_types']:,} distinct VM types (1000..{999 + sc['vm_types']}): "
+                  f"{sc['vm_types']:,} kernel map entries, exported as {sc['vm_types']:,} "
+                  "attempts + as many rejected series. \"live\": the process is alive, its "
+                  "entries are read from the BPF map at every scrape; \"folded\": it exited "
+                  "and the retirement pass (--retire-interval "
+                  f"{sc['retire_interval_s']:g} s) moved its counts into the exporter's Python "
+                  "state.", "",
+                  "| state | series (attempts / rejected) | samples | body | scrape median | "
+                  "scrape max | OpenMetrics median | VmRSS | VmHWM |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for label in ("empty", "live", "folded"):
+            p = sc[label]
+            lines.append(
+                f"| {label} | {p['series']['attempts']:,} / {p['series']['rejected']:,} | "
+                f"{p['exported_samples']:,} | {p['body_bytes'] / 1024:,.0f} KiB | "
+                f"{p['median_ms']:.1f} ms | {p['max_ms']:.1f} ms | "
+                f"{p['openmetrics_median_ms']:.1f} ms | "
+                f"{p['rss_kib']['VmRSS'] / 1024:.1f} MiB | "
+                f"{p['rss_kib']['VmHWM'] / 1024:.1f} MiB |")
+        top = ", ".join(f"{x['mapping'].rsplit('/', 1)[-1]} {x['rss_kib'] / 1024:.0f} MiB"
+                        for x in sc["live"]["rss_top_mappings"])
+        lines += ["", f"Largest resident mappings (live): {top}."]
+    var = res.get("variants")
+    if var:
+        cfgs = list(next(iter(var["summary"].values())).keys())
+        cfgs = [c for c in cfgs if not c.startswith("ratio")]
+        lines += ["", "## BPF variants: added ns per call over none (median of per-round "
+                  f"differences, {var['rounds']} rounds)", "",
+                  "| workload | " + " | ".join(c for c in cfgs if c != "none") + " |",
+                  "|---|" + "---:|" * (len(cfgs) - 1)]
+        for wl, row in var["summary"].items():
+            lines.append(f"| {wl} | " + " | ".join(
+                f"{row[c]['added_ns']:+,.0f}" for c in cfgs if c != "none") + " |")
+    if res.get("targets"):
+        lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+        for t in res["targets"]:
+            lines.append(f"| {t['name']} | {t['value']} | {'yes' if t['met'] else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
