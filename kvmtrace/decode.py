@@ -45,27 +45,14 @@ class Key(NamedTuple):
     verdicts: int
 
 
-@dataclass(frozen=True, slots=True)
-class CountRecord:
-    """A live map entry: its decoded key's fields (in Key's order) and its count."""
+class CountRecord(NamedTuple("CountRecord", [*Key.__annotations__.items(), ("count", int)])):
+    """A live map entry: its decoded Key's fields, in Key's order, then its count."""
 
-    pid: int
-    comm: str
-    probe: str
-    layer: str
-    vm_type: int
-    vm_type_name: str
-    result: int
-    rejected: bool
-    errno: str | None
-    verdicts: int
-    count: int
+    __slots__ = ()
 
     def key(self, with_pid: bool = True) -> Key:
         """The decoded key; ``with_pid`` False: the series folded over processes."""
-        return Key(self.pid if with_pid else None, self.comm, self.probe, self.layer,
-                   self.vm_type, self.vm_type_name, self.result, self.rejected, self.errno,
-                   self.verdicts)
+        return Key(self.pid if with_pid else None, *self[1:len(Key._fields)])
 
 
 @dataclass(frozen=True, slots=True)

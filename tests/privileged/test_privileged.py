@@ -292,3 +292,27 @@ def test_event_budget_throttles_the_stream_but_never_the_counts():
         assert h["events_throttled"] >= 50 - len(events)
     finally:
         session.close()
+
+
+def test_a_map_unlike_the_contract_is_one_clear_error():
+    """The reader checks every map as the kernel reports it: a counts map of 1,024
+    entries where the contract expects 10,240 (as if the C had hard-coded its size) is
+    refused with one line naming the map and both shapes."""
+    from kvmtrace import facts, loader, plan, reader
+
+    f = facts.gather()
+    p = plan.make_plan(f)
+    session = loader.load(p, loader.Options(self_tgid=os.getpid(), counts_max=1024,
+                                            use_ringbuf=f.ringbuf))
+    maps = {name: os.dup(fd) for name, fd in session.map_fds().items()}
+    try:
+        with pytest.raises(reader.ReadError) as exc:
+            reader.Reader(p, session.attachments, maps, [], session.ringbuf, 10240,
+                          session.opts.ringbuf_pages)
+        msg = str(exc.value)
+        assert "\n" not in msg and "map counts" in msg, msg
+        assert "1024)" in msg and "10240)" in msg and "disagree" in msg, msg
+    finally:
+        for fd in maps.values():
+            os.close(fd)
+        session.close()
