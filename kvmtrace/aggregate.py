@@ -9,7 +9,7 @@ short-lived process while no count is lost.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 from kvmtrace.decode import CountRecord, Key
 from kvmtrace.plan import CREATE_VM, Layer
@@ -65,3 +65,85 @@ def per_process(live: Iterable[CountRecord]) -> list[dict]:
             if r.rejected:
                 p["type_check_rejected"] += r.count
     return sorted(procs.values(), key=lambda p: (p["pid"], p["comm"]))
+
+
+class SlotSums:
+    """The scrape path's aggregation: every count read, summed into the slots its key
+    maps to, incrementally.
+
+    A key (a live map entry's raw key, or a folded Key: the two never compare equal) is
+    mapped to its slots once, by the caller's ``slots_of`` (the collector: the exported
+    samples it adds to, one per label set); then each read costs one dict lookup per key.
+    After :meth:`sum`, ``value[i]`` is slot i's total at that read and ``active`` the
+    slots it set, in the order first set. Several keys can add to one slot (e.g. two
+    verdict sets, or the folded residual and a live process of the same comm)."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.slots: dict[Hashable, tuple[int, ...]] = {}
+        self.gen: list[int] = []  # the read that last set the value
+        self.value: list[int] = []
+        self._read = 0
+
+    def sum(self, batches: Iterable[tuple[Iterable[Hashable], Iterable[int],
+                                          Callable[[list[Hashable]], list[tuple[int, ...]]]]],
+            most: int) -> tuple[list[int], bool]:
+        """Sum (keys, counts, slots_of) batches; ``most``: an upper bound of the slots
+        that can exist after this read. Returns the slots set by this read and whether
+        one of them was not set by the previous read (so the caller's order changes)."""
+        g = self._read = self._read + 1
+        self._room(most)
+        active: list[int] = []
+        moved = False
+        for keys, counts, slots_of in batches:
+            new, moved_ = self._add(keys, counts, g, active)
+            moved |= moved_
+            if new:  # keys seen for the first time: their slots, all at once
+                new_keys, new_counts = new
+                self.slots.update(zip(new_keys, slots_of(new_keys), strict=True))
+                self._add(new_keys, new_counts, g, active)
+                moved = True
+        return active, moved
+
+    def forget(self, read: int, keep: Callable[[], Iterable[Hashable]], floor: int) -> None:
+        """Once more than ``floor`` keys beyond the ``read`` ones just read have slots,
+        keep only those of ``keep()`` (the keys read)."""
+        if len(self.slots) > read + floor:
+            self.slots = {key: self.slots[key] for key in keep()}
+
+    def trim(self, n: int) -> None:
+        """Only slots below ``n`` exist."""
+        del self.gen[n:]
+        del self.value[n:]
+
+    def _room(self, most: int) -> None:
+        self.gen.extend([-1] * (most - len(self.gen)))
+        self.value.extend([0] * (most - len(self.value)))
+
+    def _add(self, keys: Iterable[Hashable], counts: Iterable[int], g: int, active: list[int]
+             ) -> tuple[tuple[list[Hashable], list[int]] | None, bool]:
+        """Add each key's count to its slots (set at read ``g``, listed in ``active``).
+        Returns the keys without slots yet with their counts (None when there are none),
+        and whether a slot not set by the previous read is now."""
+        slots, gen, value = self.slots, self.gen, self.value
+        moved = False
+        new_keys: list[Hashable] = []
+        new_counts: list[int] = []
+        for key, n in zip(keys, counts, strict=True):
+            e = slots.get(key)
+            if e is None:
+                new_keys.append(key)
+                new_counts.append(n)
+                continue
+            for i in e:
+                if gen[i] == g:
+                    value[i] += n
+                else:
+                    if gen[i] != g - 1:
+                        moved = True
+                    gen[i] = g
+                    value[i] = n
+                    active.append(i)
+        return ((new_keys, new_counts) if new_keys else None), moved

@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 from kvmtrace import attempts as attemptsmod
 from kvmtrace import plan as planmod
 from kvmtrace import tables
+from kvmtrace.aggregate import SlotSums
 from kvmtrace.contract import LATENCY_OUTCOMES, RawCount
 from kvmtrace.decode import Key
 from kvmtrace.kvmdev import KvmInfo
@@ -84,24 +85,12 @@ class _Samples:
         self.ids: list[dict[tuple[str, ...], int]] = [{} for _ in _PER_SERIES]  # per family
         self.family: list[int] = []
         self.labels: list[tuple[str, ...]] = []
-        self.gen: list[int] = []  # the scrape that last set the value
-        self.value: list[int] = []
         # The sample's line as last rendered, the value in it, the length of its label
         # part and the template it follows (extended on demand by the renderer).
         self.line: list[bytes] = []
         self.line_value: list[int | None] = []
         self.plen: list[int] = []
         self.tid: list[int] = []
-
-    def reserve(self, new: int) -> None:
-        """Room in the gen and value columns for up to ``new`` more samples (a new
-        sample gets an id in ids, its labels and family; then it can be counted)."""
-        self.gen.extend([-1] * (len(self.labels) + new - len(self.gen)))
-        self.value.extend([0] * (len(self.labels) + new - len(self.value)))
-
-    def trim(self) -> None:
-        del self.gen[len(self.labels):]
-        del self.value[len(self.labels):]
 
     def grow_lines(self) -> None:
         """Extend the line columns to every sample."""
@@ -129,9 +118,10 @@ class KvmtraceCollector(Collector):
         self._lock = threading.Lock()
         self._samples = _Samples()
         # A live map entry's raw key, or an exited series → its sample ids.
-        self._entries: dict[Hashable, tuple[int, ...]] = {}
-        self._mask: int | None = None  # the host mask _entries were classified with
-        self._gen = 0
+        # A live map entry's raw key, or an exited series → its sample ids, and the
+        # samples' totals.
+        self._sums = SlotSums()
+        self._mask: int | None = None  # the host mask the keys' samples were made with
         self._order: list[list[int]] = [[] for _ in _PER_SERIES]  # per family, sorted
         self._ordered = 0
         self._exported = 0  # samples exported at the last scrape that read the maps
@@ -160,43 +150,31 @@ class KvmtraceCollector(Collector):
 
     def _update(self, raws: list[RawCount], exited: list[Key], counts: list[int],
                 mask: int | None, complete: bool) -> list[list[int]]:
-        """Sum the live map's counts and the exited residual into one sample per
-        label set; return the sample ids of each family, sorted by label values.
-
-        Several kernel keys can map to one label set (e.g. two verdict sets, or the
-        exited residual and a live process of the same comm): summed, so every
-        sample is unique.
-        """
-        entries, samples = self._entries, self._samples
+        """Total the live map's counts and the exited residual per sample (one per label
+        set: kvmtrace.aggregate.SlotSums); return the sample ids of each family, sorted
+        by label values."""
+        sums, samples = self._sums, self._samples
         if (mask != self._mask
                 or len(samples.labels) > _CACHE_SLACK * self._exported + _CACHE_FLOOR):
-            entries.clear()  # reasons depend on the mask; or too many stale samples
+            sums.clear()  # reasons depend on the mask; or too many stale samples
             samples.clear()
             self._mask = mask
-        g = self._gen = self._gen + 1
-        active: list[int] = []
-        samples.reserve(2 * (len(raws) + len(exited)))  # a key adds to at most 2 samples
-        # Live map entries are cached by their raw key (decoded once), the exited
-        # residual by its series: the two kinds of keys never compare equal.
-        reorder = False
-        for keys, values, rows in ((map(_KEY, raws), map(_COUNT, raws), self._rows_of_keys),
-                                   (exited, counts, list)):
-            new, reorder_ = self._add(keys, values, g, active)
-            reorder |= reorder_
-            if new:  # keys seen for the first time: their samples, all at once
-                new_keys, new_values = new
-                self._entries.update(zip(new_keys, self._new_entries(rows(new_keys), mask),
-                                         strict=True))
-                self._add(new_keys, new_values, g, active)
-                reorder = True
-        samples.trim()
+
+        def samples_of(rows: Callable[[list[Hashable]], list[Key]]):
+            return lambda keys: self._new_entries(rows(keys), mask)
+
+        # A key adds to at most 2 samples.
+        active, moved = sums.sum(
+            ((map(_KEY, raws), map(_COUNT, raws), samples_of(self._rows_of_keys)),
+             (exited, counts, samples_of(list))),
+            len(samples.labels) + 2 * (len(raws) + len(exited)))
+        sums.trim(len(samples.labels))
         if complete:
             self._exported = len(active)
-            entries = self._entries
-            if len(entries) > len(raws) + len(exited) + _CACHE_FLOOR:  # keys no longer read
-                self._entries = {key: entries[key] for key in chain(map(_KEY, raws), exited)}
+            sums.forget(len(raws) + len(exited), lambda: chain(map(_KEY, raws), exited),
+                        _CACHE_FLOOR)  # keys no longer read
         # The same samples as at the previous scrape (none new, as many): same order.
-        if reorder or len(active) != self._ordered:
+        if moved or len(active) != self._ordered:
             order: list[list[int]] = [[] for _ in _PER_SERIES]
             family = samples.family
             for i in active:
@@ -204,32 +182,6 @@ class KvmtraceCollector(Collector):
             order = [_sorted(ids, samples.labels) for ids in order]
             self._order, self._ordered = order, len(active)
         return self._order
-
-    def _add(self, keys: Iterable[Hashable], counts: Iterable[int], g: int, active: list[int]
-             ) -> tuple[tuple[list[Hashable], list[int]] | None, bool]:
-        """Add each key's count to its samples (set at scrape ``g``, listed in
-        ``active``). Returns the keys not in the cache with their counts (None when
-        there are none), and whether a sample not exported at the previous scrape is."""
-        entries, gen, value = self._entries, self._samples.gen, self._samples.value
-        reorder = False
-        new_keys: list[Hashable] = []
-        new_counts: list[int] = []
-        for key, n in zip(keys, counts, strict=True):
-            e = entries.get(key)
-            if e is None:
-                new_keys.append(key)
-                new_counts.append(n)
-                continue
-            for i in e:
-                if gen[i] == g:
-                    value[i] += n
-                else:
-                    if gen[i] != g - 1:
-                        reorder = True
-                    gen[i] = g
-                    value[i] = n
-                    active.append(i)
-        return ((new_keys, new_counts) if new_keys else None), reorder
 
     def _rows_of_keys(self, keys: list[Hashable]) -> list[Key]:
         return list(map(self._rt.decoder.count_labels, keys))
@@ -288,7 +240,7 @@ class KvmtraceCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             kvm, health, latency, ok, order = self._scrape()
-            labels, value = self._samples.labels, self._samples.value
+            labels, value = self._samples.labels, self._sums.value
             samples = [[(labels[i], value[i]) for i in ids] for ids in order]
         families = self._per_series_families()
         for family, values in zip(families, samples, strict=True):
@@ -311,7 +263,7 @@ class KvmtraceCollector(Collector):
             if fmt is None:
                 return None
             kvm, health, latency, ok, order = self._scrape()
-            parts = self._renderer.samples(fmt, self._samples, order)
+            parts = self._renderer.samples(fmt, self._samples, self._sums.value, order)
         parts.append(encoder(FixedFamilies(self._other_families(kvm, health, latency, ok))))
         return b"".join(parts)
 

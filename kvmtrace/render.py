@@ -79,8 +79,8 @@ class Renderer:
 
     ``families()`` gives the per-series families, empty, in exposition order, with
     ``labelnames`` (one tuple per family). The
-    samples are the collector's columns (``labels``, ``value``, and the line cache
-    ``line``, ``line_value``, ``plen``, ``tid`` this extends and fills). Not thread
+    samples are the collector's columns (``labels``, and the line cache ``line``,
+    ``line_value``, ``plen``, ``tid`` this extends and fills) with their totals. Not thread
     safe: the collector calls it under its lock."""
 
     def __init__(self, families: Callable[[], list[CounterMetricFamily]],
@@ -103,12 +103,12 @@ class Renderer:
             self._formats[content_type] = fmt
         return fmt
 
-    def samples(self, fmt: Format, sm, order: list[list[int]]) -> list[bytes]:
+    def samples(self, fmt: Format, sm, value: list[int], order: list[list[int]]
+                ) -> list[bytes]:
         """Per family in ``order`` (sample ids, sorted): its header, then its lines."""
         parts: list[bytes] = []
         sm.grow_lines()
-        labels, value, line, line_value, plen, tids = (
-            sm.labels, sm.value, sm.line, sm.line_value, sm.plen, sm.tid)
+        labels, line, line_value, plen, tids = sm.labels, sm.line, sm.line_value, sm.plen, sm.tid
         texts = self._value_texts
         for header, template, ids in zip(fmt.headers, fmt.templates, order, strict=True):
             parts.append(header)

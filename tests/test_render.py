@@ -249,7 +249,7 @@ def test_caches_stay_bounded_and_right_as_series_come_and_go(kernel_facts):
         source.raws = [(1000 + batch, CREATE, t, -22, 0, f"p{batch}".encode(), 1)
                        for t in range(1500 * batch, 1500 * batch + 1500)]
         assert_same(reg, collector, [None, PROMETHEUS])
-        assert len(collector._entries) <= 2 * len(source.raws) + 1024
+        assert len(collector._sums.slots) <= 2 * len(source.raws) + 1024
 
 
 def test_concurrent_scrapes_each_get_the_whole_exposition(kernel_facts):
