@@ -6,7 +6,7 @@ parameters. Values it does not know render as ``unknown:N``, never raise.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from kvmtrace import plan as planmod
@@ -55,24 +55,16 @@ class CountRecord(NamedTuple("CountRecord", [*Key.__annotations__.items(), ("cou
         return Key(self.pid if with_pid else None, *self[1:len(Key._fields)])
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    ts_ns: int
-    duration_ns: int
-    pid: int
-    tid: int
-    comm: str
-    probe: str
-    layer: str
-    vm_type: int
-    vm_type_name: str
-    result: int
-    rejected: bool
-    errno: str | None
-    verdicts: int
+class Event(NamedTuple("Event", [*Key.__annotations__.items(), ("tid", int), ("ts_ns", int),
+                                  ("duration_ns", int)])):
+    """One completed call from the live stream: its decoded Key's fields (in Key's
+    order), then the thread, the return time and the call's duration (0: entry not
+    seen)."""
+
+    __slots__ = ()
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return self._asdict()
 
 
 class Decoder:
