@@ -56,6 +56,10 @@ EXAMPLES_DOCTOR = """examples:
   kvmtrace doctor --json"""
 
 
+PID_MAX_LIMIT = 4 * 1024 * 1024  # include/linux/threads.h: no pid is larger
+SECONDS_MAX = 7 * 24 * 3600.0  # a week: longer intervals and durations are typos
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -66,13 +70,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _pid(text: str) -> int:
+    value = _positive_int(text)
+    if value > PID_MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"not a pid (at most {PID_MAX_LIMIT}): {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    if not 0 < value <= SECONDS_MAX:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be positive and at most {SECONDS_MAX:.0f} "
+                                         f"seconds: {text!r}")
     return value
 
 
@@ -91,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pid-label", action="store_true",
                    help="add a pid label to per-process metrics (cardinality grows)")
     s.add_argument("-q", "--quiet", action="store_true", help="no live view on stdout")
-    s.add_argument("--retire-interval", type=_positive_float, default=10.0, metavar="SECONDS",
+    s.add_argument("--retire-interval", type=_seconds, default=10.0, metavar="SECONDS",
                    help="fold exited processes' counts out of the kernel map this often")
     s.add_argument("--rejections", type=_positive_int, default=100, metavar="N",
                    help="keep the last N rejected attempts for /api/rejections (default 100)")
@@ -99,12 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("trace", help="one line per VM creation attempt and type check",
                        epilog=EXAMPLES_TRACE, formatter_class=fmt)
-    t.add_argument("-p", "--pid", type=_positive_int, help="trace this process only")
+    t.add_argument("-p", "--pid", type=_pid, help="trace this process only")
     t.add_argument("-n", "--name", help="only processes whose comm contains NAME")
     t.add_argument("-x", "--failed", action="store_true", help="only rejected calls")
     t.add_argument("-T", "--time", action="store_true", help="include a time column (HH:MM:SS)")
     t.add_argument("--json", action="store_true", help="JSON lines instead of columns")
-    t.add_argument("--duration", type=_positive_float, metavar="SECONDS",
+    t.add_argument("--duration", type=_seconds, metavar="SECONDS",
                    help="stop after SECONDS")
     t.add_argument("--strict", action="store_true", help="fail unless every probe point attaches")
     t.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
@@ -112,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("explain", help="wait for rejected VM creations and explain each",
                        epilog=EXAMPLES_EXPLAIN, formatter_class=fmt)
-    e.add_argument("-p", "--pid", type=_positive_int, help="this process only")
+    e.add_argument("-p", "--pid", type=_pid, help="this process only")
     e.add_argument("-n", "--name", help="only processes whose comm contains NAME")
-    e.add_argument("--duration", type=_positive_float, metavar="SECONDS",
+    e.add_argument("--duration", type=_seconds, metavar="SECONDS",
                    help="stop after SECONDS (then say what the host supports if none was seen)")
     e.add_argument("--json", action="store_true", help="one JSON object per rejected attempt")
     e.add_argument("--strict", action="store_true", help="fail unless every probe point attaches")

@@ -237,6 +237,12 @@ class KvmtraceCollector(Collector):
 
     # ---- output 1: prometheus_client families -------------------------------
 
+    def describe(self) -> Iterator[Metric]:
+        """The families this collector serves, without their samples and without
+        reading anything: what the registry maps names to (``/metrics?name[]=``)."""
+        yield from self._per_series_families()
+        yield from self._other_families(KvmInfo(present=False), {}, ([], [0, 0]), 1)
+
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             kvm, health, latency, ok, order = self._scrape()
@@ -301,6 +307,8 @@ class KvmtraceCollector(Collector):
             ("counts_dropped", "Count updates lost because the counts map was full."),
             ("calls_dropped", "Calls not tracked because the in-flight map was full."),
             ("decode_errors", "Events that could not be decoded."),
+            ("retire_errors", "Retirement passes skipped because the process list could "
+                              "not be read (e.g. out of file descriptors)."),
             ("exited_processes", "Count entries of exited processes folded out of the map."),
         ):
             c = CounterMetricFamily(f"{NS}_{key}", doc)

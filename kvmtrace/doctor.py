@@ -19,10 +19,11 @@ def attach_test(facts: factsmod.HostFacts, opts: loadermod.Options
                 ) -> tuple[list[planmod.Attachment] | None, str | None]:
     """(attachments, None) after loading and attaching the plan, or (None, why not).
     Attaches nothing when this process could not (not root, no bcc, no headers)."""
-    if not (facts.is_root and facts.bcc_version and facts.headers.path):
-        return None, None
+    plan = planmod.make_plan(facts)
+    if not facts.is_root or loadermod.preflight(facts, plan):
+        return None, None  # report() says why (not root, no bcc, headers, nothing to plan)
     try:
-        session = loadermod.load(planmod.make_plan(facts), opts)
+        session = loadermod.load(plan, opts)
     except loadermod.LoadError as exc:
         return None, str(exc)
     attachments = session.attachments
@@ -46,7 +47,7 @@ def report(facts: factsmod.HostFacts, attachments: Sequence[planmod.Attachment] 
                         f"{facts.kernel_release}: fine for kvmtrace (no struct layouts), "
                         "but other bcc tools may misread kernel structs")
     if facts.tracefs is None:
-        warnings.append("tracefs not mounted: mount -t tracefs nodev /sys/kernel/tracing")
+        warnings.append(planmod.tracefs_problem(facts))
     if not facts.kvm.present:
         warnings.append(f"/dev/kvm: {facts.kvm.error}")
     elif facts.kvm.error:

@@ -35,6 +35,7 @@ _CLONE = re.compile(r"^(?P<base>[^.]+)\.(?:isra|constprop|part|cold|lto_priv)(?:
 _NOT_FUNCTIONS = ("__pfx_", "__cfi_")
 
 IOCTL_TRACEPOINTS = ("syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl")
+FACTS_MAX = 1 << 20  # bytes of a --dump-facts file (they are a few KiB)
 TRACEFS_PATHS = ("/sys/kernel/debug/tracing", "/sys/kernel/tracing")
 VENDOR_MODULES = ("kvm_intel", "kvm_amd", "kvm_hv", "kvm_pr")
 
@@ -70,6 +71,8 @@ class HostFacts:
     fentry: str | None = None
     btf: bool = False
     tracefs: str | None = None
+    # Why tracefs is None when it is mounted but cannot be read (e.g. not root).
+    tracefs_error: str | None = None
     tracepoints: list[str] = field(default_factory=list)
     ringbuf: bool = False
     # BPF task storage (5.11+, needs BTF for bpf_get_current_task_btf).
@@ -95,8 +98,17 @@ class HostFacts:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> HostFacts:
-        with open(path) as f:
-            return cls.from_json(json.load(f))
+        """Facts from a ``--dump-facts`` file: at most FACTS_MAX bytes of a JSON object
+        (ValueError, TypeError or KeyError on anything else; OSError when unreadable)."""
+        with open(path, "rb") as f:
+            data = f.read(FACTS_MAX + 1)
+        if len(data) > FACTS_MAX:
+            raise ValueError(f"larger than {FACTS_MAX // 1024} KiB (a --dump-facts file is "
+                             "a few KiB)")
+        parsed = json.loads(data)
+        if not isinstance(parsed, dict):
+            raise ValueError("not a JSON object")
+        return cls.from_json(parsed)
 
 
 def kernel_version(release: str) -> tuple[int, int]:
@@ -136,11 +148,19 @@ def _read(path: str | Path) -> str | None:
         return None
 
 
-def _find_tracefs(root: Path) -> str | None:
+def _find_tracefs(root: Path) -> tuple[str | None, str | None]:
+    """(where tracefs is, None) or (None, why it cannot be read, None: not mounted)."""
+    error = None
     for p in TRACEFS_PATHS:
-        if (root / p.lstrip("/") / "events").is_dir():
-            return p
-    return None
+        try:
+            if (root / p.lstrip("/") / "events").is_dir():
+                return p, None
+        except PermissionError:
+            error = error or (f"{p} is not readable: permission denied (tracefs is mode "
+                              "0700: run as root, or with CAP_DAC_READ_SEARCH)")
+        except OSError as exc:
+            error = error or f"{p}: {exc.strerror}"
+    return None, error
 
 
 def _kprobes(root: Path, tracefs: str | None) -> tuple[bool, str]:
@@ -211,7 +231,7 @@ def gather(root: str | os.PathLike = "/", probe_fentry_fn=probe_fentry) -> HostF
     arch = uname.machine
     kallsyms = _read(root / "proc/kallsyms") or ""
     symbols, clones = read_kallsyms(kallsyms)
-    tracefs = _find_tracefs(root)
+    tracefs, tracefs_error = _find_tracefs(root)
     traceable = None
     blacklist: list[str] = []
     if tracefs:
@@ -256,6 +276,7 @@ def gather(root: str | os.PathLike = "/", probe_fentry_fn=probe_fentry) -> HostF
         fentry=fentry,
         btf=btf,
         tracefs=tracefs,
+        tracefs_error=tracefs_error,
         tracepoints=tracepoints,
         ringbuf=kernel_version(release) >= (5, 8),
         task_storage=btf and kernel_version(release) >= (5, 11),

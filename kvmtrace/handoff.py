@@ -73,11 +73,11 @@ def child(sock: socket.socket) -> int:
     size = _LEN.unpack(sock.recv(_LEN.size, socket.MSG_WAITALL))[0]
     req = json.loads(sock.recv(size, socket.MSG_WAITALL))
     facts = factsmod.gather()
-    problem = loader.preflight(facts)
+    plan = planmod.make_plan(facts)
+    problem = loader.preflight(facts, plan)
     if problem:
         _send(sock, {"error": problem, "facts": facts.to_json()})
         return 0
-    plan = planmod.make_plan(facts)
     opts = Options(self_tgid=req["self_tgid"], filter_tgid=req["filter_tgid"],
                    use_ringbuf=facts.ringbuf, use_task_storage=facts.task_storage)
     try:

@@ -77,14 +77,17 @@ def build_text(plan: planmod.Plan, opts: Options) -> str:
     return head + bpf_source() + "".join(f"{ln}\n" for ln in lines)
 
 
-def preflight(facts) -> str | None:
-    """What keeps bcc from compiling here (one line for the user), or None."""
+def preflight(facts, plan: planmod.Plan) -> str | None:
+    """What keeps bcc from compiling or attaching anything here (one line), or None."""
     if facts.bcc_version is None:
         return ("bcc is not importable: install python3-bpfcc and use the project's "
                 ".venv (make setup)")
     if facts.headers.path is None:
         return (f"no kernel headers for {facts.kernel_release} "
                 f"({facts.headers.error}): run 'make setup' or set BCC_KERNEL_SOURCE")
+    if not any(p.planned for p in plan.points):
+        return ("no probe point can attach here: "
+                + "; ".join(f"{p.name}: {p.reason}" for p in plan.points[:3]))
     return None
 
 

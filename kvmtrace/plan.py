@@ -117,6 +117,12 @@ class Attachment:
         return self.error or self.point.reason
 
 
+def tracefs_problem(facts: HostFacts) -> str:
+    """Why tracefs cannot be used here, with the fix (facts.tracefs is None)."""
+    return facts.tracefs_error or ("tracefs not mounted (mount -t tracefs nodev "
+                                   "/sys/kernel/tracing)")
+
+
 def _no_kprobes(facts: HostFacts) -> str:
     return f"no kprobes: {facts.kprobes_detail}" if facts.kprobes_detail else "no kprobes"
 
@@ -177,7 +183,7 @@ def make_plan(facts: HostFacts) -> Plan:
             why = f"{IOCTL_FUNCTION}: {why}; syscall tracepoints filtered in-kernel"
         else:
             target = None
-            missing = "tracefs not mounted" if facts.tracefs is None \
+            missing = tracefs_problem(facts) if facts.tracefs is None \
                 else "syscalls:sys_{enter,exit}_ioctl tracepoints missing"
             why = f"{IOCTL_FUNCTION}: {why}; {missing}"
     points = [

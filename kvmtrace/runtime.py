@@ -6,6 +6,7 @@ constructed with everything it uses, so tests hand it a recorded source.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import Counter
@@ -16,6 +17,7 @@ from kvmtrace.aggregate import Aggregator, per_process
 from kvmtrace.contract import RawCount
 from kvmtrace.decode import CountRecord, DecodeError, Decoder, Event, Key
 
+log = logging.getLogger(__name__)
 
 class Source(Protocol):
     """What a loaded program offers (kvmtrace.reader.Reader)."""
@@ -40,6 +42,7 @@ class Runtime:
         self._live_pids = live_pids
         self._lock = threading.Lock()
         self.decode_errors = 0
+        self.retire_errors = 0  # retirement passes skipped: /proc could not be listed
 
     def _records(self) -> list[tuple[tuple, CountRecord]]:
         return [(raw, self.decoder.count(raw)) for raw in self.source.read_counts()]
@@ -51,7 +54,15 @@ class Runtime:
             # can no longer add to its entries, so what is read below is final.
             # (Read first, and a process that exits between the read and the
             # listing would lose the calls it made after the read.)
-            live = self._live_pids()
+            try:
+                live = self._live_pids()
+            except OSError as exc:  # EMFILE, ENFILE, ENOMEM: skip this pass, lose nothing
+                if not self.retire_errors:
+                    log.warning("cannot list processes (%s): exited processes are folded "
+                                "at a later pass (kvmtrace_retire_errors_total counts "
+                                "skipped passes)", exc)
+                self.retire_errors += 1
+                return 0
             raws = [raw for raw in self.source.read_counts() if raw[0] not in live]
             pairs = [(raw, self.decoder.count(raw)) for raw in raws]
             dead = self.aggregator.retire([r for _, r in pairs], live)
@@ -82,6 +93,7 @@ class Runtime:
     def health(self) -> dict[str, int]:
         h = dict(self.source.health())
         h["decode_errors"] = self.decode_errors
+        h["retire_errors"] = self.retire_errors
         h["exited_processes"] = self.aggregator.exited_processes
         return h
 

@@ -22,6 +22,9 @@ Exposition = Callable[[Callable[[Collector], bytes], str], bytes | None]
 # sees the same decompressed bytes.
 GZIP_LEVEL = 1
 
+# listen(2) backlog: a burst of concurrent scrapes waits in the kernel's queue instead
+# of being refused (socketserver's default is 5).
+LISTEN_BACKLOG = 128
 DEFAULT_PORT = 9929
 DEFAULT_ADDRESS = f":{DEFAULT_PORT}"
 
@@ -40,6 +43,10 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 class _QuietHandler(WSGIRequestHandler):
+    # A client that sends nothing (or stalls mid-request) is dropped after this long,
+    # so idle connections cannot pile up (each holds a thread and an fd).
+    timeout = 30
+
     def log_message(self, format, *args):
         pass
 
@@ -141,6 +148,7 @@ def bind(app: Callable, host: str, port: int) -> WSGIServer:
 
     class Server(ThreadingWSGIServer):
         address_family = family
+        request_queue_size = LISTEN_BACKLOG
 
     return make_server(sockaddr[0], port, app, server_class=Server,
                        handler_class=_QuietHandler)

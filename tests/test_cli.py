@@ -33,6 +33,11 @@ def assert_one_line_error(proc, code, *needles):
     (["trace", "-p", "abc"], "not a number"),
     (["trace", "-p", "-3"], "must be positive"),
     (["trace", "--duration", "0"], "must be positive"),
+    (["trace", "-p", "4294967297"], "not a pid (at most 4194304)"),
+    (["explain", "-p", "4194305"], "not a pid"),
+    (["serve", "--retire-interval", "inf"], "at most 604800 seconds"),
+    (["serve", "--retire-interval", "nan"], "must be positive"),
+    (["trace", "--duration", "1e9"], "at most 604800 seconds"),
     (["serve", "--retire-interval", "x"], "not a number"),
     (["frobnicate"], "invalid choice"),
     ([], "required"),
@@ -55,10 +60,30 @@ def test_not_root_is_one_clear_line():
     assert_one_line_error(proc, 1, "must run as root")
 
 
-def test_bad_facts_file():
+def test_bad_facts_file(tmp_path):
     assert_one_line_error(run("doctor", "--facts", "/nonexistent.json"), 1, "cannot read facts")
     assert_one_line_error(run("doctor", "--facts", str(KERNELS / "README.md")), 1,
                           "bad facts file")
+    # An endless file is read up to the cap (1 MiB), not into memory whole.
+    assert_one_line_error(run("doctor", "--facts", "/dev/zero"), 1, "bad facts file",
+                          "larger than 1024 KiB")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert_one_line_error(run("doctor", "--facts", str(tmp_path / "list.json")), 1,
+                          "not a JSON object")
+
+
+def test_doctor_and_ebpf_without_root_name_what_is_missing():
+    """Not root: tracefs (mode 0700) cannot be read. doctor says so and fails, with no
+    traceback; --ebpf still prints the program of the plan this process can make."""
+    proc = run("doctor", user="65534")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR: ")]
+    assert errors and errors[0].startswith("ERROR: not root"), proc.stderr
+    if os.geteuid() == 0:  # as uid 65534: tracefs is there but unreadable
+        assert "permission denied" in proc.stdout + proc.stderr, proc.stdout
+    proc = run("trace", "--ebpf", user="65534")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "#define KVM_CREATE_VM 0xae01" in proc.stdout
 
 
 def test_doctor_plans_for_another_kernel_without_root():

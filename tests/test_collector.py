@@ -149,3 +149,26 @@ def test_latency_histogram_from_log2_slots(recorded_collector):
     assert g("kvmtrace_vm_create_duration_seconds_bucket", {**rej, "le": "8.192e-06"}) == 0
     assert g("kvmtrace_vm_create_duration_seconds_bucket", {**rej, "le": "1.6384e-05"}) == 2
     assert g("kvmtrace_vm_create_duration_seconds_bucket", {**rej, "le": "+Inf"}) == 2
+
+
+def test_a_process_list_that_cannot_be_read_skips_the_pass_and_loses_nothing(
+        recorded_collector, caplog):
+    reg, rt, source = recorded_collector(live={100})
+    before = reg.get_sample_value("kvmtrace_vm_create_attempts_total",
+                                  {"comm": "qemu-system-x86", "vm_type": "2",
+                                   "vm_type_name": "SEV"})
+
+    def no_fds():
+        raise OSError(24, "Too many open files", "/proc")
+
+    live = rt._live_pids
+    rt._live_pids = no_fds
+    assert rt.retire_exited() == 0 and rt.retire_exited() == 0
+    assert source.deleted == []
+    assert reg.get_sample_value("kvmtrace_retire_errors_total") == 2
+    assert len([r for r in caplog.records if "cannot list processes" in r.getMessage()]) == 1
+    rt._live_pids = live  # /proc readable again: the exited pid 101 is folded, exactly
+    assert rt.retire_exited() == 2
+    assert reg.get_sample_value("kvmtrace_vm_create_attempts_total",
+                                {"comm": "qemu-system-x86", "vm_type": "2",
+                                 "vm_type_name": "SEV"}) == before

@@ -141,3 +141,22 @@ def test_stock_debian_kernels_captured_in_the_kernel_tier_plan_kprobes(kernel_fa
     for fn in ("kvm_is_vm_type_supported", "vmx_is_vm_type_supported",
                "svm_is_vm_type_supported"):
         assert pts[fn].mechanism is None and "absent from kallsyms" in pts[fn].reason
+
+
+def test_without_tracefs_nothing_is_compiled_and_the_fix_is_named(kernel_facts):
+    """No kprobes, no fentry and tracefs not mounted: the loader does not hand bcc a
+    program with nothing to attach (bcc said only 'Failed to compile BPF module')."""
+    from kvmtrace import loader
+
+    facts = dataclasses.replace(kernel_facts("firecracker-6.18-no-kprobes"), tracefs=None,
+                                tracepoints=[])
+    plan = planmod.make_plan(facts)
+    problem = loader.preflight(facts, plan)
+    assert problem and problem.startswith("no probe point can attach here")
+    assert "tracefs not mounted (mount -t tracefs nodev /sys/kernel/tracing)" in problem
+    unreadable = dataclasses.replace(facts, tracefs_error="/sys/kernel/debug/tracing is not "
+                                     "readable: permission denied")
+    assert "permission denied" in loader.preflight(unreadable, planmod.make_plan(unreadable))
+    assert loader.preflight(kernel_facts("firecracker-6.18-no-kprobes"),
+                            planmod.make_plan(kernel_facts("firecracker-6.18-no-kprobes"))) \
+        is None

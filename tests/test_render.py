@@ -332,3 +332,24 @@ def test_retirement_lists_processes_before_it_reads_the_counts(kernel_facts):
     rt = Runtime(Spy(RAWS), Decoder(plan, "x86_64"), live_pids=live_pids)
     assert rt.retire_exited() == len([r for r in RAWS if r[0] != 100])
     assert calls == ["live_pids", "read_counts"]
+
+
+def test_name_filter_serves_the_named_families(kernel_facts):
+    """/metrics?name[]=... (prometheus_client's restricted registry) finds this
+    collector's families through describe(), which reads nothing."""
+    reg, collector, _, source = make(kernel_facts)
+    before = source.read_counts
+    source.read_counts = lambda: pytest.fail("describe() read the maps")
+    described = {f.name for f in collector.describe()}
+    source.read_counts = before
+    assert {"kvmtrace_build_info", "kvmtrace_vm_create_attempts", "kvmtrace_scrape_errors",
+            "kvmtrace_vm_create_duration_seconds"} <= described
+    app = metrics_app(reg, collector.exposition)
+    _, _, body = call(app, "GET", None, None, "name[]=kvmtrace_build_info")
+    lines = [ln for ln in body.decode().splitlines() if not ln.startswith("#")]
+    assert lines == ['kvmtrace_build_info{bcc_version="0.26.0",kernel="6.3",version="t"} 1.0']
+    _, _, body = call(app, "GET", None, None,
+                      "name[]=kvmtrace_vm_create_attempts_total&name[]=kvmtrace_host_kvm_up")
+    names = {ln.split("{")[0].split(" ")[0] for ln in body.decode().splitlines()
+             if ln and not ln.startswith("#")}
+    assert names == {"kvmtrace_vm_create_attempts_total", "kvmtrace_host_kvm_up"}, body
