@@ -21,6 +21,7 @@ from kvmtrace import server as servermod
 from kvmtrace.allocator import Allocator
 from kvmtrace.attempts import Attempt
 from kvmtrace.decode import Event
+from kvmtrace.linesink import LineSink
 from kvmtrace.live import Live, LiveError, Stop
 
 
@@ -191,8 +192,11 @@ def cmd_serve(args) -> int:
     registry = CollectorRegistry()
     build = {"version": __version__, "bcc_version": facts.bcc_version or "none",
              "kernel": facts.kernel_release}
+    # The live view never blocks counting: lines nobody reads are dropped and counted.
+    sink = LineSink(sys.stdout)
     collector = KvmtraceCollector(runtime, live.attachments, kvmdev.query, facts.arch,
-                                  build, with_pid=args.pid_label)
+                                  build, with_pid=args.pid_label,
+                                  extra_health=lambda: {"live_lines_dropped": sink.dropped})
     registry.register(collector)
     rejections: deque[Attempt] = deque(maxlen=args.rejections)
     holder["app"] = servermod.make_app(
@@ -210,7 +214,7 @@ def cmd_serve(args) -> int:
         if a.rejected:
             rejections.append(a)
             if not args.quiet and a.result is None:  # a chain no KVM_CREATE_VM claimed
-                print("\n".join(views.attempt_note(a)), flush=True)
+                sink.write("\n".join(views.attempt_note(a)))
 
     def on_event(ev: Event, done: list[Attempt]) -> None:
         for a in done:
@@ -219,7 +223,7 @@ def cmd_serve(args) -> int:
             lines = [views.event_line(ev, facts.arch, show_time=True)]
             if ev.probe == planmod.CREATE_VM and done:
                 lines += views.attempt_note(done[-1])
-            print("\n".join(lines), flush=True)
+            sink.write("\n".join(lines))
 
     next_retire = time.monotonic() + args.retire_interval
 
@@ -233,13 +237,14 @@ def cmd_serve(args) -> int:
 
     live.open_events(on_event)
     if not args.quiet:
-        print(views.event_header(show_time=True), flush=True)
+        sink.write(views.event_header(show_time=True))
     try:
         live.run(200, on_attempt, tick=retire, drain=False)
     finally:
         httpd.shutdown()
         httpd.server_close()
         live.close()
+        sink.flush(timeout=1.0)  # what is queued, unless nobody reads
     return 0
 
 

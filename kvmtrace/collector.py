@@ -105,13 +105,15 @@ class _Samples:
 class KvmtraceCollector(Collector):
     def __init__(self, runtime: Runtime, attachments: Sequence[Attachment],
                  kvm_query: Callable[[], KvmInfo], arch: str,
-                 build_info: dict[str, str], with_pid: bool = False):
+                 build_info: dict[str, str], with_pid: bool = False,
+                 extra_health: Callable[[], dict[str, int]] = dict):
         self._rt = runtime
         self._attachments = attachments
         self._kvm_query = kvm_query
         self._arch = arch
         self._build = build_info
         self._with_pid = with_pid
+        self._extra_health = extra_health  # counters kept outside the runtime (live view)
         pid = ("pid",) if with_pid else ()
         self._labelnames = tuple((*before, *pid, *after) for _, _, before, after in _PER_SERIES)
         # Scrape state, under _lock (the HTTP server answers scrapes in threads).
@@ -136,7 +138,7 @@ class KvmtraceCollector(Collector):
         kvm = self._kvm_query()
         try:
             raws, exited, counts = self._rt.raw_counts()
-            health = self._rt.health()
+            health = {**self._rt.health(), **self._extra_health()}
             latency = self._rt.latency()
         except Exception as exc:  # whatever a map read raised: degrade, never a 500
             raws, exited, counts, health, latency, ok = [], [], [], {}, ([], [0, 0]), 0
@@ -310,6 +312,8 @@ class KvmtraceCollector(Collector):
             ("retire_errors", "Retirement passes skipped because the process list could "
                               "not be read (e.g. out of file descriptors)."),
             ("exited_processes", "Count entries of exited processes folded out of the map."),
+            ("live_lines_dropped", "Lines of serve's live view dropped because its stdout "
+                                   "was not read (counting never waits for it)."),
         ):
             c = CounterMetricFamily(f"{NS}_{key}", doc)
             c.add_metric([], health.get(key, 0))

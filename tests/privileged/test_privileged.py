@@ -316,3 +316,31 @@ def test_a_map_unlike_the_contract_is_one_clear_error():
         for fd in maps.values():
             os.close(fd)
         session.close()
+
+
+def test_a_live_view_nobody_reads_never_blocks_counting():
+    """serve's stdout is a pipe nobody reads (Serve never reads it before stop): the
+    live view fills the pipe, its lines are dropped and counted, and counting,
+    retirement and SIGTERM go on as if it were read."""
+    serve = Serve("--retire-interval", "0.5")
+    try:
+        comm = unique_comm("kvlv")
+        repeat = 700  # ~3 lines each in the live view: more than a pipe holds (64 KiB)
+        make_vms(comm, types=[1], repeat=repeat, queries=0)
+        deadline = time.monotonic() + 30
+        while True:
+            text = serve.metrics()
+            dropped = samples(text, "kvmtrace_live_lines_dropped_total")[frozenset()]
+            gone = comm not in serve.get("/api/processes")
+            if (dropped > 0 and gone) or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert gone, "the retirement pass stopped while stdout was blocked"
+        assert dropped > 0, "the pipe never filled: the test made too few lines"
+        attempts = samples(text, "kvmtrace_vm_create_attempts_total")
+        assert attempts[frozenset({"comm": comm, "vm_type": "1",
+                                   "vm_type_name": "SW_PROTECTED"}.items())] == repeat
+    finally:
+        t0 = time.monotonic()
+        rc, _, _ = serve.stop()
+    assert rc == 0 and time.monotonic() - t0 < 10, "SIGTERM was not handled promptly"
