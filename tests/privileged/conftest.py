@@ -41,11 +41,11 @@ def privileged_host():
 
 
 class Serve:
-    def __init__(self, *extra):
+    def __init__(self, *extra, preexec_fn=None):
         self.port = free_port()
         self.proc = subprocess.Popen(
             [*KVMTRACE, "serve", "--web.listen-address", f"127.0.0.1:{self.port}", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

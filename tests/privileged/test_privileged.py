@@ -344,3 +344,40 @@ def test_a_live_view_nobody_reads_never_blocks_counting():
         t0 = time.monotonic()
         rc, _, _ = serve.stop()
     assert rc == 0 and time.monotonic() - t0 < 10, "SIGTERM was not handled promptly"
+
+
+def test_idle_connections_past_the_fd_limit_do_not_kill_the_exporter():
+    """200 idle TCP connections against an exporter limited to 128 fds: accepts and the
+    retirement pass's /proc listing fail with EMFILE meanwhile; the exporter lives,
+    counts what happened meanwhile, and answers once the connections are gone."""
+    import resource
+
+    def limit_fds():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    serve = Serve("-q", "--retire-interval", "0.2", preexec_fn=limit_fds)
+    conns = []
+    try:
+        for _ in range(200):
+            conns.append(socket.create_connection(("127.0.0.1", serve.port), timeout=5))
+        comm = unique_comm("kvfd")
+        make_vms(comm, types=[2], repeat=5, queries=0)
+        time.sleep(2)  # several retirement passes, out of fds
+        assert serve.proc.poll() is None, serve.proc.stderr.read()
+    finally:
+        for c in conns:
+            c.close()
+    deadline = time.monotonic() + 30
+    while True:  # the server threads see the closed connections and give their fds back
+        try:
+            text = serve.metrics()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "no answer after the connections closed"
+            time.sleep(0.5)
+    attempts = samples(text, "kvmtrace_vm_create_attempts_total")
+    assert attempts[frozenset({"comm": comm, "vm_type": "2", "vm_type_name": "SEV"}.items())] == 5
+    # The fds really ran out: retirement passes were skipped, and counted.
+    assert samples(text, "kvmtrace_retire_errors_total")[frozenset()] >= 1
+    rc, _, err = serve.stop()
+    assert rc == 0 and "Traceback" not in err, err
