@@ -71,6 +71,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 100_000:
+        raise argparse.ArgumentTypeError(f"must be 0 to 100000: {text!r}")
+    return value
+
+
 def _pid(text: str) -> int:
     value = _positive_int(text)
     if value > PID_MAX_LIMIT:
@@ -101,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--web.listen-address", dest="listen", default=servermod.DEFAULT_ADDRESS,
                    metavar="HOST:PORT",
                    help=f"address for /metrics (default {servermod.DEFAULT_ADDRESS})")
+    s.add_argument("--web.max-requests", dest="max_requests", type=_count, default=40,
+                   metavar="N", help="at most N requests at once, more get 503 "
+                   "(0: no limit; default 40, as node_exporter)")
     s.add_argument("--pid-label", action="store_true",
                    help="add a pid label to per-process metrics (cardinality grows)")
     s.add_argument("-q", "--quiet", action="store_true", help="no live view on stdout")
@@ -199,11 +212,12 @@ def cmd_serve(args) -> int:
                                   extra_health=lambda: {"live_lines_dropped": sink.dropped})
     registry.register(collector)
     rejections: deque[Attempt] = deque(maxlen=args.rejections)
-    holder["app"] = servermod.make_app(
+    holder["app"] = servermod.limit_requests(servermod.make_app(
         registry, f"kvmtrace {__version__} on {platform.node()}",
         lambda: views.plan_rows(live.attachments), runtime.processes,
         lambda: [a.to_json() for a in sorted(rejections, key=lambda a: a.end_ns, reverse=True)],
-        exposition=collector.exposition)  # /metrics body: the registry holds only this collector
+        exposition=collector.exposition),  # /metrics body: the registry holds only it
+        args.max_requests)
     thread = threading.Thread(target=httpd.serve_forever, name="http", daemon=True)
     thread.start()
     print(views.plan_table(live.attachments))

@@ -6,7 +6,8 @@ import gzip
 import html
 import json
 import socket
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Hashable
 from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -78,31 +79,97 @@ def _landing(title: str, plan_rows: list[list[str]], processes: list[dict]) -> b
     return body.encode()
 
 
+class SingleFlight:
+    """Concurrent calls with the same key share one run: the first caller runs ``fn``,
+    the others that arrive meanwhile wait for it and get its result (so 200 scrapes at
+    once cost one collection, not 200 in a row behind the collector's lock)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[Hashable, _Flight] = {}
+
+    def do(self, key: Hashable, fn: Callable[[], object]) -> object:
+        with self._lock:
+            flight = self._running.get(key)
+            leader = flight is None
+            if leader:
+                flight = self._running[key] = _Flight()
+        if leader:
+            try:
+                flight.result = fn()
+            except BaseException as exc:  # handed to every waiter, then raised here too
+                flight.error = exc
+            finally:
+                with self._lock:
+                    del self._running[key]
+                flight.done.set()
+        else:
+            flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        return flight.result
+
+
+class _Flight:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: object = None
+        self.error: BaseException | None = None
+
+
 def metrics_app(registry: CollectorRegistry, exposition: Exposition | None = None) -> Callable:
     """/metrics: prometheus_client's WSGI app, or, for plain GETs, the same response
     with the body from ``exposition`` (which must render what ``registry`` holds):
     the same content negotiation (Accept: OpenMetrics or text format, with their
-    versions and name escaping) and gzip when the client accepts it."""
+    versions and name escaping) and gzip when the client accepts it. Concurrent
+    plain GETs asking for the same format share one collection."""
     library = make_wsgi_app(registry)
     if exposition is None:
         return library
+    flights = SingleFlight()
+
+    def body(encoder, content_type: str, gzipped: bool) -> bytes | None:
+        output = exposition(encoder, content_type)
+        if output is not None and gzipped:
+            output = gzip.compress(output, compresslevel=GZIP_LEVEL)
+        return output
 
     def app(environ, start_response):
         if (environ.get("REQUEST_METHOD") != "GET"
                 or "name[]" in parse_qs(environ.get("QUERY_STRING", ""))):
             return library(environ, start_response)
         encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT"))
-        output = exposition(encoder, content_type)
+        gzipped = gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING"))
+        output = flights.do((content_type, gzipped),
+                            lambda: body(encoder, content_type, gzipped))
         if output is None:
             return library(environ, start_response)
         headers = [("Content-Type", content_type)]
-        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING")):
-            output = gzip.compress(output, compresslevel=GZIP_LEVEL)
+        if gzipped:
             headers.append(("Content-Encoding", "gzip"))
         start_response("200 OK", headers)
         return [output]
 
     return app
+
+
+def limit_requests(app: Callable, most: int) -> Callable:
+    """At most ``most`` requests at once (0: no limit); more get 503 at once, like
+    node_exporter's --web.max-requests."""
+    if most <= 0:
+        return app
+    slots = threading.BoundedSemaphore(most)
+
+    def limited(environ, start_response):
+        if not slots.acquire(blocking=False):
+            start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [f"too many concurrent requests (--web.max-requests {most})\n".encode()]
+        try:
+            return app(environ, start_response)
+        finally:
+            slots.release()
+
+    return limited
 
 
 def make_app(registry: CollectorRegistry, title: str,
