@@ -14,21 +14,87 @@ from collections.abc import Callable, Hashable, Iterable
 from kvmtrace.decode import CountRecord, Key
 from kvmtrace.plan import CREATE_VM, Layer
 
+OTHER = "other"  # the comm of every series folded past the series budget
+
+
+class NameBudget:
+    """Which process names get series of their own: every name first seen while fewer
+    than ``max_series`` samples are exported, and no other. Later names are exported as
+    ``comm="other"`` (their counts summed there, so every sum stays monotonic): no
+    process can grow the exported series, or the exporter's memory, without bound."""
+
+    def __init__(self, max_series: int = 10_000, remember: int = 16_384):
+        self.max_series = max_series
+        self.exported = 0  # samples exported now (the collector keeps it up to date)
+        self._admitted: set[str] = set()
+        self._folded: set[str] = set()  # names already counted as folded (bounded)
+        self._remember = remember
+        self.folded = 0  # names folded into "other" (kvmtrace_names_folded_total)
+
+    def name(self, comm: str, exported: int | None = None) -> str:
+        """The comm to export ``comm`` under, with ``exported`` samples exported now
+        (default: as the collector last said)."""
+        if comm in self._admitted or comm == OTHER:
+            return comm
+        if (self.exported if exported is None else exported) < self.max_series:
+            self._admitted.add(comm)
+            return comm
+        self._count_fold(comm)
+        return OTHER
+
+    def expire(self, comm: str) -> None:
+        """``comm`` has not been seen for long: fold its series into "other"."""
+        self._admitted.discard(comm)
+        self._count_fold(comm)
+
+    def _count_fold(self, comm: str) -> None:
+        if comm not in self._folded:
+            if len(self._folded) >= self._remember:
+                self._folded.clear()  # a name may then be counted twice; memory stays bounded
+            self._folded.add(comm)
+            self.folded += 1
+
 
 class Aggregator:
     """Holds the counts of exited processes; everything else is passed in."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: NameBudget | None = None) -> None:
         self._exited: Counter[Key] = Counter()  # keys folded over processes (pid None)
         self.exited_processes = 0
+        self.budget = budget or NameBudget()
+        self._last_exit: dict[str, float] = {}  # comm -> when a process of it last exited
 
-    def retire(self, records: Iterable[CountRecord], live_pids: set[int]) -> list[CountRecord]:
-        """Fold the records of processes not in ``live_pids``; return them for deletion."""
+    def retire(self, records: Iterable[CountRecord], live_pids: set[int],
+               now: float = 0.0) -> list[CountRecord]:
+        """Fold the records of processes not in ``live_pids``; return them for deletion.
+        A name without series of its own (past the budget) is folded as "other"."""
         dead = [r for r in records if r.pid not in live_pids]
+        name_of, last = self.budget.name, self._last_exit
         for r in dead:
-            self._exited[r.key(with_pid=False)] += r.count
+            key = r.key(with_pid=False)
+            comm = name_of(key.comm)
+            if comm == OTHER:
+                key = key._replace(comm=OTHER)
+            else:
+                last[comm] = now
+            self._exited[key] += r.count
         self.exited_processes += len({r.pid for r in dead})
         return dead
+
+    def expire(self, now: float, ttl: float, live_comms: set[str]) -> int:
+        """Fold into "other" the exited residual of names whose last process exited
+        more than ``ttl`` seconds ago and that no live process has. Returns how many."""
+        old = {c for c, t in self._last_exit.items() if now - t > ttl and c not in live_comms}
+        if not old:
+            return 0
+        merged: Counter[Key] = Counter()
+        for key, n in self._exited.items():
+            merged[key._replace(comm=OTHER) if key.comm in old else key] += n
+        self._exited = merged
+        for c in old:
+            del self._last_exit[c]
+            self.budget.expire(c)
+        return len(old)
 
     def exited(self) -> tuple[list[Key], list[int]]:
         """The exited residual: its series and their counts, as two parallel lists."""

@@ -18,6 +18,7 @@ from kvmtrace import facts as factsmod
 from kvmtrace import loader as loadermod
 from kvmtrace import plan as planmod
 from kvmtrace import server as servermod
+from kvmtrace.aggregate import Aggregator, NameBudget
 from kvmtrace.allocator import Allocator
 from kvmtrace.attempts import Attempt
 from kvmtrace.decode import Event
@@ -119,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no live view on stdout")
     s.add_argument("--retire-interval", type=_seconds, default=10.0, metavar="SECONDS",
                    help="fold exited processes' counts out of the kernel map this often")
+    s.add_argument("--max-series", type=_positive_int, default=10_000, metavar="N",
+                   help="process names first seen once N per-process series are exported "
+                   "count as comm=\"other\" (default 10000)")
+    s.add_argument("--series-ttl", type=_seconds, default=3600.0, metavar="SECONDS",
+                   help="fold the series of a name whose processes all exited this long ago "
+                   "into comm=\"other\" (default 3600)")
     s.add_argument("--rejections", type=_positive_int, default=100, metavar="N",
                    help="keep the last N rejected attempts for /api/rejections (default 100)")
     s.add_argument("--strict", action="store_true", help="fail unless every probe point attaches")
@@ -168,11 +175,11 @@ def _options(filter_pid: int = 0, facts: factsmod.HostFacts | None = None) -> lo
                              use_task_storage=facts.task_storage if facts else True)
 
 
-def _start(strict: bool, filter_pid: int = 0) -> Live:
+def _start(strict: bool, filter_pid: int = 0, **kw) -> Live:
     _require_root()
     stop = Stop()
     try:
-        return Live.start(strict, filter_pid, stop)
+        return Live.start(strict, filter_pid, stop, **kw)
     except LiveError as exc:
         raise UserError(str(exc)) from None
 
@@ -196,7 +203,8 @@ def cmd_serve(args) -> int:
         raise UserError(f"cannot listen on {args.listen}: {exc.strerror or exc} "
                         "(choose another with --web.listen-address)") from None
     allocator = Allocator()
-    live = _start(args.strict)
+    live = _start(args.strict, aggregator=Aggregator(NameBudget(args.max_series)),
+                  series_ttl=args.series_ttl)
     from prometheus_client import CollectorRegistry
 
     from kvmtrace.collector import KvmtraceCollector

@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 from kvmtrace import attempts as attemptsmod
 from kvmtrace import plan as planmod
 from kvmtrace import tables
-from kvmtrace.aggregate import SlotSums
+from kvmtrace.aggregate import OTHER, NameBudget, SlotSums
 from kvmtrace.contract import LATENCY_OUTCOMES, RawCount
 from kvmtrace.decode import Key
 from kvmtrace.kvmdev import KvmInfo
@@ -114,6 +114,10 @@ class KvmtraceCollector(Collector):
         self._build = build_info
         self._with_pid = with_pid
         self._extra_health = extra_health  # counters kept outside the runtime (live view)
+        # Which names get series of their own: the runtime's aggregator's budget, so the
+        # exited residual and the live map fold the same names.
+        aggregator = getattr(runtime, "aggregator", None)
+        self._budget = aggregator.budget if aggregator is not None else NameBudget()
         pid = ("pid",) if with_pid else ()
         self._labelnames = tuple((*before, *pid, *after) for _, _, before, after in _PER_SERIES)
         # Scrape state, under _lock (the HTTP server answers scrapes in threads).
@@ -148,6 +152,8 @@ class KvmtraceCollector(Collector):
                             "metrics (kvmtrace_scrape_errors_total counts each)", kind, exc)
             self._scrape_errors[kind] = self._scrape_errors.get(kind, 0) + 1
         order = self._update(raws, exited, counts, kvm.vm_types_mask, bool(ok))
+        if ok:  # names folded by this very update count at this scrape
+            health["names_folded"] = self._budget.folded
         return kvm, health, latency, ok, order
 
     def _update(self, raws: list[RawCount], exited: list[Key], counts: list[int],
@@ -171,6 +177,7 @@ class KvmtraceCollector(Collector):
              (exited, counts, samples_of(list))),
             len(samples.labels) + 2 * (len(raws) + len(exited)))
         sums.trim(len(samples.labels))
+        self._budget.exported = len(samples.labels)
         if complete:
             self._exported = len(active)
             sums.forget(len(raws) + len(exited), lambda: chain(map(_KEY, raws), exited),
@@ -196,10 +203,17 @@ class KvmtraceCollector(Collector):
         """
         sm = self._samples
         ids, labels, family = sm.ids, sm.labels, sm.family
-        comms, vts, names = map(_COMM, rows), map(str, map(_VM_TYPE, rows)), map(_NAME, rows)
+        # Names past the series budget are exported as comm="other" (lazily, row by row,
+        # so the budget sees the samples made so far).
+        name_of = self._budget.name
+        comms = (name_of(c, len(labels)) for c in map(_COMM, rows))
+        vts, names = map(str, map(_VM_TYPE, rows)), map(_NAME, rows)
         if self._with_pid:
-            pids = ("" if pid is None else str(pid) for pid in map(_PID, rows))
-            bases: Iterable[tuple[str, ...]] = zip(comms, pids, vts, names, strict=True)
+            pairs = ((c, "" if pid is None or c == OTHER else str(pid))
+                     for c, pid in zip(comms, map(_PID, rows), strict=True))
+            bases: Iterable[tuple[str, ...]] = (
+                (c, pid, vt, name) for (c, pid), vt, name in zip(pairs, vts, names,
+                                                                  strict=True))
         else:
             bases = zip(comms, vts, names, strict=True)
         classify = attemptsmod.classify
@@ -314,6 +328,8 @@ class KvmtraceCollector(Collector):
             ("exited_processes", "Count entries of exited processes folded out of the map."),
             ("live_lines_dropped", "Lines of serve's live view dropped because its stdout "
                                    "was not read (counting never waits for it)."),
+            ("names_folded", "Process names exported as comm=\"other\" instead of their "
+                             "own series (past --max-series, or unseen for --series-ttl)."),
         ):
             c = CounterMetricFamily(f"{NS}_{key}", doc)
             c.add_metric([], health.get(key, 0))

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from kvmtrace import facts as factsmod
 from kvmtrace import handoff as handoffmod
 from kvmtrace import plan as planmod
+from kvmtrace.aggregate import Aggregator
 from kvmtrace.attempts import Attempt, Stitcher
 from kvmtrace.decode import Decoder, Event
 from kvmtrace.reader import Reader
@@ -37,19 +38,22 @@ class Stop:
 
 
 class Live:
-    def __init__(self, facts: factsmod.HostFacts, reader: Reader, stop: Stop):
+    def __init__(self, facts: factsmod.HostFacts, reader: Reader, stop: Stop,
+                 aggregator: Aggregator | None = None, series_ttl: float = 3600.0):
         self.facts = facts
         self.reader = reader
         self.plan: planmod.Plan = reader.plan
         self.attachments = reader.attachments
-        self.runtime = Runtime(reader, Decoder(self.plan, facts.arch))
+        self.runtime = Runtime(reader, Decoder(self.plan, facts.arch), aggregator,
+                               series_ttl=series_ttl)
         self.stitcher = Stitcher(reader.attachments, facts.arch,
                                  host_mask=facts.kvm.vm_types_mask,
                                  vendor_modules=facts.vendor_modules)
         self.stop = stop
 
     @classmethod
-    def start(cls, strict: bool, filter_pid: int = 0, stop: Stop | None = None) -> Live:
+    def start(cls, strict: bool, filter_pid: int = 0, stop: Stop | None = None,
+              aggregator: Aggregator | None = None, series_ttl: float = 3600.0) -> Live:
         """Gather, plan, compile and attach in the loader child (kvmtrace.handoff).
 
         Fails when no point attached, or with ``strict`` when any point is missing;
@@ -74,7 +78,7 @@ class Live:
             reader.close()
             raise LiveError("--strict: not attached: "
                             + "; ".join(f"{a.point.name} ({a.reason})" for a in missing))
-        return cls(facts, reader, stop)
+        return cls(facts, reader, stop, aggregator, series_ttl)
 
     def open_events(self, on_event: Callable[[Event, list[Attempt]], None]) -> None:
         """Decode each event, feed it to the stitcher, and hand both to ``on_event``

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
@@ -35,11 +36,14 @@ def proc_pids(proc: str = "/proc") -> set[int]:
 class Runtime:
     def __init__(self, source: Source, decoder: Decoder,
                  aggregator: Aggregator | None = None,
-                 live_pids: Callable[[], set[int]] = proc_pids):
+                 live_pids: Callable[[], set[int]] = proc_pids,
+                 series_ttl: float = 3600.0, clock: Callable[[], float] = time.monotonic):
         self.source = source
         self.decoder = decoder
         self.aggregator = aggregator or Aggregator()
         self._live_pids = live_pids
+        self._series_ttl = series_ttl  # exited names unseen this long fold into "other"
+        self._clock = clock
         self._lock = threading.Lock()
         self.decode_errors = 0
         self.retire_errors = 0  # retirement passes skipped: /proc could not be listed
@@ -63,11 +67,16 @@ class Runtime:
                                 "skipped passes)", exc)
                 self.retire_errors += 1
                 return 0
-            raws = [raw for raw in self.source.read_counts() if raw[0] not in live]
+            now = self._clock()
+            read = self.source.read_counts()
+            raws = [raw for raw in read if raw[0] not in live]
             pairs = [(raw, self.decoder.count(raw)) for raw in raws]
-            dead = self.aggregator.retire([r for _, r in pairs], live)
+            dead = self.aggregator.retire([r for _, r in pairs], live, now)
             dead_ids = {id(r) for r in dead}
             self.source.delete_counts([raw for raw, r in pairs if id(r) in dead_ids])
+            live_comms = {self.decoder.count_labels(raw[:6]).comm for raw in read
+                          if raw[0] in live}
+            self.aggregator.expire(now, self._series_ttl, live_comms)
             return len(dead)
 
     def totals(self, with_pid: bool = False) -> Counter[Key]:
@@ -95,6 +104,7 @@ class Runtime:
         h["decode_errors"] = self.decode_errors
         h["retire_errors"] = self.retire_errors
         h["exited_processes"] = self.aggregator.exited_processes
+        h["names_folded"] = self.aggregator.budget.folded
         return h
 
     def decode_event(self, data: bytes) -> Event | None:

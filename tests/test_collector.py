@@ -3,10 +3,16 @@
 import shutil
 import subprocess
 
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from kvmtrace import contract
+from kvmtrace import plan as planmod
+from kvmtrace.collector import KvmtraceCollector
+from kvmtrace.decode import Decoder
 from kvmtrace.kvmdev import KvmInfo
+from kvmtrace.plan import Attachment
+from kvmtrace.runtime import Runtime
+from tests.recorded import RecordedSource
 
 
 def test_counts_per_comm_type_and_errno(recorded_collector):
@@ -172,3 +178,66 @@ def test_a_process_list_that_cannot_be_read_skips_the_pass_and_loses_nothing(
     assert reg.get_sample_value("kvmtrace_vm_create_attempts_total",
                                 {"comm": "qemu-system-x86", "vm_type": "2",
                                  "vm_type_name": "SEV"}) == before
+
+
+def _names_collector(kernel_facts, raws, max_series, live, clock=None):
+    from kvmtrace.aggregate import Aggregator, NameBudget
+
+    plan = planmod.make_plan(kernel_facts("seed-tdx-v12-kprobes"))
+    source = RecordedSource(raws)
+    rt = Runtime(source, Decoder(plan, "x86_64"), Aggregator(NameBudget(max_series)),
+                 live_pids=lambda: live, series_ttl=60, clock=clock or (lambda: 0.0))
+    reg = CollectorRegistry()
+    reg.register(KvmtraceCollector(
+        rt, [Attachment(p, True) for p in plan.points], lambda: KvmInfo(True, 12, 0x1),
+        "x86_64", {"version": "t", "bcc_version": "x", "kernel": "k"}))
+    return reg, rt, source
+
+
+def _attempts_by_comm(reg):
+    out = {}
+    for fam in reg.collect():
+        if fam.name == "kvmtrace_vm_create_attempts":
+            for s in fam.samples:
+                if s.name.endswith("_total"):
+                    out[s.labels["comm"]] = out.get(s.labels["comm"], 0) + s.value
+    return out
+
+
+def test_names_past_the_series_budget_fold_into_other_and_sums_stay_exact(kernel_facts):
+    # One process through 50 names, a rejected create under each (2 samples per name:
+    # attempts and rejected); a budget of 20 samples.
+    raws = [(100, contract.PROBE_CREATE_VM, 2, -22, 0, f"vmm{i:02d}".encode(), 3)
+            for i in range(50)]
+    live = {100}
+    reg, rt, _ = _names_collector(kernel_facts, raws, 20, live=live)
+    got = _attempts_by_comm(reg)
+    assert sum(got.values()) == 150
+    own = {c for c in got if c != "other"}
+    assert 10 <= len(own) <= 11 and got["other"] == 3 * (50 - len(own))
+    assert reg.get_sample_value("kvmtrace_names_folded_total") == 50 - len(own)
+    # Counts keep growing: every sum only goes up, the folded names stay folded.
+    rt.source.raws = [(*r[:6], r[6] + 1) for r in raws]
+    again = _attempts_by_comm(reg)
+    assert set(again) == set(got) and sum(again.values()) == 200
+    # The process exits: its folded names stay "other" in the exited residual.
+    live.clear()
+    assert rt.retire_exited() == 50
+    assert _attempts_by_comm(reg) == again
+
+
+def test_a_name_unseen_for_the_ttl_folds_into_other(kernel_facts):
+    now = [0.0]
+    raws = [(100, contract.PROBE_CREATE_VM, 2, -22, 0, b"gone", 4),
+            (101, contract.PROBE_CREATE_VM, 2, -22, 0, b"alive", 1)]
+    reg, rt, _ = _names_collector(kernel_facts, raws, 1000, live={101},
+                                  clock=lambda: now[0])
+    assert _attempts_by_comm(reg) == {"gone": 4, "alive": 1}
+    assert rt.retire_exited() == 1  # pid 100 exits at t=0
+    now[0] = 30.0
+    rt.retire_exited()
+    assert _attempts_by_comm(reg) == {"gone": 4, "alive": 1}  # within the ttl (60 s)
+    now[0] = 61.0
+    rt.retire_exited()
+    assert _attempts_by_comm(reg) == {"other": 4, "alive": 1}  # the sum is unchanged
+    assert reg.get_sample_value("kvmtrace_names_folded_total") == 1

@@ -49,6 +49,8 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=0)
     ap.add_argument("--exhaust-fds", action="store_true",
                     help="lower RLIMIT_NOFILE so no fd is free: KVM_CREATE_VM gets EMFILE")
+    ap.add_argument("--names", type=int, default=0,
+                    help="rename itself N times (NAME-0 ... NAME-{N-1}), the calls under each")
     ap.add_argument("--threads", type=int, default=0,
                     help="N threads; thread i creates types[i %% len(types)] --repeat times")
     args = ap.parse_args()
@@ -86,10 +88,13 @@ def main() -> int:
         for th in threads:
             th.join()
     else:
-        for _ in range(args.repeat):
-            for t in types:
-                ret, err = create_vm(fd, t)
-                record(vm_type=t, ret=ret, errno=err, tid=threading.get_native_id())
+        for i in range(max(1, args.names)):
+            if args.names:
+                set_comm(f"{args.name}-{i}")
+            for _ in range(args.repeat):
+                for t in types:
+                    ret, err = create_vm(fd, t)
+                    record(vm_type=t, ret=ret, errno=err, tid=threading.get_native_id())
     for o in out:
         print(json.dumps(o))
     os.close(fd)

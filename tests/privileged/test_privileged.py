@@ -413,3 +413,29 @@ def test_200_concurrent_scrapes_are_all_answered():
             serve.stop()
         assert len(statuses) == 200 and set(statuses) <= allowed, statuses
         assert statuses.count(200) >= 40, statuses
+
+
+def test_one_process_through_many_names_cannot_grow_the_series():
+    """A process renames itself 300 times, one rejected create under each name, against
+    --max-series 50: the first names have series of their own, the rest are
+    comm="other", and the sum over all of them is exactly 300."""
+    serve = Serve("-q", "--max-series", "50", "--retire-interval", "0.5")
+    try:
+        prefix = unique_comm("kvnm")[:9]
+        make_vms(prefix, types=[2], repeat=1, queries=0)  # the first name: its own series
+        subprocess.run([*VMMAKER, "--name", prefix, "--names", "300", "--types", "2"],
+                       check=True, capture_output=True, timeout=120)
+        text = serve.metrics()
+        mine = {dict(k)["comm"]: v for k, v in
+                samples(text, "kvmtrace_vm_create_attempts_total").items()
+                if dict(k)["comm"].startswith(prefix)}
+        other = samples(text, "kvmtrace_vm_create_attempts_total").get(frozenset(
+            {"comm": "other", "vm_type": "2", "vm_type_name": "SEV"}.items()), 0)
+        assert 1 <= len(mine) <= 26, sorted(mine)  # 2 samples per name, 50 at most
+        assert sum(mine.values()) + other == 301
+        assert samples(text, "kvmtrace_names_folded_total")[frozenset()] >= 300 - len(mine)
+        lines = [ln for ln in text.splitlines() if ln.startswith(
+            ("kvmtrace_vm_create_attempts_total", "kvmtrace_vm_create_rejected_total"))]
+        assert len(lines) <= 50 + 2, len(lines)  # the budget, and "other" in each family
+    finally:
+        serve.stop()
