@@ -38,6 +38,8 @@ class NameBudget:
             return comm
         if (self.exported if exported is None else exported) < self.max_series:
             self._admitted.add(comm)
+            if exported is None:  # admitted between scrapes (an exited process's name):
+                self.exported += 2  # at least its attempts and rejected series
             return comm
         self._count_fold(comm)
         return OTHER

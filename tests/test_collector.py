@@ -241,3 +241,15 @@ def test_a_name_unseen_for_the_ttl_folds_into_other(kernel_facts):
     rt.retire_exited()
     assert _attempts_by_comm(reg) == {"other": 4, "alive": 1}  # the sum is unchanged
     assert reg.get_sample_value("kvmtrace_names_folded_total") == 1
+
+
+def test_names_of_processes_that_exited_between_scrapes_count_against_the_budget(
+        kernel_facts):
+    """The retirement pass meets names no scrape has seen (the processes came and went
+    in between): they are admitted only while the budget lasts."""
+    raws = [(100 + i, contract.PROBE_CREATE_VM, 2, -22, 0, f"brief{i:02d}".encode(), 1)
+            for i in range(40)]
+    reg, rt, _ = _names_collector(kernel_facts, raws, 20, live=set())
+    assert rt.retire_exited() == 40  # before any scrape
+    got = _attempts_by_comm(reg)
+    assert sum(got.values()) == 40 and len([c for c in got if c != "other"]) == 10
