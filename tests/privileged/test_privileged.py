@@ -431,8 +431,9 @@ def test_one_process_through_many_names_cannot_grow_the_series():
                 if dict(k)["comm"].startswith(prefix)}
         other = samples(text, "kvmtrace_vm_create_attempts_total").get(frozenset(
             {"comm": "other", "vm_type": "2", "vm_type_name": "SEV"}.items()), 0)
-        assert 1 <= len(mine) <= 26, sorted(mine)  # 2 samples per name, 50 at most
-        assert sum(mine.values()) + other == 301
+        assert len(mine) <= 26, sorted(mine)  # 2 samples per name, 50 at most
+        # "other" may also hold other processes' names (a busy host): ours are all there.
+        assert sum(mine.values()) <= 301 and sum(mine.values()) + other >= 301
         assert samples(text, "kvmtrace_names_folded_total")[frozenset()] >= 300 - len(mine)
         lines = [ln for ln in text.splitlines() if ln.startswith(
             ("kvmtrace_vm_create_attempts_total", "kvmtrace_vm_create_rejected_total"))]
