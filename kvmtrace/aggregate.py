@@ -31,15 +31,15 @@ class NameBudget:
         self._remember = remember
         self.folded = 0  # names folded into "other" (kvmtrace_names_folded_total)
 
-    def name(self, comm: str, exported: int | None = None) -> str:
+    def name(self, comm: str, exported: int | None = None, cost: int = 2) -> str:
         """The comm to export ``comm`` under, with ``exported`` samples exported now
-        (default: as the collector last said)."""
+        (default: as the collector last said, plus what names admitted since cost)."""
         if comm in self._admitted or comm == OTHER:
             return comm
         if (self.exported if exported is None else exported) < self.max_series:
             self._admitted.add(comm)
             if exported is None:  # admitted between scrapes (an exited process's name):
-                self.exported += 2  # at least its attempts and rejected series
+                self.exported += cost  # the samples its records will make
             return comm
         self._count_fold(comm)
         return OTHER
@@ -71,10 +71,14 @@ class Aggregator:
         """Fold the records of processes not in ``live_pids``; return them for deletion.
         A name without series of its own (past the budget) is folded as "other"."""
         dead = [r for r in records if r.pid not in live_pids]
+        # What each name's records will cost in samples (a rejected call: 2, else 1).
+        cost: Counter[str] = Counter()
+        for r in dead:
+            cost[r.comm] += 2 if r.rejected else 1
         name_of, last = self.budget.name, self._last_exit
         for r in dead:
             key = r.key(with_pid=False)
-            comm = name_of(key.comm)
+            comm = name_of(key.comm, cost=cost[key.comm])
             if comm == OTHER:
                 key = key._replace(comm=OTHER)
             else:

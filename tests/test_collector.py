@@ -253,3 +253,17 @@ def test_names_of_processes_that_exited_between_scrapes_count_against_the_budget
     assert rt.retire_exited() == 40  # before any scrape
     got = _attempts_by_comm(reg)
     assert sum(got.values()) == 40 and len([c for c in got if c != "other"]) == 10
+
+
+def test_names_met_at_retirement_cost_what_their_records_will_make(kernel_facts):
+    """Each name with a rejected create and a rejected kvm_arch_init_vm (4 samples):
+    a budget of 20 admits 5 of them, not 10."""
+    raws = []
+    for i in range(40):
+        comm = f"chk{i:02d}".encode()
+        raws += [(100 + i, contract.PROBE_CREATE_VM, 2, -22, 0, comm, 1),
+                 (100 + i, contract.PROBE_ARCH_INIT_VM, 2, -22, 0, comm, 1)]
+    reg, rt, _ = _names_collector(kernel_facts, raws, 20, live=set())
+    rt.retire_exited()
+    got = _attempts_by_comm(reg)
+    assert sum(got.values()) == 40 and len([c for c in got if c != "other"]) == 5
