@@ -8,9 +8,14 @@
  * Python side is declared in kvmtrace/contract.py, which gives the sizes and
  * indices below as defines (tests/test_contract.py holds this file to it):
  *
- *   PROBE_CREATE_VM, PROBE_VM_TYPES_QUERY, PROBE_ARCH_INIT_VM
- *       probe ids of the ioctl points and kvm_arch_init_vm; every other
- *       function point is a type check
+ *   PROBE_CREATE_VM, PROBE_VM_TYPES_QUERY, PROBE_ARCH_INIT_VM,
+ *   PROBE_ENCRYPT_OP, PROBE_PROCESS_END
+ *       probe ids of the ioctl points, kvm_arch_init_vm, KVM_MEMORY_ENCRYPT_OP
+ *       and the end of a followed process; every further function point is
+ *       a type check or a launch function (LAUNCH_FIRST.. in plan order)
+ *   PROC_*         bits of what a followed process did (struct proc.flags)
+ *   PROCS_MAX, VM_FDS_MAX, EXEC_ARGS_MAX, EXEC_ARGS_BYTES, EXEC_ARG_MAX,
+ *   EXEC_ARGV_MAX  sizes of the process-following state
  *   VERDICT_*      bits of what the function probes saw inside a KVM_CREATE_VM
  *   HEALTH_*, HEALTH_ENTRIES      health counter indices
  *   LATENCY_SLOTS, LATENCY_ENTRIES, LATENCY_SUM_ENTRIES   latency layout
@@ -18,8 +23,15 @@
  *
  * The loader (kvmtrace/loader.py) adds:
  *
- *   KVM_CREATE_VM, KVM_CHECK_EXTENSION, KVM_CAP_VM_TYPES
+ *   KVM_CREATE_VM, KVM_CHECK_EXTENSION, KVM_CAP_VM_TYPES, KVM_MEMORY_ENCRYPT_OP
  *       ioctl numbers from include/uapi/linux/kvm.h (kvmtrace/tables.py)
+ *   TDX_VM_TYPE    KVM_X86_TDX_VM: its KVM_MEMORY_ENCRYPT_OP argument is a
+ *                  struct kvm_tdx_cmd (64-bit hw_error), else a kvm_sev_cmd
+ *   FOLLOW_PROCS   follow processes that touch /dev/kvm to their end
+ *                  (sched:sched_process_exit); with EXIT_TRACEPOINT or
+ *                  EXIT_KPROBE for the exit status, EXEC_TRACEPOINT for the
+ *                  command line at execve, ENCRYPT_KPROBE for
+ *                  KVM_MEMORY_ENCRYPT_OP on kprobe hosts (kvm_arch_vm_ioctl)
  *   SELF_TGID      the exporter's own pid: its own KVM_CAP_VM_TYPES query
  *                  is not a client's and is not counted
  *   FILTER_TGID    only emit events for this pid (0: all); counts are global
@@ -57,8 +69,17 @@ struct count_key {
 	 * its bool return (0/1).
 	 */
 	s64 result;
-	u32 verdicts; /* KVM_CREATE_VM: VERDICT_* bits seen inside the call */
-	u32 pad;
+	/*
+	 * KVM_CREATE_VM: VERDICT_* bits seen inside the call;
+	 * KVM_MEMORY_ENCRYPT_OP: the command id; process end: PROC_* bits.
+	 */
+	u32 verdicts;
+	/*
+	 * KVM_MEMORY_ENCRYPT_OP: the firmware status (SEV: error; TDX: the upper
+	 * 32 bits of hw_error, its status class); process end: the last signal
+	 * delivered to it. 0 otherwise.
+	 */
+	u32 detail;
 	char comm[TASK_COMM_LEN];
 };
 
@@ -77,7 +98,10 @@ struct event {
 	u32 tgid;
 	u32 tid;
 	u32 probe;
-	u32 verdicts;    /* KVM_CREATE_VM: VERDICT_* bits */
+	u32 verdicts;    /* as count_key.verdicts */
+	u32 detail;      /* as count_key.detail */
+	u32 fd;          /* KVM_MEMORY_ENCRYPT_OP: the fd it was issued on (-1: not known) */
+	u64 status;      /* KVM_MEMORY_ENCRYPT_OP: the whole firmware status word */
 	char comm[TASK_COMM_LEN];
 };
 
@@ -87,6 +111,8 @@ struct ioctl_call {
 	u64 arg;
 	u32 cmd;
 	u32 verdicts; /* VERDICT_* bits, set by the function probes */
+	s32 fd;       /* KVM_MEMORY_ENCRYPT_OP: the fd (-1: not known) */
+	u32 enc_id;   /* KVM_MEMORY_ENCRYPT_OP: the command id read at entry */
 };
 
 /* A function-point call in flight: (thread, probe) allows nesting. */
@@ -194,7 +220,7 @@ static __always_inline void health_inc(u32 idx)
 }
 
 static __always_inline void count(u32 tgid, u32 probe, u64 vm_type, s64 result,
-				  u32 verdicts)
+				  u32 verdicts, u32 detail)
 {
 	struct count_key key = {};
 	key.tgid = tgid;
@@ -202,6 +228,7 @@ static __always_inline void count(u32 tgid, u32 probe, u64 vm_type, s64 result,
 	key.vm_type = vm_type;
 	key.result = result;
 	key.verdicts = verdicts;
+	key.detail = detail;
 	bpf_get_current_comm(&key.comm, sizeof(key.comm));
 
 	u64 *v = counts.lookup(&key);
@@ -220,9 +247,17 @@ static __always_inline void count(u32 tgid, u32 probe, u64 vm_type, s64 result,
 	__sync_fetch_and_add(v, 1);
 }
 
+/* What an event carries beyond a count key's fields. */
+struct event_extra {
+	u32 detail;
+	u32 fd;
+	u64 status;
+};
+
 /* now: bpf_ktime_get_ns() of the caller, read once per call. */
-static __always_inline void emit(void *ctx, u64 id, u32 probe, u64 vm_type,
-				 s64 result, u64 start_ns, u32 verdicts, u64 now)
+static __always_inline void emit_x(void *ctx, u64 id, u32 probe, u64 vm_type,
+				   s64 result, u64 start_ns, u32 verdicts, u64 now,
+				   struct event_extra x)
 {
 	u32 tgid = id >> 32;
 	if (FILTER_TGID && tgid != FILTER_TGID)
@@ -249,6 +284,9 @@ static __always_inline void emit(void *ctx, u64 id, u32 probe, u64 vm_type,
 	ev.tid = (u32)id;
 	ev.probe = probe;
 	ev.verdicts = verdicts;
+	ev.detail = x.detail;
+	ev.fd = x.fd;
+	ev.status = x.status;
 	bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
 #ifdef USE_RINGBUF
 	/* No wakeup per event: the reader drains the ring at its poll timeout
@@ -263,6 +301,14 @@ static __always_inline void emit(void *ctx, u64 id, u32 probe, u64 vm_type,
 	if (events.perf_submit(ctx, &ev, sizeof(ev)))
 		health_inc(HEALTH_EVENTS_LOST);
 #endif
+}
+
+static __always_inline void emit(void *ctx, u64 id, u32 probe, u64 vm_type,
+				 s64 result, u64 start_ns, u32 verdicts, u64 now)
+{
+	struct event_extra x = {};
+	x.fd = (u32)-1;
+	emit_x(ctx, id, probe, vm_type, result, start_ns, verdicts, now, x);
 }
 
 /* One KVM_CREATE_VM's latency: its log2(ns) slot and the sum, per outcome. */
@@ -284,14 +330,229 @@ static __always_inline void latency_record(u32 outcome, u64 ns)
 #endif
 }
 
-/* ---- ioctl layer: KVM_CREATE_VM and KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES) */
 
-static __always_inline int ioctl_enter(u32 cmd, u64 arg)
+/* ---- followed processes ---------------------------------------------------
+ *
+ * A process that asks KVM for its VM types or creates a VM is followed until
+ * its thread-group leader exits: what it was told, what it created, how its
+ * confidential launch went and how it ended. At the end one count (probe
+ * PROBE_PROCESS_END) keeps all of it, exactly, however short-lived the
+ * process: vm_type = the last KVM_CAP_VM_TYPES answer, result = the do_exit
+ * code (status << 8, or the signal), verdicts = PROC_* bits, detail = the last
+ * signal delivered. The state is bounded (PROCS_MAX processes, VM_FDS_MAX VM
+ * fds each) and freed at the exit.
+ */
+struct vm_fd {
+	s32 fd;
+	u32 vm_type;
+};
+
+struct proc {
+	u64 first_ns;   /* first query or create */
+	u64 mask;       /* the last KVM_CAP_VM_TYPES answer (or -errno) */
+	u64 last_type;  /* the type of the last accepted KVM_CREATE_VM */
+	u32 flags;      /* PROC_* */
+	u32 exit_code;  /* do_exit code, when PROC_EXIT_CODE */
+	u32 last_signal;
+	u32 nfds;
+	struct vm_fd fds[VM_FDS_MAX];
+};
+
+#ifdef FOLLOW_PROCS
+BPF_HASH(procs, u32, struct proc, PROCS_MAX);
+
+static __always_inline struct proc *proc_find(u32 tgid)
 {
-	if (cmd != KVM_CREATE_VM &&
-	    !(cmd == KVM_CHECK_EXTENSION && arg == KVM_CAP_VM_TYPES))
-		return 0;
+	return procs.lookup(&tgid);
+}
+
+static __always_inline struct proc *proc_follow(u32 tgid, u64 now)
+{
+	struct proc *p = procs.lookup(&tgid);
+	if (p)
+		return p;
+	struct proc fresh = {};
+	fresh.first_ns = now;
+	fresh.last_type = (u64)-1;
+	/* EEXIST: another thread of it came first; E2BIG: full. */
+	procs.insert(&tgid, &fresh);
+	p = procs.lookup(&tgid);
+	if (!p)
+		health_inc(HEALTH_PROCS_DROPPED);
+	return p;
+}
+
+/* The type of the VM behind fd: the create that returned it, else (fd not
+ * known: a vCPU fd, a kprobe host, more VMs than slots) the last one. */
+static __always_inline u64 proc_vm_type(struct proc *p, s32 fd)
+{
+	if (fd >= 0) {
+#pragma unroll
+		for (int i = 0; i < VM_FDS_MAX; i++) {
+			if (i < p->nfds && p->fds[i].fd == fd)
+				return p->fds[i].vm_type;
+		}
+	}
+	return p->last_type;
+}
+
+static __always_inline void proc_created(struct proc *p, s64 fd, u64 vm_type)
+{
+	p->flags |= PROC_CREATED;
+	p->last_type = vm_type;
+	u32 n = p->nfds;
+	if (n < VM_FDS_MAX) {
+		p->fds[n & (VM_FDS_MAX - 1)].fd = (s32)fd;
+		p->fds[n & (VM_FDS_MAX - 1)].vm_type = (u32)vm_type;
+		p->nfds = n + 1;
+	} else {
+		p->flags |= PROC_FDS_FULL;
+	}
+}
+
+/* The leader's exit: the process has ended (exit_group or a fatal signal). */
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
 	u64 id = bpf_get_current_pid_tgid();
+	u32 tgid = id >> 32;
+	if ((u32)id != tgid)
+		return 0;
+	struct proc *p = procs.lookup(&tgid);
+	if (!p)
+		return 0;
+	u64 first = p->first_ns, mask = p->mask;
+	u32 flags = p->flags, code = p->exit_code, sig = p->last_signal;
+	procs.delete(&tgid);
+	if (!(flags & PROC_EXIT_CODE))
+		code = 0;
+	count(tgid, PROBE_PROCESS_END, mask, code, flags, sig);
+	struct event_extra x = {};
+	x.detail = sig;
+	x.fd = (u32)-1;
+	emit_x(args, id, PROBE_PROCESS_END, mask, code, first, flags, bpf_ktime_get_ns(), x);
+	return 0;
+}
+
+#ifdef SIGNAL_TRACEPOINT
+/* The last signal delivered to a followed process (the one that killed it,
+ * when it never called exit_group). Not after its exit code is known: then
+ * the SIGKILLs exit_group sends its other threads are not news. */
+TRACEPOINT_PROBE(signal, signal_deliver)
+{
+	struct proc *p = proc_find(bpf_get_current_pid_tgid() >> 32);
+	if (p && !(p->flags & PROC_EXIT_CODE))
+		p->last_signal = (u32)args->sig;
+	return 0;
+}
+#endif
+
+static __always_inline int proc_exit_code(u32 code)
+{
+	struct proc *p = proc_find(bpf_get_current_pid_tgid() >> 32);
+	if (p) {
+		p->exit_code = code;
+		p->flags |= PROC_EXIT_CODE;
+	}
+	return 0;
+}
+
+#if defined(EXIT_TRACEPOINT)
+/* exit_group(status): the kernel's code is (status & 0xff) << 8. */
+TRACEPOINT_PROBE(syscalls, sys_enter_exit_group)
+{
+	return proc_exit_code(((u32)args->error_code & 0xff) << 8);
+}
+#elif defined(EXIT_KPROBE)
+/* void do_group_exit(int exit_code): status << 8, or the fatal signal. */
+int kvmtrace_group_exit(struct pt_regs *ctx)
+{
+	return proc_exit_code((u32)PT_REGS_PARM1(ctx));
+}
+#endif
+#else
+static __always_inline struct proc *proc_find(u32 tgid) { return 0; }
+static __always_inline struct proc *proc_follow(u32 tgid, u64 now) { return 0; }
+static __always_inline u64 proc_vm_type(struct proc *p, s32 fd) { return (u64)-1; }
+static __always_inline void proc_created(struct proc *p, s64 fd, u64 vm_type) {}
+#endif /* FOLLOW_PROCS */
+
+#ifdef EXEC_TRACEPOINT
+/*
+ * The command line of every execve, NUL-separated as /proc/PID/cmdline, kept
+ * per process (LRU: the oldest go first) so what a VMM asked for is known
+ * even when it exited before the exporter could read /proc. Each argument is
+ * read up to EXEC_ARG_MAX bytes, at most EXEC_ARGV_MAX of them, until
+ * EXEC_ARGS_BYTES - EXEC_ARG_MAX bytes are filled (flags bit 0: truncated).
+ */
+struct exec_args {
+	u32 len;
+	u32 flags;
+	char args[EXEC_ARGS_BYTES];
+};
+#define BPF_LRU_HASH(_name, _key_type, _leaf_type, _size) \
+	BPF_TABLE("lru_hash", _key_type, _leaf_type, _name, _size)
+BPF_LRU_HASH(exec_args, u32, struct exec_args, EXEC_ARGS_MAX);
+BPF_PERCPU_ARRAY(exec_scratch, struct exec_args, 1);
+
+static __always_inline int exec_capture(const char *const *argv)
+{
+	u32 zero = 0;
+	struct exec_args *a = exec_scratch.lookup(&zero);
+	if (!a)
+		return 0;
+	u32 off = 0;
+	a->flags = 0;
+	for (int i = 0; i < EXEC_ARGV_MAX; i++) {
+		const char *arg = 0;
+		if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i]) || !arg)
+			break;
+		if (off > EXEC_ARGS_BYTES - EXEC_ARG_MAX) {
+			a->flags = 1;
+			break;
+		}
+		long n = bpf_probe_read_user_str(&a->args[off], EXEC_ARG_MAX, arg);
+		if (n <= 0)
+			break;
+		off += n;
+		if (i == EXEC_ARGV_MAX - 1)
+			a->flags = 1;
+	}
+	a->len = off;
+	u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	exec_args.update(&tgid, a);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execve)
+{
+	return exec_capture((const char *const *)args->argv);
+}
+
+#ifdef EXECVEAT_TRACEPOINT
+TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
+{
+	return exec_capture((const char *const *)args->argv);
+}
+#endif
+#endif /* EXEC_TRACEPOINT */
+
+/* ---- ioctl layer: KVM_CREATE_VM, KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES),
+ *      KVM_MEMORY_ENCRYPT_OP */
+
+static __always_inline int ioctl_enter(u32 cmd, u64 arg, s32 fd)
+{
+	u32 enc_id = 0;
+	u64 id = bpf_get_current_pid_tgid();
+	if (cmd == KVM_MEMORY_ENCRYPT_OP) {
+		/* Only in processes followed since their VM-types query or
+		 * create: the command id is the struct's first u32. */
+		if (!proc_find(id >> 32))
+			return 0;
+		bpf_probe_read_user(&enc_id, sizeof(enc_id), (void *)arg);
+	} else if (cmd != KVM_CREATE_VM &&
+		   !(cmd == KVM_CHECK_EXTENSION && arg == KVM_CAP_VM_TYPES)) {
+		return 0;
+	}
 	if ((u32)(id >> 32) == SELF_TGID)
 		return 0;
 	struct ioctl_call *c = call_slot();
@@ -308,8 +569,37 @@ static __always_inline int ioctl_enter(u32 cmd, u64 arg)
 	c->start_ns = bpf_ktime_get_ns();
 	c->arg = arg;
 	c->verdicts = 0;
+	c->fd = fd;
+	c->enc_id = enc_id;
 	c->cmd = cmd;
 	return 0;
+}
+
+/* KVM_MEMORY_ENCRYPT_OP returned: its firmware status is in the user struct
+ * (kvm_sev_cmd.error, u32 at 16; kvm_tdx_cmd.hw_error, u64 at 16). */
+static __always_inline void encrypt_done(void *ctx, u64 id, struct ioctl_call *call,
+					 s64 ret, u64 now)
+{
+	u32 tgid = id >> 32;
+	struct proc *p = proc_find(tgid);
+	u64 vm_type = p ? proc_vm_type(p, call->fd) : (u64)-1;
+	u64 status = 0;
+	bpf_probe_read_user(&status, sizeof(status), (void *)(call->arg + 16));
+	u32 detail;
+	if (vm_type == TDX_VM_TYPE) {
+		detail = status >> 32;
+	} else {
+		status = (u32)status; /* the rest is kvm_sev_cmd.sev_fd */
+		detail = (u32)status;
+	}
+	if (p)
+		p->flags |= (ret < 0 || status) ? PROC_LAUNCH_FAILED : PROC_LAUNCH_OK;
+	count(tgid, PROBE_ENCRYPT_OP, vm_type, ret < 0 ? ret : 0, call->enc_id, detail);
+	struct event_extra x = {};
+	x.detail = detail;
+	x.fd = (u32)call->fd;
+	x.status = status;
+	emit_x(ctx, id, PROBE_ENCRYPT_OP, vm_type, ret, call->start_ns, call->enc_id, now, x);
 }
 
 static __always_inline int ioctl_return(void *ctx, s64 ret)
@@ -330,20 +620,35 @@ static __always_inline int ioctl_return(void *ctx, s64 ret)
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tgid = id >> 32;
 	u64 now = bpf_ktime_get_ns();
+	if (call.cmd == KVM_MEMORY_ENCRYPT_OP) {
+		encrypt_done(ctx, id, &call, ret, now);
+		return 0;
+	}
+	struct proc *p = proc_follow(tgid, call.start_ns);
 	if (call.cmd == KVM_CREATE_VM) {
+		if (p) {
+			if (ret >= 0)
+				proc_created(p, ret, call.arg);
+			else
+				p->flags |= PROC_CREATE_FAILED;
+		}
 #ifndef BENCH_NO_LATENCY
 		latency_record(ret < 0, now - call.start_ns);
 #endif
 #ifndef BENCH_NO_COUNT
 		/* Success returns a new fd: count it as 0 to keep keys bounded. */
-		count(tgid, PROBE_CREATE_VM, call.arg, ret < 0 ? ret : 0, call.verdicts);
+		count(tgid, PROBE_CREATE_VM, call.arg, ret < 0 ? ret : 0, call.verdicts, 0);
 #endif
 #ifndef BENCH_NO_EMIT
 		emit(ctx, id, PROBE_CREATE_VM, call.arg, ret, call.start_ns, call.verdicts, now);
 #endif
 	} else {
+		if (p) {
+			p->flags |= PROC_QUERIED;
+			p->mask = ret;
+		}
 #ifndef BENCH_NO_COUNT
-		count(tgid, PROBE_VM_TYPES_QUERY, 0, ret, 0);
+		count(tgid, PROBE_VM_TYPES_QUERY, 0, ret, 0, 0);
 #endif
 #ifndef BENCH_NO_EMIT
 		emit(ctx, id, PROBE_VM_TYPES_QUERY, 0, ret, call.start_ns, 0, now);
@@ -356,7 +661,7 @@ static __always_inline int ioctl_return(void *ctx, s64 ret)
 /* static long kvm_dev_ioctl(struct file *filp, unsigned int ioctl, unsigned long arg) */
 int kvmtrace_ioctl_enter(struct pt_regs *ctx)
 {
-	return ioctl_enter((u32)PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx));
+	return ioctl_enter((u32)PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx), -1);
 }
 
 int kvmtrace_ioctl_return(struct pt_regs *ctx)
@@ -366,7 +671,7 @@ int kvmtrace_ioctl_return(struct pt_regs *ctx)
 #elif defined(IOCTL_FENTRY)
 KFUNC_PROBE(kvm_dev_ioctl, void *filp, unsigned int ioctl, unsigned long arg)
 {
-	return ioctl_enter(ioctl, arg);
+	return ioctl_enter(ioctl, arg, -1);
 }
 
 KRETFUNC_PROBE(kvm_dev_ioctl, void *filp, unsigned int ioctl, unsigned long arg, long ret)
@@ -377,7 +682,7 @@ KRETFUNC_PROBE(kvm_dev_ioctl, void *filp, unsigned int ioctl, unsigned long arg,
 /* Fields from events/syscalls/sys_{enter,exit}_ioctl/format. */
 TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 {
-	return ioctl_enter(args->cmd, args->arg);
+	return ioctl_enter(args->cmd, args->arg, (s32)args->fd);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
@@ -386,7 +691,29 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 }
 #endif
 
-/* ---- function points: kvm_arch_init_vm and *_is_vm_type_supported ----- */
+#ifdef ENCRYPT_KPROBE
+/*
+ * KVM_MEMORY_ENCRYPT_OP where kvm_dev_ioctl is kprobed: the VM (and vCPU)
+ * ioctls reach long kvm_arch_vm_ioctl(struct file *, unsigned int ioctl,
+ * unsigned long arg) (kvm_arch_vcpu_ioctl likewise); the fd is not known, so
+ * an op is given its process's last created VM type.
+ */
+int kvmtrace_encrypt_enter(struct pt_regs *ctx)
+{
+	u32 cmd = (u32)PT_REGS_PARM2(ctx);
+	if (cmd != KVM_MEMORY_ENCRYPT_OP)
+		return 0;
+	return ioctl_enter(cmd, PT_REGS_PARM3(ctx), -1);
+}
+
+int kvmtrace_encrypt_return(struct pt_regs *ctx)
+{
+	return ioctl_return(ctx, (s64)(long)PT_REGS_RC(ctx));
+}
+#endif
+
+/* ---- function points: kvm_arch_init_vm, *_is_vm_type_supported and the
+ *      confidential launch's functions (sev_mem_enc_ioctl, ...) ---------- */
 
 static __always_inline int fn_enter(u32 probe, u64 vm_type)
 {
@@ -407,9 +734,10 @@ static __always_inline int fn_done(void *ctx, u32 probe, u64 vm_type,
 	u64 id = bpf_get_current_pid_tgid();
 	if ((u32)(id >> 32) == SELF_TGID)
 		return 0;
-	/* Tell the enclosing KVM_CREATE_VM on this thread, if any, what we saw. */
+	/* Tell the enclosing KVM_CREATE_VM on this thread, if any, what we saw
+	 * (a launch function's verdict is its own count only). */
 	struct ioctl_call *c = call_find();
-	if (c && c->cmd == KVM_CREATE_VM) {
+	if (c && c->cmd == KVM_CREATE_VM && probe < FIRST_LAUNCH) {
 		u32 bits;
 		if (probe == PROBE_ARCH_INIT_VM)
 			bits = VERDICT_ARCH_INIT_SEEN | (result < 0 ? VERDICT_ARCH_INIT_FAILED : 0);
@@ -419,7 +747,7 @@ static __always_inline int fn_done(void *ctx, u32 probe, u64 vm_type,
 		 * ioctl): no atomic needed, and none for u32 before BPF v3. */
 		c->verdicts |= bits;
 	}
-	count(id >> 32, probe, vm_type, result, 0);
+	count(id >> 32, probe, vm_type, result, 0, 0);
 	emit(ctx, id, probe, vm_type, result, start_ns, 0, bpf_ktime_get_ns());
 	return 0;
 }
@@ -451,6 +779,30 @@ static __always_inline int fn_return(void *ctx, u32 probe, s64 result)
 	int kvmtrace_return_##P(struct pt_regs *ctx)                           \
 	{                                                                      \
 		return fn_return(ctx, P, (s64)(RET_T)PT_REGS_RC(ctx));         \
+	}
+
+/* The VM type a launch function works for: the KVM_CREATE_VM or
+ * KVM_MEMORY_ENCRYPT_OP in flight on this thread, else the process's last VM. */
+static __always_inline u64 context_vm_type(void)
+{
+	struct ioctl_call *c = call_find();
+	if (c && c->cmd == KVM_CREATE_VM)
+		return c->arg;
+	struct proc *p = proc_find(bpf_get_current_pid_tgid() >> 32);
+	if (!p)
+		return (u64)-1;
+	return proc_vm_type(p, c && c->cmd == KVM_MEMORY_ENCRYPT_OP ? c->fd : -1);
+}
+
+/* kprobe + kretprobe on a launch function: int return, VM type from context. */
+#define FN_KPROBE_LAUNCH(P)                                                    \
+	int kvmtrace_enter_##P(struct pt_regs *ctx)                            \
+	{                                                                      \
+		return fn_enter(P, context_vm_type());                         \
+	}                                                                      \
+	int kvmtrace_return_##P(struct pt_regs *ctx)                           \
+	{                                                                      \
+		return fn_return(ctx, P, (s64)(int)PT_REGS_RC(ctx));           \
 	}
 
 /* fentry/fexit: the exit program sees the arguments and the return value. */

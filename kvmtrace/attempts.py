@@ -33,8 +33,15 @@ NO_MEMORY = "no_memory"
 VIRTUALIZATION_BUSY = "virtualization_busy"
 INTERRUPTED = "interrupted"
 OTHER = "other"
+# Reasons of a VM start that failed around KVM_CREATE_VM (kvmtrace.starts).
+VMM_REFUSED_TYPE = "vmm_refused_type"  # the VMM read the mask and gave up before creating
+VMM_EXITED = "vmm_exited"  # exited non-zero before creating, without a mask to blame
+LAUNCH_FAILED = "launch_failed"  # a KVM_MEMORY_ENCRYPT_OP failed
+EXITED_AFTER_CREATE = "exited_after_create"  # exited non-zero after KVM made its VM
+VMM_CRASHED = "vmm_crashed"  # killed by a signal that is not an operator's stop
 REASONS = (TYPE_UNSUPPORTED, ARCH_INIT_FAILED, FD_EXHAUSTED, NO_MEMORY, VIRTUALIZATION_BUSY,
-           INTERRUPTED, OTHER)
+           INTERRUPTED, OTHER, VMM_REFUSED_TYPE, VMM_EXITED, LAUNCH_FAILED,
+           EXITED_AFTER_CREATE, VMM_CRASHED)
 
 _ERRNO_REASONS: Mapping[str, str] = {
     "EMFILE": FD_EXHAUSTED,
@@ -69,7 +76,25 @@ HINTS: Mapping[tuple[str, str], str] = {
     (INTERRUPTED, "*"): "a signal interrupted KVM_CREATE_VM: retrying is safe",
     (ARCH_INIT_FAILED, "*"): "kvm_arch_init_vm failed: look for KVM messages in dmesg",
     (OTHER, "*"): "see dmesg for KVM messages",
+    (VMM_REFUSED_TYPE, "*"): ("the VMM found the type it needs missing from KVM_CAP_VM_TYPES "
+                              "and did not create a VM: enable that type on the host "
+                              "(kvmtrace doctor) or change the VM's confidential-guest "
+                              "configuration"),
+    (VMM_EXITED, "*"): ("the VMM exited with an error before creating a VM: its own error "
+                        "output (journal, libvirt's /var/log/libvirt/qemu/NAME.log) says why"),
+    (LAUNCH_FAILED, "*"): ("the confidential launch failed in KVM_MEMORY_ENCRYPT_OP: ENOTTY "
+                           "means SEV/TDX is off in kvm_amd/kvm_intel or the VM is not of "
+                           "that kind; EBUSY no free ASID/HKID (or the misc cgroup's "
+                           "sev/sev_es/tdx limit); EIO with a firmware status a PSP/TDX "
+                           "module error (update the firmware, see dmesg)"),
+    (EXITED_AFTER_CREATE, "*"): ("KVM created the VM, then the VMM exited with an error "
+                                 "before or while running it: its own error output (journal, "
+                                 "libvirt's log of the VM) says why"),
+    (VMM_CRASHED, "*"): "the VMM was killed by a signal: look for a core dump (coredumpctl)",
 }
+# Hints of a VM type the VMM refused, when KVM's mask is the evidence.
+HINTS = {**HINTS, **{(VMM_REFUSED_TYPE, t): HINTS[(TYPE_UNSUPPORTED, t)]
+                     for r, t in list(HINTS) if r == TYPE_UNSUPPORTED and t != "*"}}
 _VENDOR_OF_TYPE: Mapping[str, str] = {"SEV": "kvm_amd", "SEV_ES": "kvm_amd", "SNP": "kvm_amd",
                                       "TDX": "kvm_intel"}
 
@@ -120,7 +145,8 @@ def classify(errno: str | None, vm_type: int, verdicts: int,
 def hint(reason: str, vm_type_name: str, vendor_modules: Sequence[str] = ()) -> str:
     text = HINTS.get((reason, vm_type_name)) or HINTS[(reason, "*")]
     needed = _VENDOR_OF_TYPE.get(vm_type_name)
-    if reason == TYPE_UNSUPPORTED and needed and vendor_modules and needed not in vendor_modules:
+    if reason in (TYPE_UNSUPPORTED, VMM_REFUSED_TYPE) and needed and vendor_modules \
+            and needed not in vendor_modules:
         text = (f"this host runs {', '.join(vendor_modules)}, not {needed}: {vm_type_name} "
                 f"cannot work here. {text}")
     return text
@@ -212,6 +238,10 @@ def _depth(s: Step) -> int:
     return planmod.layer_depth(s.layer)
 
 
+# The layers a KVM_CREATE_VM's chain of decisions is made of.
+_CREATE_LAYERS = (planmod.Layer.IOCTL, planmod.Layer.ARCH_INIT, planmod.Layer.TYPE_CHECK)
+
+
 class Stitcher:
     """Groups events of one thread into attempts. Holds only bounded state."""
 
@@ -229,7 +259,7 @@ class Stitcher:
     def _steps(self, ioctl_ev: Event | None, inner: list[Event]) -> list[Step]:
         steps = []
         for point, attached, mechanism, reason in self._points:
-            if point.name == planmod.VM_TYPES_QUERY:
+            if point.name == planmod.VM_TYPES_QUERY or point.layer not in _CREATE_LAYERS:
                 continue
             if point.name == planmod.CREATE_VM:
                 if ioctl_ev is not None:

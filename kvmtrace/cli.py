@@ -24,6 +24,7 @@ from kvmtrace.attempts import Attempt
 from kvmtrace.decode import Event
 from kvmtrace.linesink import LineSink
 from kvmtrace.live import Live, LiveError, Stop
+from kvmtrace.starts import Start
 
 
 class UserError(Exception):
@@ -223,7 +224,9 @@ def cmd_serve(args) -> int:
     holder["app"] = servermod.limit_requests(servermod.make_app(
         registry, f"kvmtrace {__version__} on {platform.node()}",
         lambda: views.plan_rows(live.attachments), runtime.processes,
-        lambda: [a.to_json() for a in sorted(rejections, key=lambda a: a.end_ns, reverse=True)],
+        lambda: [*(st.to_json() for st in reversed(runtime.recent_starts)),
+                 *({"kind": "attempt", **a.to_json()}
+                   for a in sorted(rejections, key=lambda a: a.end_ns, reverse=True))],
         exposition=collector.exposition),  # /metrics body: the registry holds only it
         args.max_requests)
     thread = threading.Thread(target=httpd.serve_forever, name="http", daemon=True)
@@ -247,6 +250,11 @@ def cmd_serve(args) -> int:
                 lines += views.attempt_note(done[-1])
             sink.write("\n".join(lines))
 
+    def on_start(st: Start) -> None:
+        if st.failed and not args.quiet:
+            sink.write("\n".join(views.start_note(st)))
+
+    runtime.on_start = on_start
     next_retire = time.monotonic() + args.retire_interval
 
     def retire() -> None:
@@ -271,6 +279,20 @@ def cmd_serve(args) -> int:
 
 
 # ---- trace -----------------------------------------------------------------
+
+def _retirer(live: Live, every: float = 1.0):
+    """A tick that folds exited processes out of the map (and so stitches their VM
+    starts, handed to runtime.on_start) every ``every`` seconds."""
+    due = time.monotonic() + every
+
+    def tick() -> None:
+        nonlocal due
+        if time.monotonic() >= due:
+            live.runtime.retire_exited()
+            due = time.monotonic() + every
+
+    return tick
+
 
 def cmd_trace(args) -> int:
     if args.ebpf:
@@ -309,10 +331,19 @@ def cmd_trace(args) -> int:
                 lines += views.attempt_note(attempt)
             print("\n".join(lines), flush=True)
 
+    def on_start(st: Start) -> None:
+        if not _wanted(args, st.pid, st.comm) or (args.failed and not st.failed):
+            return
+        if args.json:
+            print(json.dumps(st.to_json(), sort_keys=True), flush=True)
+        elif st.failed:
+            print("\n".join(views.start_note(st)), flush=True)
+
+    live.runtime.on_start = on_start
     live.open_events(on_event)
     print("Tracing KVM VM-type dispatch... Hit Ctrl-C to end.", file=sys.stderr, flush=True)
     try:
-        live.run(100, on_attempt, duration=args.duration)
+        live.run(100, on_attempt, duration=args.duration, tick=_retirer(live))
         live.lost_warning()
     finally:
         live.close()
@@ -341,11 +372,25 @@ def cmd_explain(args) -> int:
         for a in done:
             on_attempt(a)
 
+    def on_start(st: Start) -> None:
+        nonlocal seen
+        if not st.failed or not _wanted(args, st.pid, st.comm):
+            return
+        seen += 1
+        if args.json:
+            print(json.dumps(st.to_json(), sort_keys=True), flush=True)
+        else:
+            print(views.start_report(st, seen) + "\n", flush=True)
+
+    live.runtime.on_start = on_start
     live.open_events(on_event)
-    print("Waiting for rejected VM creations... Hit Ctrl-C to end.", file=sys.stderr, flush=True)
+    print("Waiting for rejected VM creations and failed VM starts... Hit Ctrl-C to end.",
+          file=sys.stderr, flush=True)
     began = time.monotonic()
     try:
-        live.run(100, on_attempt, duration=args.duration)
+        live.run(100, on_attempt, duration=args.duration, tick=_retirer(live))
+        live.reader.poll(0)
+        live.runtime.retire_exited()  # the starts that ended before the stop
         live.lost_warning()
     finally:
         live.close()

@@ -33,7 +33,7 @@ from kvmtrace import attempts as attemptsmod
 from kvmtrace import plan as planmod
 from kvmtrace import tables
 from kvmtrace.aggregate import OTHER, NameBudget, SlotSums
-from kvmtrace.contract import LATENCY_OUTCOMES, RawCount
+from kvmtrace.contract import LATENCY_OUTCOMES, RAW_KEY_LEN, RawCount
 from kvmtrace.decode import Key
 from kvmtrace.kvmdev import KvmInfo
 from kvmtrace.plan import Attachment
@@ -51,21 +51,26 @@ _PER_SERIES: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...] = (
     (f"{NS}_vm_create_rejected", "KVM_CREATE_VM calls that failed, by errno.",
      ("comm",), ("vm_type", "vm_type_name", "errno", "reason")),
     (f"{NS}_vm_type_checks",
-     "Calls of kvm_arch_init_vm and *_is_vm_type_supported seen by function probes.",
+     "Calls of kernel functions seen by function probes (kvm_arch_init_vm, "
+     "*_is_vm_type_supported, the confidential launch's functions).",
      ("probe", "comm"), ("vm_type", "vm_type_name")),
     (f"{NS}_vm_type_check_rejected",
      "Function-probe calls that said no (false, or a negative errno).",
      ("probe", "comm"), ("vm_type", "vm_type_name")),
     (f"{NS}_vm_types_queries", "KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES) calls.",
      ("comm",), ()),
+    (f"{NS}_encrypt_ops",
+     "KVM_MEMORY_ENCRYPT_OP calls (the confidential launch), by command, errno and "
+     "firmware status; vm_type: the VM the fd belongs to.",
+     ("comm",), ("vm_type", "vm_type_name", "command", "errno", "firmware_status")),
 )
-ATTEMPTS, REJECTED, CHECKS, CHECK_REJECTED, QUERIES = range(len(_PER_SERIES))
+ATTEMPTS, REJECTED, CHECKS, CHECK_REJECTED, QUERIES, ENCRYPT = range(len(_PER_SERIES))
 
 # Samples no longer exported (exited pids with --pid-label) are dropped by starting
 # over when there are more than _CACHE_SLACK per exported one (plus _CACHE_FLOOR);
 # cache entries of keys no longer read, as soon as there are _CACHE_FLOOR of them.
 _CACHE_SLACK, _CACHE_FLOOR = 2, 1024
-_KEY, _COUNT = operator.itemgetter(slice(0, 6)), operator.itemgetter(6)  # of a raw count
+_KEY, _COUNT = operator.itemgetter(slice(0, RAW_KEY_LEN)), operator.itemgetter(RAW_KEY_LEN)
 
 # A series as the collector reads it is a decoded Key: Decoder.count_labels() of a
 # live map key, or an exited series as the aggregator keeps it (pid None).
@@ -142,7 +147,8 @@ class KvmtraceCollector(Collector):
         kvm = self._kvm_query()
         try:
             raws, exited, counts = self._rt.raw_counts()
-            health = {**self._rt.health(), **self._extra_health()}
+            health = {**self._rt.health(), **self._extra_health(),
+                      "start_failures": getattr(self._rt, "start_failures", dict)()}
             latency = self._rt.latency()
         except Exception as exc:  # whatever a map read raised: degrade, never a 500
             raws, exited, counts, health, latency, ok = [], [], [], {}, ([], [0, 0]), 0
@@ -217,13 +223,23 @@ class KvmtraceCollector(Collector):
         else:
             bases = zip(comms, vts, names, strict=True)
         classify = attemptsmod.classify
+        arch = self._arch
         out: list[tuple[int, ...]] = []
-        for (_, _, probe, _, vm_type, _, _, rejected, errno, verdicts), base in zip(
+        for (_, _, probe, layer, vm_type, _, _, rejected, errno, verdicts, detail), base in zip(
                 rows, bases, strict=True):
             if probe == planmod.CREATE_VM:
                 f, key = ATTEMPTS, base
             elif probe == planmod.VM_TYPES_QUERY:
                 f, key, rejected = QUERIES, base[:-2], False  # queries: one family
+            elif probe == planmod.ENCRYPT_OP:
+                family = tables.encrypt_family(vm_type, arch)
+                f, rejected = ENCRYPT, False
+                key = (*base, tables.encrypt_command_name(family, verdicts), errno or "none",
+                       tables.firmware_status_name(family, detail << 32 if family == "TDX"
+                                                   else detail))
+            elif layer == planmod.Layer.PROCESS:
+                out.append(())  # a process's end: kept by the runtime (start failures)
+                continue
             else:
                 f, key = CHECKS, (probe, *base)
             i = ids[f].get(key)
@@ -294,6 +310,14 @@ class KvmtraceCollector(Collector):
     def _other_families(self, kvm: KvmInfo, health: dict, latency: tuple,
                         ok: int) -> list[Metric]:
         out: list[Metric] = [_latency_histogram(*latency)]
+        failures = CounterMetricFamily(
+            f"{NS}_vm_start_failures",
+            "Followed processes whose VM start failed, by stage (before_create, at_create, "
+            "during_launch), reason and the VM type their command line asked for.",
+            labels=["comm", "stage", "reason", "requested_type"])
+        for labels, n in sorted(health.get("start_failures", {}).items()):
+            failures.add_metric(list(labels), n)
+        out.append(failures)
         kvm_up = GaugeMetricFamily(
             f"{NS}_host_kvm_up", "1 when /dev/kvm answered the exporter's KVM_CAP_VM_TYPES query.")
         kvm_up.add_metric([], 1 if kvm.vm_types_mask is not None else 0)
@@ -322,6 +346,8 @@ class KvmtraceCollector(Collector):
                                  "budget (counts stay exact)."),
             ("counts_dropped", "Count updates lost because the counts map was full."),
             ("calls_dropped", "Calls not tracked because the in-flight map was full."),
+            ("procs_dropped", "Processes not followed to their end because the map of "
+                              "followed processes was full."),
             ("decode_errors", "Events that could not be decoded."),
             ("retire_errors", "Retirement passes skipped because the process list could "
                               "not be read (e.g. out of file descriptors)."),

@@ -24,7 +24,12 @@ TASK_COMM_LEN = 16  # include/linux/sched.h
 PROBE_CREATE_VM = 0
 PROBE_VM_TYPES_QUERY = 1
 PROBE_ARCH_INIT_VM = 2
-FIRST_TYPE_CHECK = 3  # every further function point, in plan order
+PROBE_ENCRYPT_OP = 3  # KVM_MEMORY_ENCRYPT_OP on a followed process's VM or vCPU fd
+PROBE_PROCESS_END = 4  # a followed process ended (its thread-group leader exited)
+# Points that make no counts of their own (they feed PROBE_PROCESS_END's).
+PROBE_EXIT_STATUS, PROBE_SIGNAL, PROBE_EXEC = 5, 6, 7
+FIRST_TYPE_CHECK = 8  # every further function point, in plan order (type checks, then
+# the confidential launch's functions)
 
 # ---- VERDICT_* bits: what the function probes saw inside one KVM_CREATE_VM ----
 # (same thread, nested in time), kept in count_key.verdicts and event.verdicts.
@@ -39,8 +44,33 @@ VERDICTS = {
     "VERDICT_TYPE_CHECK_SEEN": VERDICT_TYPE_CHECK_SEEN,
 }
 
+# ---- PROC_* bits: what a followed process did (count_key.verdicts of its end) ---
+PROC_QUERIED = 1  # asked KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES)
+PROC_CREATED = 2  # a KVM_CREATE_VM returned a VM fd
+PROC_CREATE_FAILED = 4  # a KVM_CREATE_VM failed
+PROC_LAUNCH_OK = 8  # a KVM_MEMORY_ENCRYPT_OP succeeded
+PROC_LAUNCH_FAILED = 16  # a KVM_MEMORY_ENCRYPT_OP failed (errno or firmware status)
+PROC_EXIT_CODE = 32  # its exit code was seen (exit_group / do_group_exit)
+PROC_FDS_FULL = 64  # more VMs than VM_FDS_MAX: later ops get the last create's type
+PROC_BITS = {
+    "PROC_QUERIED": PROC_QUERIED, "PROC_CREATED": PROC_CREATED,
+    "PROC_CREATE_FAILED": PROC_CREATE_FAILED, "PROC_LAUNCH_OK": PROC_LAUNCH_OK,
+    "PROC_LAUNCH_FAILED": PROC_LAUNCH_FAILED, "PROC_EXIT_CODE": PROC_EXIT_CODE,
+    "PROC_FDS_FULL": PROC_FDS_FULL,
+}
+NO_VM_TYPE = 2**64 - 1  # struct proc.last_type before any accepted create
+
+# Sizes of the process-following state (fixed: not loader options).
+PROCS_MAX = 8192  # processes followed at once (more: kvmtrace_procs_dropped_total)
+VM_FDS_MAX = 8  # VM fds remembered per process (a power of 2)
+EXEC_ARGS_MAX = 1024  # command lines kept (LRU over every execve on the host)
+EXEC_ARGS_BYTES = 4096  # bytes of one command line kept
+EXEC_ARG_MAX = 1024  # bytes of one argument kept
+EXEC_ARGV_MAX = 128  # arguments of one command line kept
+
 # ---- health: per-CPU counters, index i is HEALTH[i] (kvmtrace_<name>_total) ----
-HEALTH = ("counts_dropped", "events_lost", "calls_dropped", "events_throttled")
+HEALTH = ("counts_dropped", "events_lost", "calls_dropped", "events_throttled",
+          "procs_dropped")
 
 # ---- KVM_CREATE_VM latency: log2(ns) slots per outcome ---------------------------
 LATENCY_OUTCOMES = ("accepted", "rejected")  # outcome = (ret < 0)
@@ -64,33 +94,43 @@ class CountKey(ct.Structure):
     """struct count_key."""
 
     _fields_ = [("tgid", ct.c_uint32), ("probe", ct.c_uint32), ("vm_type", ct.c_uint64),
-                ("result", ct.c_int64), ("verdicts", ct.c_uint32), ("pad", ct.c_uint32),
+                ("result", ct.c_int64), ("verdicts", ct.c_uint32), ("detail", ct.c_uint32),
                 ("comm", ct.c_char * TASK_COMM_LEN)]
 
 
 # struct count_key as a struct format, to read a batch buffer without a ctypes
-# object per entry: tgid, probe, vm_type, result, verdicts, pad, comm.
+# object per entry: tgid, probe, vm_type, result, verdicts, detail, comm.
 COUNT_KEY = struct.Struct("<IIQqII16s")
 COUNT_VALUE_SIZE = 8  # u64
 
-# A count as read from the map: (tgid, probe, vm_type, result, verdicts, comm, count),
-# comm without its NULs. A plain tuple: a scrape of 10,000 series makes 10,000 of them.
-RawCount = tuple[int, int, int, int, int, bytes, int]
+# A count as read from the map: (tgid, probe, vm_type, result, verdicts, detail, comm,
+# count), comm without its NULs. A plain tuple: a scrape of 10,000 series makes 10,000.
+RawCount = tuple[int, int, int, int, int, int, bytes, int]
+RAW_KEY_LEN = 7  # raw[:RAW_KEY_LEN] is the key, raw[RAW_KEY_LEN] the count
 
-# struct event: one record per completed call on the live stream:
-# u64 ts_ns, duration_ns, vm_type; s64 result; u32 tgid, tid, probe, verdicts; comm.
-EVENT = struct.Struct("<QQQqIIII16s")
+# struct event: one record per completed call on the live stream: u64 ts_ns,
+# duration_ns, vm_type; s64 result; u32 tgid, tid, probe, verdicts, detail, fd;
+# u64 status; comm.
+EVENT = struct.Struct("<QQQqIIIIIIQ16s")
+
+# struct exec_args: the exec_args map's value (u32 len, u32 flags, the NUL-separated
+# arguments); flags bit 0: truncated.
+EXEC_ARGS_HEAD = struct.Struct("<II")
+EXEC_ARGS_TRUNCATED = 1
 
 # The C struct fields, in order, as (C type, name): what tests/test_contract.py holds
 # the C against, and what the formats above are built from.
 STRUCTS: dict[str, tuple[tuple[str, str], ...]] = {
     "count_key": (("u32", "tgid"), ("u32", "probe"), ("u64", "vm_type"), ("s64", "result"),
-                  ("u32", "verdicts"), ("u32", "pad"), ("char[TASK_COMM_LEN]", "comm")),
+                  ("u32", "verdicts"), ("u32", "detail"), ("char[TASK_COMM_LEN]", "comm")),
     "event": (("u64", "ts_ns"), ("u64", "duration_ns"), ("u64", "vm_type"),
               ("s64", "result"), ("u32", "tgid"), ("u32", "tid"), ("u32", "probe"),
-              ("u32", "verdicts"), ("char[TASK_COMM_LEN]", "comm")),
+              ("u32", "verdicts"), ("u32", "detail"), ("u32", "fd"), ("u64", "status"),
+              ("char[TASK_COMM_LEN]", "comm")),
+    "exec_args": (("u32", "len"), ("u32", "flags"), ("char[EXEC_ARGS_BYTES]", "args")),
 }
-STRUCT_FORMATS = {"count_key": COUNT_KEY, "event": EVENT}
+STRUCT_FORMATS = {"count_key": COUNT_KEY, "event": EVENT,
+                  "exec_args": struct.Struct(f"<II{EXEC_ARGS_BYTES}s")}
 
 # ---- maps -----------------------------------------------------------------------
 # Kernel map types (include/uapi/linux/bpf.h enum bpf_map_type).
@@ -98,6 +138,7 @@ BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERF_EVENT_ARRAY = 4
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_RINGBUF = 27
 PAGE_SIZE = 4096
 
@@ -127,9 +168,13 @@ MAPS: dict[str, MapSpec] = {m.name: m for m in (
     MapSpec("health", "BPF_PERCPU_ARRAY", None, "u64", "HEALTH_ENTRIES", 4, 8),
     MapSpec("create_latency", "BPF_ARRAY", None, "u64", "LATENCY_ENTRIES", 4, 8),
     MapSpec("create_latency_sum", "BPF_ARRAY", None, "u64", "LATENCY_SUM_ENTRIES", 4, 8),
+    MapSpec("exec_args", "BPF_LRU_HASH", "u32", "struct exec_args", "EXEC_ARGS_MAX",
+            4, STRUCT_FORMATS["exec_args"].size),
 )}
 EVENTS_MAP = "events"  # BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES) or BPF_PERF_OUTPUT(events)
-# Every map the reader is handed, by name.
+# Maps that exist only when the plan has their point (kvmtrace.plan: EXEC).
+OPTIONAL_MAPS = ("exec_args",)
+# Every map the reader is handed, by name (an optional one when the program has it).
 READ_MAPS = (*MAPS, EVENTS_MAP)
 
 
@@ -139,7 +184,16 @@ def defines(counts_max: int, calls_max: int, ringbuf_pages: int) -> dict[str, st
         "PROBE_CREATE_VM": str(PROBE_CREATE_VM),
         "PROBE_VM_TYPES_QUERY": str(PROBE_VM_TYPES_QUERY),
         "PROBE_ARCH_INIT_VM": str(PROBE_ARCH_INIT_VM),
+        "PROBE_ENCRYPT_OP": str(PROBE_ENCRYPT_OP),
+        "PROBE_PROCESS_END": str(PROBE_PROCESS_END),
         **{k: str(v) for k, v in VERDICTS.items()},
+        **{k: str(v) for k, v in PROC_BITS.items()},
+        "PROCS_MAX": str(PROCS_MAX),
+        "VM_FDS_MAX": str(VM_FDS_MAX),
+        "EXEC_ARGS_MAX": str(EXEC_ARGS_MAX),
+        "EXEC_ARGS_BYTES": str(EXEC_ARGS_BYTES),
+        "EXEC_ARG_MAX": str(EXEC_ARG_MAX),
+        "EXEC_ARGV_MAX": str(EXEC_ARGV_MAX),
         **{f"HEALTH_{name.upper()}": str(i) for i, name in enumerate(HEALTH)},
         "HEALTH_ENTRIES": str(HEALTH_ENTRIES),
         "LATENCY_SLOTS": str(LATENCY_SLOTS),
@@ -155,7 +209,7 @@ def defines(counts_max: int, calls_max: int, ringbuf_pages: int) -> dict[str, st
 def expected_entries(name: str, counts_max: int) -> int:
     """max_entries the kernel must report for one of :data:`MAPS`."""
     return {"counts": counts_max, "health": HEALTH_ENTRIES, "create_latency": LATENCY_ENTRIES,
-            "create_latency_sum": LATENCY_SUM_ENTRIES}[name]
+            "create_latency_sum": LATENCY_SUM_ENTRIES, "exec_args": EXEC_ARGS_MAX}[name]
 
 
 @dataclass(frozen=True)
@@ -184,7 +238,8 @@ def check_map(name: str, info: MapInfo, counts_max: int, ringbuf: bool,
     if spec is None:
         return f"map {name}: not in kvmtrace.contract.MAPS"
     want_type = {"BPF_HASH": BPF_MAP_TYPE_HASH, "BPF_ARRAY": BPF_MAP_TYPE_ARRAY,
-                 "BPF_PERCPU_ARRAY": BPF_MAP_TYPE_PERCPU_ARRAY}[spec.macro]
+                 "BPF_PERCPU_ARRAY": BPF_MAP_TYPE_PERCPU_ARRAY,
+                 "BPF_LRU_HASH": BPF_MAP_TYPE_LRU_HASH}[spec.macro]
     got = (info.type, info.key_size, info.value_size, info.max_entries)
     want = (want_type, spec.key_size, spec.value_size, expected_entries(name, counts_max))
     if got != want:

@@ -43,6 +43,7 @@ class Key(NamedTuple):
     rejected: bool
     errno: str | None
     verdicts: int
+    detail: int  # count_key.detail: a firmware status, or the last signal
 
 
 class CountRecord(NamedTuple("CountRecord", [*Key.__annotations__.items(), ("count", int)])):
@@ -56,10 +57,11 @@ class CountRecord(NamedTuple("CountRecord", [*Key.__annotations__.items(), ("cou
 
 
 class Event(NamedTuple("Event", [*Key.__annotations__.items(), ("tid", int), ("ts_ns", int),
-                                  ("duration_ns", int)])):
+                                  ("duration_ns", int), ("fd", int), ("status", int)])):
     """One completed call from the live stream: its decoded Key's fields (in Key's
-    order), then the thread, the return time and the call's duration (0: entry not
-    seen)."""
+    order), then the thread, the return time, the call's duration (0: entry not seen;
+    a process end: its time since first seen), the fd (KVM_MEMORY_ENCRYPT_OP; -1 not
+    known) and the whole firmware status word (KVM_MEMORY_ENCRYPT_OP)."""
 
     __slots__ = ()
 
@@ -87,6 +89,8 @@ class Decoder:
     def verdict(self, returns: str, result: int) -> Verdict:
         if returns == planmod.RETURNS_BOOL:
             return Verdict(result == 0, None)
+        if returns in (planmod.RETURNS_EXIT, planmod.RETURNS_NONE):
+            return Verdict(False, None)
         if result < 0:
             return Verdict(True, tables.errno_name(-result))
         return Verdict(False, None)
@@ -95,19 +99,19 @@ class Decoder:
         return tables.vm_type_name(vm_type, self._arch)
 
     def count(self, raw: RawCount) -> CountRecord:
-        tgid, probe_id, vm_type, result, verdicts, comm, value = raw
+        tgid, probe_id, vm_type, result, verdicts, detail, comm, value = raw
         name, layer, returns = self.point(probe_id)
         v = self.verdict(returns, result)
         return CountRecord(
             pid=tgid, comm=tables.escape_comm(comm), probe=name, layer=layer,
             vm_type=vm_type, vm_type_name=self.vm_type_name(vm_type), result=result,
-            rejected=v.rejected, errno=v.errno, verdicts=verdicts, count=value,
+            rejected=v.rejected, errno=v.errno, verdicts=verdicts, detail=detail, count=value,
         )
 
-    def count_labels(self, key: tuple[int, int, int, int, int, bytes]) -> Key:
+    def count_labels(self, key: tuple[int, int, int, int, int, int, bytes]) -> Key:
         """count() of a raw map key without its value: its Key (what a per-key cache
         keeps). Same values as count(); the comm and verdict decodings are memoized."""
-        tgid, probe_id, vm_type, result, verdicts, comm = key
+        tgid, probe_id, vm_type, result, verdicts, detail, comm = key
         decoded = self._results.get((probe_id, result))
         if decoded is None:
             if len(self._results) >= _MEMO_MAX:
@@ -122,12 +126,12 @@ class Decoder:
             text = self._comms[comm] = tables.escape_comm(comm)
         name, layer, rejected, errno = decoded
         return Key(tgid, text, name, layer, vm_type, self.vm_type_name(vm_type), result,
-                   rejected, errno, verdicts)
+                   rejected, errno, verdicts, detail)
 
     def event(self, data: bytes) -> Event:
         if len(data) < EVENT.size:
             raise DecodeError(f"event of {len(data)} bytes, expected {EVENT.size}")
-        ts, dur, vm_type, result, tgid, tid, probe_id, verdicts, comm = \
+        ts, dur, vm_type, result, tgid, tid, probe_id, verdicts, detail, fd, status, comm = \
             EVENT.unpack_from(data)
         name, layer, returns = self.point(probe_id)
         v = self.verdict(returns, result)
@@ -135,4 +139,5 @@ class Decoder:
             ts_ns=ts, duration_ns=dur, pid=tgid, tid=tid, comm=tables.escape_comm(comm),
             probe=name, layer=layer, vm_type=vm_type, vm_type_name=self.vm_type_name(vm_type),
             result=result, rejected=v.rejected, errno=v.errno, verdicts=verdicts,
+            detail=detail, fd=fd - (1 << 32) if fd >= 1 << 31 else fd, status=status,
         )

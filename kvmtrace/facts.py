@@ -35,6 +35,20 @@ _CLONE = re.compile(r"^(?P<base>[^.]+)\.(?:isra|constprop|part|cold|lto_priv)(?:
 _NOT_FUNCTIONS = ("__pfx_", "__cfi_")
 
 IOCTL_TRACEPOINTS = ("syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl")
+# Following a process to its end (kvmtrace.plan: PROCESS_END, EXEC, ENCRYPT_OP).
+EXIT_TRACEPOINT = "sched:sched_process_exit"  # every task's exit: the leader's ends it
+SIGNAL_TRACEPOINT = "signal:signal_deliver"  # the signal that killed it
+EXIT_GROUP_TRACEPOINT = "syscalls:sys_enter_exit_group"  # its exit status
+EXEC_TRACEPOINTS = ("syscalls:sys_enter_execve", "syscalls:sys_enter_execveat")
+FOLLOW_TRACEPOINTS = (EXIT_TRACEPOINT, SIGNAL_TRACEPOINT, EXIT_GROUP_TRACEPOINT,
+                      *EXEC_TRACEPOINTS)
+# Kernel functions of the same, for kprobe hosts (no syscall tracepoint then).
+GROUP_EXIT_FUNCTION = "do_group_exit"  # void do_group_exit(int exit_code)
+ENCRYPT_FUNCTIONS = ("kvm_arch_vm_ioctl", "kvm_arch_vcpu_ioctl")  # (filp, ioctl, arg)
+# The confidential launch's own functions on current kernels (optional points).
+LAUNCH_FUNCTIONS = ("sev_mem_enc_ioctl", "__sev_guest_init", "sev_asid_new",
+                    "snp_launch_start", "tdx_vm_ioctl", "tdx_td_init", "svm_vm_init",
+                    "vt_vm_init")
 FACTS_MAX = 1 << 20  # bytes of a --dump-facts file (they are a few KiB)
 TRACEFS_PATHS = ("/sys/kernel/debug/tracing", "/sys/kernel/tracing")
 VENDOR_MODULES = ("kvm_intel", "kvm_amd", "kvm_hv", "kvm_pr")
@@ -185,7 +199,8 @@ def kernel_version(release: str) -> tuple[int, int]:
 
 def read_kallsyms(text: str) -> tuple[dict[str, Symbol], dict[str, list[str]]]:
     """Relevant symbols (and their clones) from /proc/kallsyms text."""
-    wanted = {IOCTL_FUNCTION, ARCH_INIT_FUNCTION, *TYPE_CHECK_FUNCTIONS}
+    wanted = {IOCTL_FUNCTION, ARCH_INIT_FUNCTION, *TYPE_CHECK_FUNCTIONS, GROUP_EXIT_FUNCTION,
+              *ENCRYPT_FUNCTIONS, *LAUNCH_FUNCTIONS}
     symbols: dict[str, Symbol] = {}
     clones: dict[str, list[str]] = {}
     for line in text.splitlines():
@@ -311,7 +326,7 @@ def gather(root: str | os.PathLike = "/", probe_fentry_fn=probe_fentry) -> HostF
     kprobes, kprobes_detail = _kprobes(root, tracefs)
     tracepoints = []
     if tracefs:
-        for tp in IOCTL_TRACEPOINTS:
+        for tp in (*IOCTL_TRACEPOINTS, *FOLLOW_TRACEPOINTS):
             cat, ev = tp.split(":")
             if (root / tracefs.lstrip("/") / "events" / cat / ev / "format").exists():
                 tracepoints.append(tp)

@@ -45,7 +45,8 @@ class Live:
         self.plan: planmod.Plan = reader.plan
         self.attachments = reader.attachments
         self.runtime = Runtime(reader, Decoder(self.plan, facts.arch), aggregator,
-                               series_ttl=series_ttl)
+                               series_ttl=series_ttl, arch=facts.arch,
+                               vendor_modules=tuple(facts.vendor_modules))
         self.stitcher = Stitcher(reader.attachments, facts.arch,
                                  host_mask=facts.kvm.vm_types_mask,
                                  vendor_modules=facts.vendor_modules)

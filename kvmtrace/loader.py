@@ -49,6 +49,8 @@ def build_text(plan: planmod.Plan, opts: Options) -> str:
         "KVM_CREATE_VM": hex(tables.KVM_CREATE_VM),
         "KVM_CHECK_EXTENSION": hex(tables.KVM_CHECK_EXTENSION),
         "KVM_CAP_VM_TYPES": str(tables.KVM_CAP_VM_TYPES),
+        "KVM_MEMORY_ENCRYPT_OP": hex(tables.KVM_MEMORY_ENCRYPT_OP),
+        "TDX_VM_TYPE": str(tables.vm_type_number("TDX")),
         **contract.defines(opts.counts_max, opts.calls_max, opts.ringbuf_pages),
         "SELF_TGID": str(opts.self_tgid),
         "FILTER_TGID": str(opts.filter_tgid),
@@ -58,6 +60,24 @@ def build_text(plan: planmod.Plan, opts: Options) -> str:
     ioctl = plan.ioctl_mechanism
     if ioctl is not None:
         defines[f"IOCTL_{ioctl.upper()}"] = "1"
+    points = {p.id: p for p in plan.points}
+    launch = [p.id for p in plan.points
+              if p.layer == planmod.Layer.LAUNCH and p.id >= contract.FIRST_TYPE_CHECK]
+    defines["FIRST_LAUNCH"] = str(min(launch, default=contract.FIRST_TYPE_CHECK + len(plan.points)))
+    if points[contract.PROBE_PROCESS_END].planned:
+        defines["FOLLOW_PROCS"] = "1"
+        status = points[contract.PROBE_EXIT_STATUS].mechanism
+        if status is not None:
+            defines[f"EXIT_{status.upper()}"] = "1"
+        if points[contract.PROBE_SIGNAL].planned:
+            defines["SIGNAL_TRACEPOINT"] = "1"
+        if points[contract.PROBE_ENCRYPT_OP].mechanism == planmod.Mechanism.KPROBE:
+            defines["ENCRYPT_KPROBE"] = "1"
+    exec_point = points[contract.PROBE_EXEC]
+    if exec_point.planned:
+        defines["EXEC_TRACEPOINT"] = "1"
+        if "execveat" in (exec_point.target or ""):
+            defines["EXECVEAT_TRACEPOINT"] = "1"
     if opts.use_ringbuf:
         defines["USE_RINGBUF"] = "1"
     if opts.use_task_storage:
@@ -65,9 +85,12 @@ def build_text(plan: planmod.Plan, opts: Options) -> str:
     head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
     lines = []
     for p in plan.points:
-        if p.layer == planmod.Layer.IOCTL or p.mechanism is None:
-            continue
-        if p.mechanism == planmod.Mechanism.KPROBE:
+        if p.mechanism is None or (p.id < contract.FIRST_TYPE_CHECK
+                                   and p.id != contract.PROBE_ARCH_INIT_VM):
+            continue  # the ioctl and process points are in the C already
+        if p.layer == planmod.Layer.LAUNCH:
+            lines.append(f"FN_KPROBE_LAUNCH({p.id})")
+        elif p.mechanism == planmod.Mechanism.KPROBE:
             argn, ret_t = (2, "int") if p.layer == planmod.Layer.ARCH_INIT else (1, "u8")
             lines.append(f"FN_KPROBE({p.id}, {argn}, {ret_t})")
         elif p.mechanism == planmod.Mechanism.FENTRY:
@@ -130,8 +153,16 @@ class Session:
     opts: Options
 
     def map_fds(self) -> dict[str, int]:
-        """The fd of every map the reader reads (kvmtrace.contract.READ_MAPS)."""
-        return {name: self.bpf[name.encode()].map_fd for name in contract.READ_MAPS}
+        """The fd of every map the reader reads (kvmtrace.contract.READ_MAPS; an
+        optional one when the program has it)."""
+        out = {}
+        for name in contract.READ_MAPS:
+            try:
+                out[name] = self.bpf[name.encode()].map_fd
+            except KeyError:
+                if name not in contract.OPTIONAL_MAPS:
+                    raise
+        return out
 
     def close(self) -> None:
         self.bpf.cleanup()
@@ -157,7 +188,8 @@ def load(plan: planmod.Plan, opts: Options) -> Session:
         if p.mechanism is None:
             attachments.append(Attachment(p, False))
             continue
-        key = planmod.Layer.IOCTL if p.layer == planmod.Layer.IOCTL else p.name
+        key = p.target if p.mechanism == planmod.Mechanism.TRACEPOINT else (
+            planmod.Layer.IOCTL if p.layer == planmod.Layer.IOCTL else p.name)
         if key not in done:
             with _stderr_captured() as err:
                 try:
@@ -170,13 +202,21 @@ def load(plan: planmod.Plan, opts: Options) -> Session:
 
 
 def _attach(bpf, p: planmod.Point) -> None:
-    """Attach one point's programs (fentry ones were attached by bcc at load)."""
+    """Attach one point's programs (tracepoint and fentry ones were attached by bcc at
+    load: checked here)."""
     if p.mechanism == planmod.Mechanism.TRACEPOINT:
-        if bpf.num_open_tracepoints() < 2:
-            raise LoadError("the syscall tracepoints did not attach")
+        missing = [tp for tp in p.target.split("+")
+                   if tp.encode() not in getattr(bpf, "tracepoint_fds", {})]
+        if missing:
+            raise LoadError(f"tracepoint {missing[0]} did not attach")
     elif p.mechanism == planmod.Mechanism.KPROBE:
-        enter, ret = (("kvmtrace_ioctl_enter", "kvmtrace_ioctl_return")
-                      if p.layer == planmod.Layer.IOCTL
-                      else (f"kvmtrace_enter_{p.id}", f"kvmtrace_return_{p.id}"))
-        bpf.attach_kprobe(event=p.target.encode(), fn_name=enter.encode())
-        bpf.attach_kretprobe(event=p.target.encode(), fn_name=ret.encode())
+        if p.id == contract.PROBE_EXIT_STATUS:
+            bpf.attach_kprobe(event=p.target.encode(), fn_name=b"kvmtrace_group_exit")
+            return
+        enter, ret = {planmod.Layer.IOCTL: ("kvmtrace_ioctl_enter", "kvmtrace_ioctl_return")}.get(
+            p.layer, (f"kvmtrace_enter_{p.id}", f"kvmtrace_return_{p.id}"))
+        if p.id == contract.PROBE_ENCRYPT_OP:
+            enter, ret = "kvmtrace_encrypt_enter", "kvmtrace_encrypt_return"
+        for target in p.target.split("+"):
+            bpf.attach_kprobe(event=target.encode(), fn_name=enter.encode())
+            bpf.attach_kretprobe(event=target.encode(), fn_name=ret.encode())

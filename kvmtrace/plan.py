@@ -14,12 +14,24 @@ from kvmtrace.contract import (
     FIRST_TYPE_CHECK,
     PROBE_ARCH_INIT_VM,
     PROBE_CREATE_VM,
+    PROBE_ENCRYPT_OP,
+    PROBE_EXEC,
+    PROBE_EXIT_STATUS,
+    PROBE_PROCESS_END,
+    PROBE_SIGNAL,
     PROBE_VM_TYPES_QUERY,
 )
 from kvmtrace.facts import (
     ARCH_INIT_FUNCTION,
+    ENCRYPT_FUNCTIONS,
+    EXEC_TRACEPOINTS,
+    EXIT_GROUP_TRACEPOINT,
+    EXIT_TRACEPOINT,
+    GROUP_EXIT_FUNCTION,
     IOCTL_FUNCTION,
     IOCTL_TRACEPOINTS,
+    LAUNCH_FUNCTIONS,
+    SIGNAL_TRACEPOINT,
     TYPE_CHECK_FUNCTIONS,
     TYPE_CHECK_PATTERN,
     HostFacts,
@@ -28,7 +40,11 @@ from kvmtrace.facts import (
 # Point names: the "probe" label of every metric.
 CREATE_VM = "KVM_CREATE_VM"
 VM_TYPES_QUERY = "KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES)"
-
+ENCRYPT_OP = "KVM_MEMORY_ENCRYPT_OP"
+PROCESS_END = "process exit"  # a followed process's end (its leader's exit)
+EXIT_STATUS = "exit status"  # its exit_group status
+SIGNAL = "fatal signal"  # the signal that killed it
+EXEC = "command line at exec"  # its argv, captured at execve
 
 
 class Mechanism(StrEnum):
@@ -46,6 +62,8 @@ class Layer(StrEnum):
     IOCTL = "ioctl"  # KVM_CREATE_VM / KVM_CHECK_EXTENSION at the ioctl layer
     ARCH_INIT = "arch_init"  # kvm_arch_init_vm
     TYPE_CHECK = "type_check"  # *_is_vm_type_supported
+    LAUNCH = "launch"  # KVM_MEMORY_ENCRYPT_OP and the confidential launch's functions
+    PROCESS = "process"  # a followed process: its command line and its end
 
     @property
     def depth(self) -> int:
@@ -66,6 +84,8 @@ RETURNS_FD = "fd"  # KVM_CREATE_VM: a VM fd or -errno
 RETURNS_MASK = "mask"  # KVM_CAP_VM_TYPES bitmap or -errno
 RETURNS_INT = "int"  # 0 or -errno
 RETURNS_BOOL = "bool"  # true: the type is supported
+RETURNS_EXIT = "exit"  # a do_exit code (status << 8, or the signal): never a rejection
+RETURNS_NONE = "none"  # a point that only feeds another one (makes no counts)
 
 
 @dataclass(frozen=True)
@@ -194,9 +214,91 @@ def make_plan(facts: HostFacts) -> Plan:
     mech, why = _function_mechanism(facts, ARCH_INIT_FUNCTION)
     points.append(Point(PROBE_ARCH_INIT_VM, ARCH_INIT_FUNCTION, Layer.ARCH_INIT, RETURNS_INT,
                         mech, ARCH_INIT_FUNCTION if mech else None, why))
-    for i, name in enumerate(_type_check_names(facts)):
+    points += _follow_points(facts, points[0].mechanism)
+    names = _type_check_names(facts)
+    for i, name in enumerate(names):
         mech, why = _function_mechanism(facts, name)
         points.append(Point(FIRST_TYPE_CHECK + i, name, Layer.TYPE_CHECK, RETURNS_BOOL,
                             mech, name if mech else None, why))
+    first_launch = FIRST_TYPE_CHECK + len(names)
+    for i, name in enumerate(LAUNCH_FUNCTIONS):
+        mech, why = _launch_mechanism(facts, name)
+        points.append(Point(first_launch + i, name, Layer.LAUNCH, RETURNS_INT, mech,
+                            name if mech else None, why))
     return Plan(tuple(points))
+
+
+def _tracepoint(facts: HostFacts, tp: str) -> str | None:
+    """None when tracepoint ``tp`` can be attached here, else why not."""
+    if facts.tracefs is None:
+        return tracefs_problem(facts)
+    return None if tp in facts.tracepoints else f"tracepoint {tp} missing"
+
+
+def _follow_points(facts: HostFacts, ioctl: Mechanism | None) -> list[Point]:
+    """Following a process that touched /dev/kvm to its end: the end itself, its exit
+    status, the signal that killed it, its command line, and KVM_MEMORY_ENCRYPT_OP."""
+    on_syscalls = ioctl == Mechanism.TRACEPOINT  # the syscall slow path is paid already
+    end_no = _tracepoint(facts, EXIT_TRACEPOINT)
+    if ioctl is None:
+        end_no = "the ioctl layer is not attached"
+    out = [Point(PROBE_PROCESS_END, PROCESS_END, Layer.PROCESS, RETURNS_EXIT,
+                 None if end_no else Mechanism.TRACEPOINT, None if end_no else EXIT_TRACEPOINT,
+                 end_no or "the leader's exit ends a process that touched /dev/kvm")]
+    followed = end_no is None
+
+    def dependent(pid: int, name: str, plan: tuple[Mechanism | None, str | None, str]) -> Point:
+        mech, target, why = plan
+        if not followed:
+            mech, target, why = None, None, f"needs {PROCESS_END}: {end_no}"
+        return Point(pid, name, Layer.PROCESS, RETURNS_NONE, mech, target, why)
+
+    # Exit status: the exit_group tracepoint where syscalls are traced anyway, else
+    # a kprobe on do_group_exit (a syscall tracepoint would slow every syscall).
+    no = _tracepoint(facts, EXIT_GROUP_TRACEPOINT)
+    if on_syscalls and no is None:
+        status = (Mechanism.TRACEPOINT, EXIT_GROUP_TRACEPOINT, "exit_group(status)")
+    elif facts.kprobes and GROUP_EXIT_FUNCTION in facts.symbols:
+        status = (Mechanism.KPROBE, GROUP_EXIT_FUNCTION,
+                  "kprobe: do_group_exit(status << 8 | signal)")
+    else:
+        status = (None, None, f"{no or 'not on the syscall tracepoints'}; "
+                  f"{GROUP_EXIT_FUNCTION}: {_function_mechanism(facts, GROUP_EXIT_FUNCTION)[1]}")
+    out.append(dependent(PROBE_EXIT_STATUS, EXIT_STATUS, status))
+    no = _tracepoint(facts, SIGNAL_TRACEPOINT)
+    out.append(dependent(PROBE_SIGNAL, SIGNAL, (None, None, no) if no else (
+        Mechanism.TRACEPOINT, SIGNAL_TRACEPOINT, "the last signal delivered")))
+    # Command lines at execve: only where syscalls are traced anyway.
+    no = _tracepoint(facts, EXEC_TRACEPOINTS[0])
+    if not on_syscalls:
+        no = ("would put every syscall on the host on the tracepoint slow path; command "
+              "lines are read from /proc while the process lives")
+    execs = [tp for tp in EXEC_TRACEPOINTS if tp in facts.tracepoints]
+    out.append(Point(PROBE_EXEC, EXEC, Layer.PROCESS, RETURNS_NONE,
+                     None if no else Mechanism.TRACEPOINT, None if no else "+".join(execs),
+                     no or "argv at execve, kept per process (LRU)"))
+    # KVM_MEMORY_ENCRYPT_OP: with the ioctl tracepoints, or kprobes on kvm_arch_*_ioctl.
+    if on_syscalls:
+        enc = (Mechanism.TRACEPOINT, "+".join(IOCTL_TRACEPOINTS),
+               "with the ioctl tracepoints; VM type from the create that returned its fd")
+    elif ioctl == Mechanism.KPROBE and ENCRYPT_FUNCTIONS[0] in facts.symbols:
+        targets = [f for f in ENCRYPT_FUNCTIONS if f in facts.symbols]
+        enc = (Mechanism.KPROBE, "+".join(targets),
+               "kprobe + kretprobe; VM type: the process's last created VM")
+    else:
+        enc = (None, None, f"{ENCRYPT_FUNCTIONS[0]}: "
+               f"{_function_mechanism(facts, ENCRYPT_FUNCTIONS[0])[1]}"
+               + ("; fentry not built for it" if ioctl == Mechanism.FENTRY else ""))
+    p = dependent(PROBE_ENCRYPT_OP, ENCRYPT_OP, enc)
+    out.insert(0, Point(p.id, p.name, Layer.LAUNCH, RETURNS_INT, p.mechanism, p.target,
+                        p.reason))
+    return out
+
+
+def _launch_mechanism(facts: HostFacts, name: str) -> tuple[Mechanism | None, str]:
+    """The confidential launch's functions: kprobes only (optional points)."""
+    mech, why = _function_mechanism(facts, name)
+    if mech == Mechanism.FENTRY:
+        return None, "fentry not built for launch functions; no kprobes here"
+    return mech, why
 

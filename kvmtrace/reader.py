@@ -65,7 +65,8 @@ class Reader:
         if self.ncpus <= 0:
             raise ReadError(f"libbpf cannot count the possible CPUs: "
                             f"{os.strerror(-self.ncpus)}")
-        missing = [name for name in contract.READ_MAPS if name not in self.maps]
+        missing = [name for name in contract.READ_MAPS
+                   if name not in self.maps and name not in contract.OPTIONAL_MAPS]
         if missing:
             raise ReadError(f"maps {missing} were not handed over")
         self.entries: dict[str, int] = {}
@@ -105,7 +106,7 @@ class Reader:
                 None)
             err = ct.get_errno()
             if res != 0 and err != errno.ENOENT:  # EINVAL (before 5.6), ENOSPC
-                return [(k.tgid, k.probe, k.vm_type, k.result, k.verdicts, k.comm, v)
+                return [(k.tgid, k.probe, k.vm_type, k.result, k.verdicts, k.detail, k.comm, v)
                         for k, v in self._iterate(fd)]
             total += count.value
             if res != 0 or total >= n or count.value == 0:  # ENOENT: all read
@@ -113,8 +114,8 @@ class Reader:
             token_in.value = token_out.value
         # Straight from the buffers: no ctypes object per entry.
         counts = memoryview(values).cast("B")[:COUNT_VALUE_SIZE * total].cast("Q")
-        return [(tgid, probe, vm_type, result, verdicts, comm.split(b"\0", 1)[0], c)
-                for (tgid, probe, vm_type, result, verdicts, _, comm), c in zip(
+        return [(tgid, probe, vm_type, result, verdicts, detail, comm.split(b"\0", 1)[0], c)
+                for (tgid, probe, vm_type, result, verdicts, detail, comm), c in zip(
                     COUNT_KEY.iter_unpack(ct.string_at(keys, ksize * total)), counts,
                     strict=True)]
 
@@ -132,10 +133,10 @@ class Reader:
             return
         fd = self._fd("counts")
         keys = (CountKey * len(raws))()
-        for key, (tgid, probe, vm_type, result, verdicts, comm, _) in zip(keys, raws,
-                                                                            strict=True):
+        for key, (tgid, probe, vm_type, result, verdicts, detail, comm, _) in zip(
+                keys, raws, strict=True):
             key.tgid, key.probe, key.vm_type, key.result = tgid, probe, vm_type, result
-            key.verdicts, key.comm = verdicts, comm
+            key.verdicts, key.detail, key.comm = verdicts, detail, comm
         # BPF_MAP_DELETE_BATCH stops at a key that is gone (ENOENT): skip it, go on.
         ksize, count, done = COUNT_KEY.size, ct.c_uint32(0), 0
         while done < len(raws):
@@ -149,6 +150,21 @@ class Reader:
             done += count.value + 1
         for key in keys[done:]:
             self.lib.bpf_map_delete_elem(fd, ct.byref(key))  # ENOENT: already gone
+
+    def exec_args(self, tgid: int) -> bytes | None:
+        """The command line the kernel kept for process ``tgid`` at its execve (NUL-
+        separated, as /proc/PID/cmdline), or None: none kept (not planned here, evicted,
+        or exec'd before kvmtrace started)."""
+        fd = self.maps.get("exec_args")
+        if fd is None:
+            return None
+        head = contract.EXEC_ARGS_HEAD
+        value = ct.create_string_buffer(head.size + contract.EXEC_ARGS_BYTES)
+        key = ct.c_uint32(tgid)
+        if self.lib.bpf_map_lookup_elem(fd, ct.byref(key), value) != 0:
+            return None
+        length, _flags = head.unpack_from(value.raw)
+        return value.raw[head.size:head.size + min(length, contract.EXEC_ARGS_BYTES)]
 
     def read_latency(self) -> tuple[list[tuple[int, int, int]], list[int]]:
         """KVM_CREATE_VM latency: [(outcome, log2 slot, count)], and ns sums per outcome."""

@@ -10,13 +10,22 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from typing import Protocol
 
+from kvmtrace import starts as startsmod
+from kvmtrace import vmm
 from kvmtrace.aggregate import Aggregator, per_process
-from kvmtrace.contract import RawCount
+from kvmtrace.contract import (
+    PROBE_CREATE_VM,
+    PROBE_PROCESS_END,
+    PROBE_VM_TYPES_QUERY,
+    RAW_KEY_LEN,
+    RawCount,
+)
 from kvmtrace.decode import CountRecord, DecodeError, Decoder, Event, Key
+from kvmtrace.starts import Start
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +42,44 @@ def proc_pids(proc: str = "/proc") -> set[int]:
     return {int(n) for n in os.listdir(proc) if n.isdigit()}
 
 
+# Probe ids whose first record makes a process "seen": what its command line asked
+# for is looked up then (kvmtrace.vmm).
+_FOLLOWED = (PROBE_CREATE_VM, PROBE_VM_TYPES_QUERY, PROBE_PROCESS_END)
+RECENT_STARTS = 256  # failed starts kept for /api/rejections and explain
+
+
+def request_of(source: object, pid: int) -> vmm.VmmRequest:
+    """What process ``pid`` asked for: its /proc command line while it lives, else the
+    one the kernel kept at its execve (source.exec_args), else not known."""
+    raw = vmm.read_cmdline(pid)
+    via = "/proc/PID/cmdline"
+    if not raw:
+        exec_args = getattr(source, "exec_args", None)
+        raw = exec_args(pid) if exec_args is not None else None
+        via = "argv at execve"
+    if not raw:
+        return vmm.NOT_KNOWN
+    req = vmm.parse_cmdline(raw)
+    return vmm.VmmRequest(req.kind, req.name, req.requested_type,
+                          f"{req.evidence} ({via})")
+
+
 class Runtime:
     def __init__(self, source: Source, decoder: Decoder,
                  aggregator: Aggregator | None = None,
                  live_pids: Callable[[], set[int]] = proc_pids,
-                 series_ttl: float = 3600.0, clock: Callable[[], float] = time.monotonic):
+                 series_ttl: float = 3600.0, clock: Callable[[], float] = time.monotonic,
+                 request: Callable[[int], vmm.VmmRequest] | None = None,
+                 arch: str = "x86_64", vendor_modules: tuple[str, ...] = ()):
         self.source = source
         self.decoder = decoder
+        self._request = request or (lambda pid: request_of(source, pid))
+        self._arch = arch
+        self._vendor_modules = vendor_modules
+        self._requests: dict[int, vmm.VmmRequest] = {}  # followed pids seen so far
+        self._failures: Counter[tuple[str, str, str, str]] = Counter()
+        self.recent_starts: deque[Start] = deque(maxlen=RECENT_STARTS)
+        self.on_start: Callable[[Start], None] | None = None  # every stitched start
         self.aggregator = aggregator or Aggregator()
         self._live_pids = live_pids
         self._series_ttl = series_ttl  # exited names unseen this long fold into "other"
@@ -69,15 +109,45 @@ class Runtime:
                 return 0
             now = self._clock()
             read = self.source.read_counts()
+            self._see(read)
             raws = [raw for raw in read if raw[0] not in live]
             pairs = [(raw, self.decoder.count(raw)) for raw in raws]
+            self._stitch([r for _, r in pairs])
             dead = self.aggregator.retire([r for _, r in pairs], live, now)
             dead_ids = {id(r) for r in dead}
             self.source.delete_counts([raw for raw, r in pairs if id(r) in dead_ids])
-            live_comms = {self.decoder.count_labels(raw[:6]).comm for raw in read
+            live_comms = {self.decoder.count_labels(raw[:RAW_KEY_LEN]).comm for raw in read
                           if raw[0] in live}
             self.aggregator.expire(now, self._series_ttl, live_comms)
             return len(dead)
+
+    def _see(self, read: list[RawCount]) -> None:
+        """Look up what each newly seen followed process asked for (once per pid)."""
+        known = self._requests
+        for pid in {raw[0] for raw in read if raw[1] in _FOLLOWED} - known.keys():
+            known[pid] = self._request(pid)
+
+    def _stitch(self, dead: list[CountRecord]) -> None:
+        """Stitch the records of exited processes into starts; count the failures."""
+        by_pid: dict[int, list[CountRecord]] = defaultdict(list)
+        for r in dead:
+            by_pid[r.pid].append(r)
+        name_of = self.aggregator.budget.name
+        for pid, records in by_pid.items():
+            request = self._requests.pop(pid, vmm.NOT_KNOWN)
+            for start in startsmod.stitch(records, request, self._arch, self._vendor_modules):
+                if start.failed:
+                    comm = name_of(start.comm, cost=1)
+                    self._failures[startsmod.failure_labels(start, comm)] += 1
+                    self.recent_starts.append(start)
+                if self.on_start is not None:
+                    self.on_start(start)
+
+    def start_failures(self) -> dict[tuple[str, str, str, str], int]:
+        """kvmtrace_vm_start_failures_total: (comm, stage, reason, requested type) ->
+        failed starts (names past the series budget as comm="other")."""
+        with self._lock:
+            return dict(self._failures)
 
     def totals(self, with_pid: bool = False) -> Counter[Key]:
         with self._lock:

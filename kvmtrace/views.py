@@ -11,6 +11,7 @@ from kvmtrace import tables
 from kvmtrace.attempts import Attempt, Step
 from kvmtrace.decode import Event
 from kvmtrace.plan import Attachment, Layer, layer_depth
+from kvmtrace.starts import Start, exit_of
 
 
 def plan_rows(attachments: Sequence[Attachment]) -> list[list[str]]:
@@ -44,7 +45,27 @@ def describe_result(ev: Event, arch: str) -> str:
         return f"{ev.result:#x}({'|'.join(names) or 'none'})"
     if ev.layer == Layer.TYPE_CHECK:
         return "true" if ev.result else "false"
+    if ev.probe == planmod.ENCRYPT_OP:
+        return encrypt_text(ev, arch)
+    if ev.probe == planmod.PROCESS_END:
+        return end_text(ev, arch)
     return str(ev.result)
+
+
+def encrypt_text(ev: Event, arch: str) -> str:
+    """A KVM_MEMORY_ENCRYPT_OP: its command, result and firmware status."""
+    family = tables.encrypt_family(ev.vm_type, arch)
+    cmd = tables.encrypt_command_name(family, ev.verdicts)
+    status = tables.firmware_status_name(family, ev.status)
+    return f"{family}:{cmd} {'ok' if ev.result >= 0 else ev.result} fw={status}"
+
+
+def end_text(ev: Event, arch: str) -> str:
+    """A followed process's end: how it ended."""
+    ex = exit_of(ev.result, ev.verdicts, ev.detail)
+    if ex["how"] == "exited":
+        return f"exit={ex['status']}"
+    return f"killed:{ex['signal']}" if ex["how"] == "killed" else "exit=?"
 
 
 HEADER = ["PID", "COMM", "PROBE", "VMTYPE", "NAME", "OUTCOME", "RESULT", "ERRNO", "LAT(us)"]
@@ -57,7 +78,7 @@ def event_header(show_time: bool) -> str:
 
 
 def event_line(ev: Event, arch: str, show_time: bool) -> str:
-    query = ev.probe == planmod.VM_TYPES_QUERY
+    query = ev.probe in (planmod.VM_TYPES_QUERY, planmod.PROCESS_END)
     line = _FMT.format(
         ev.pid, ev.comm, ev.probe,
         "-" if query else ev.vm_type, "-" if query else ev.vm_type_name,
@@ -72,7 +93,37 @@ def event_json(ev: Event, arch: str) -> str:
     data = ev.to_json()
     data["time"] = round(wall_time(ev.ts_ns), 6)
     data["result_text"] = describe_result(ev, arch)
+    if ev.probe == planmod.ENCRYPT_OP:
+        family = tables.encrypt_family(ev.vm_type, arch)
+        data.update(family=family, command=tables.encrypt_command_name(family, ev.verdicts),
+                    firmware_status=tables.firmware_status_name(family, ev.status))
+    elif ev.probe == planmod.PROCESS_END:
+        data.update(exit=exit_of(ev.result, ev.verdicts, ev.detail), mask=ev.vm_type)
     return json.dumps(data, sort_keys=True)
+
+
+def start_note(s: Start) -> list[str]:
+    """The lines `trace`, `serve` and `explain` print for a failed VM start."""
+    return [f"  -> VM start failed {s.summary}", f"     hint: {s.hint}"]
+
+
+def start_report(s: Start, number: int) -> str:
+    """explain's text for one failed VM start."""
+    lines = [f"#{number} VM start failed {s.stage}: pid {s.pid} ({s.comm}), reason {s.reason}",
+             f"  {s.summary}",
+             f"  asked for: {s.requested_type} ({s.vmm}: {s.request_evidence})"]
+    if s.vm_name:
+        lines.append(f"  VM name: {s.vm_name}")
+    if s.mask is not None:
+        lines.append(f"  KVM_CAP_VM_TYPES: {s.mask:#x} ({', '.join(s.offered) or 'none'})")
+    for c in s.creates:
+        lines.append(f"  KVM_CREATE_VM {c['vm_type_name']}: {c['result']} (x{c['count']})")
+    for op in s.launch:
+        lines.append(f"  KVM_MEMORY_ENCRYPT_OP {op['family']}:{op['command']}: "
+                     f"{op['errno'] or 'ok'}, firmware status {op['firmware_status']} "
+                     f"(x{op['count']})")
+    lines.append(f"  hint: {s.hint}")
+    return "\n".join(lines)
 
 
 def attempt_note(a: Attempt) -> list[str]:

@@ -60,6 +60,12 @@ if [ ! -e "/lib/modules/$release/build" ] && [ "$own_headers" = 0 ]; then
          "(kvmtrace's BPF uses no kernel struct layouts, so this is safe for it)" >&2
 fi
 
+# The VM-start tests run a VMM that reads KVM_CAP_VM_TYPES: QEMU >= 9 (Debian 12: from
+# bookworm-backports through a private apt configuration; the system's sources stay).
+if [ "$want_test" = 1 ] && [ "$(uname -m)" = x86_64 ]; then
+    /usr/bin/python3 tests/qemu.py install
+fi
+
 mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing || say "could not mount tracefs"
 mountpoint -q /sys/kernel/debug || mount -t debugfs nodev /sys/kernel/debug || say "could not mount debugfs"
 

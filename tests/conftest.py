@@ -42,17 +42,17 @@ def unique_comm(prefix: str = "kvmt") -> str:
     return f"{prefix}-{os.getpid() % 100000}-{os.urandom(2).hex()}"[:15]
 
 
-# Raw counts (tgid, probe, vm type, result, verdicts, comm, count) of one recorded
+# Raw counts (tgid, probe, vm type, result, verdicts, detail, comm, count) of one recorded
 # host: every per-series family, two processes, an odd comm and a type past 32 bits.
 RECORDED_RAWS = [
-    (100, contract.PROBE_CREATE_VM, 0, 0, 0, b"qemu-system-x86", 4),
-    (100, contract.PROBE_CREATE_VM, 2, -22, 0, b"qemu-system-x86", 3),
-    (101, contract.PROBE_CREATE_VM, 2, -22, 0, b"qemu-system-x86", 1),
-    (101, contract.PROBE_CREATE_VM, 2**32 + 1, -22, 0, b"fuzz\x07er", 1),
-    (100, contract.PROBE_VM_TYPES_QUERY, 0, 1, 0, b"qemu-system-x86", 2),
-    (100, contract.PROBE_ARCH_INIT_VM, 2, -22, 0, b"qemu-system-x86", 3),
-    (100, contract.FIRST_TYPE_CHECK + 1, 2, 0, 0, b"qemu-system-x86", 3),
-    (100, contract.FIRST_TYPE_CHECK + 1, 0, 1, 0, b"qemu-system-x86", 4),
+    (100, contract.PROBE_CREATE_VM, 0, 0, 0, 0, b"qemu-system-x86", 4),
+    (100, contract.PROBE_CREATE_VM, 2, -22, 0, 0, b"qemu-system-x86", 3),
+    (101, contract.PROBE_CREATE_VM, 2, -22, 0, 0, b"qemu-system-x86", 1),
+    (101, contract.PROBE_CREATE_VM, 2**32 + 1, -22, 0, 0, b"fuzz\x07er", 1),
+    (100, contract.PROBE_VM_TYPES_QUERY, 0, 1, 0, 0, b"qemu-system-x86", 2),
+    (100, contract.PROBE_ARCH_INIT_VM, 2, -22, 0, 0, b"qemu-system-x86", 3),
+    (100, contract.FIRST_TYPE_CHECK + 1, 2, 0, 0, 0, b"qemu-system-x86", 3),
+    (100, contract.FIRST_TYPE_CHECK + 1, 0, 1, 0, 0, b"qemu-system-x86", 4),
 ]
 
 

@@ -10,8 +10,8 @@ def records(decoder, raws):
 def test_exited_processes_fold_into_a_residual_without_losing_counts(kernel_facts):
     d = Decoder(planmod.make_plan(kernel_facts("firecracker-6.18-no-kprobes")), "x86_64")
     live = records(d, [
-        (10, 0, 0, 0, 0, b"qemu", 3), (10, 0, 2, -22, 0, b"qemu", 2),
-        (11, 0, 2, -22, 0, b"qemu", 5), (12, 1, 0, 1, 0, b"libvirtd", 4),
+        (10, 0, 0, 0, 0, 0, b"qemu", 3), (10, 0, 2, -22, 0, 0, b"qemu", 2),
+        (11, 0, 2, -22, 0, 0, b"qemu", 5), (12, 1, 0, 1, 0, 0, b"libvirtd", 4),
     ])
     agg = Aggregator()
     before = agg.totals(live)
@@ -27,7 +27,7 @@ def test_exited_processes_fold_into_a_residual_without_losing_counts(kernel_fact
 
 def test_pid_label_keeps_processes_apart(kernel_facts):
     d = Decoder(planmod.make_plan(kernel_facts("firecracker-6.18-no-kprobes")), "x86_64")
-    live = records(d, [(10, 0, 2, -22, 0, b"qemu", 2), (11, 0, 2, -22, 0, b"qemu", 5)])
+    live = records(d, [(10, 0, 2, -22, 0, 0, b"qemu", 2), (11, 0, 2, -22, 0, 0, b"qemu", 5)])
     totals = Aggregator().totals(live, with_pid=True)
     assert sorted((s.pid, n) for s, n in totals.items()) == [(10, 2), (11, 5)]
 
@@ -35,8 +35,8 @@ def test_pid_label_keeps_processes_apart(kernel_facts):
 def test_per_process_summary(kernel_facts):
     d = Decoder(planmod.make_plan(kernel_facts("firecracker-6.18-no-kprobes")), "x86_64")
     procs = per_process(records(d, [
-        (10, 0, 0, 0, 0, b"qemu", 3), (10, 0, 5, -22, 0, b"qemu", 2),
-        (10, 1, 0, 1, 0, b"qemu", 1)]))
+        (10, 0, 0, 0, 0, 0, b"qemu", 3), (10, 0, 5, -22, 0, 0, b"qemu", 2),
+        (10, 1, 0, 1, 0, 0, b"qemu", 1)]))
     assert procs == [{
         "pid": 10, "comm": "qemu", "vm_create_attempts": 5, "vm_create_rejected": 2,
         "vm_types_queries": 1, "type_checks": 0, "type_check_rejected": 0,

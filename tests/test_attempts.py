@@ -32,8 +32,8 @@ class Kernel:
 
     def ev(self, probe, vm_type, result, ts, dur, tid=500, pid=500, comm=b"qemu-system-x86",
            verdicts=0):
-        raw = EVENT.pack(ts, dur, vm_type, result, pid, tid, self.ids[probe], verdicts,
-                                comm)
+        raw = EVENT.pack(ts, dur, vm_type, result, pid, tid, self.ids[probe], verdicts, 0,
+                         2**32 - 1, 0, comm)
         return self.decoder.event(raw)
 
     def feed(self, *events):

@@ -119,13 +119,13 @@ def test_one_sample_per_label_set_and_reasons_from_verdicts_and_errno(recorded_c
     from kvmtrace.contract import VERDICT_ARCH_INIT_FAILED, VERDICT_ARCH_INIT_SEEN
 
     raws = [
-        (100, contract.PROBE_CREATE_VM, 0, 0, 0, b"vmm", 5),
-        (100, contract.PROBE_CREATE_VM, 0, -24, 0, b"vmm", 2),  # EMFILE on type 0
-        (100, contract.PROBE_CREATE_VM, 0, -24, VERDICT_ARCH_INIT_SEEN, b"vmm", 1),
+        (100, contract.PROBE_CREATE_VM, 0, 0, 0, 0, b"vmm", 5),
+        (100, contract.PROBE_CREATE_VM, 0, -24, 0, 0, b"vmm", 2),  # EMFILE on type 0
+        (100, contract.PROBE_CREATE_VM, 0, -24, VERDICT_ARCH_INIT_SEEN, 0, b"vmm", 1),
         (100, contract.PROBE_CREATE_VM, 0, -12,
-         VERDICT_ARCH_INIT_SEEN | VERDICT_ARCH_INIT_FAILED, b"vmm", 1),  # ENOMEM
+         VERDICT_ARCH_INIT_SEEN | VERDICT_ARCH_INIT_FAILED, 0, b"vmm", 1),  # ENOMEM
         (100, contract.PROBE_CREATE_VM, 0, -22,
-         VERDICT_ARCH_INIT_SEEN | VERDICT_ARCH_INIT_FAILED, b"vmm", 3),  # supported type
+         VERDICT_ARCH_INIT_SEEN | VERDICT_ARCH_INIT_FAILED, 0, b"vmm", 3),  # supported type
     ]
     reg, _, _ = recorded_collector(raws=raws)
     text = generate_latest(reg).decode()
@@ -207,7 +207,7 @@ def _attempts_by_comm(reg):
 def test_names_past_the_series_budget_fold_into_other_and_sums_stay_exact(kernel_facts):
     # One process through 50 names, a rejected create under each (2 samples per name:
     # attempts and rejected); a budget of 20 samples.
-    raws = [(100, contract.PROBE_CREATE_VM, 2, -22, 0, f"vmm{i:02d}".encode(), 3)
+    raws = [(100, contract.PROBE_CREATE_VM, 2, -22, 0, 0, f"vmm{i:02d}".encode(), 3)
             for i in range(50)]
     live = {100}
     reg, rt, _ = _names_collector(kernel_facts, raws, 20, live=live)
@@ -217,7 +217,7 @@ def test_names_past_the_series_budget_fold_into_other_and_sums_stay_exact(kernel
     assert 10 <= len(own) <= 11 and got["other"] == 3 * (50 - len(own))
     assert reg.get_sample_value("kvmtrace_names_folded_total") == 50 - len(own)
     # Counts keep growing: every sum only goes up, the folded names stay folded.
-    rt.source.raws = [(*r[:6], r[6] + 1) for r in raws]
+    rt.source.raws = [(*r[:7], r[7] + 1) for r in raws]
     again = _attempts_by_comm(reg)
     assert set(again) == set(got) and sum(again.values()) == 200
     # The process exits: its folded names stay "other" in the exited residual.
@@ -228,8 +228,8 @@ def test_names_past_the_series_budget_fold_into_other_and_sums_stay_exact(kernel
 
 def test_a_name_unseen_for_the_ttl_folds_into_other(kernel_facts):
     now = [0.0]
-    raws = [(100, contract.PROBE_CREATE_VM, 2, -22, 0, b"gone", 4),
-            (101, contract.PROBE_CREATE_VM, 2, -22, 0, b"alive", 1)]
+    raws = [(100, contract.PROBE_CREATE_VM, 2, -22, 0, 0, b"gone", 4),
+            (101, contract.PROBE_CREATE_VM, 2, -22, 0, 0, b"alive", 1)]
     reg, rt, _ = _names_collector(kernel_facts, raws, 1000, live={101},
                                   clock=lambda: now[0])
     assert _attempts_by_comm(reg) == {"gone": 4, "alive": 1}
@@ -247,7 +247,7 @@ def test_names_of_processes_that_exited_between_scrapes_count_against_the_budget
         kernel_facts):
     """The retirement pass meets names no scrape has seen (the processes came and went
     in between): they are admitted only while the budget lasts."""
-    raws = [(100 + i, contract.PROBE_CREATE_VM, 2, -22, 0, f"brief{i:02d}".encode(), 1)
+    raws = [(100 + i, contract.PROBE_CREATE_VM, 2, -22, 0, 0, f"brief{i:02d}".encode(), 1)
             for i in range(40)]
     reg, rt, _ = _names_collector(kernel_facts, raws, 20, live=set())
     assert rt.retire_exited() == 40  # before any scrape
@@ -261,8 +261,8 @@ def test_names_met_at_retirement_cost_what_their_records_will_make(kernel_facts)
     raws = []
     for i in range(40):
         comm = f"chk{i:02d}".encode()
-        raws += [(100 + i, contract.PROBE_CREATE_VM, 2, -22, 0, comm, 1),
-                 (100 + i, contract.PROBE_ARCH_INIT_VM, 2, -22, 0, comm, 1)]
+        raws += [(100 + i, contract.PROBE_CREATE_VM, 2, -22, 0, 0, comm, 1),
+                 (100 + i, contract.PROBE_ARCH_INIT_VM, 2, -22, 0, 0, comm, 1)]
     reg, rt, _ = _names_collector(kernel_facts, raws, 20, live=set())
     rt.retire_exited()
     got = _attempts_by_comm(reg)

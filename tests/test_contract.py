@@ -22,7 +22,8 @@ from tests.conftest import HERE, KERNELS
 C = loader.bpf_source()
 # C type -> (struct format character, size); char[TASK_COMM_LEN] is a fixed string.
 C_TYPES = {"u32": ("I", 4), "u64": ("Q", 8), "s64": ("q", 8),
-           "char[TASK_COMM_LEN]": (f"{contract.TASK_COMM_LEN}s", contract.TASK_COMM_LEN)}
+           "char[TASK_COMM_LEN]": (f"{contract.TASK_COMM_LEN}s", contract.TASK_COMM_LEN),
+           "char[EXEC_ARGS_BYTES]": (f"{contract.EXEC_ARGS_BYTES}s", contract.EXEC_ARGS_BYTES)}
 
 
 def _without_comments(text: str) -> str:
@@ -100,9 +101,12 @@ def test_every_read_map_is_declared_as_the_contract_says(name):
     macro, args = maps[name]
     want = [a for a in (spec.key, spec.value, spec.entries) if a is not None]
     assert (macro, args) == (spec.macro, want)
-    if spec.key is not None:
-        assert spec.key_size == contract.STRUCT_FORMATS[spec.key.split()[-1]].size
-    assert spec.value_size == C_TYPES[spec.value][1]
+    for ctype, size in ((spec.key, spec.key_size), (spec.value, spec.value_size)):
+        if ctype is None:
+            continue
+        want = contract.STRUCT_FORMATS[ctype.split()[-1]].size if ctype.startswith("struct") \
+            else C_TYPES[ctype][1]
+        assert size == want, (ctype, size, want)
 
 
 def test_the_event_map_is_declared_for_both_buffers():
@@ -133,7 +137,7 @@ def _knobs_in_c() -> set[str]:
 def _used_in_c() -> set[str]:
     text = _without_comments(C)
     words = set(re.findall(r"\b([A-Z][A-Z0-9_]{2,})\b", text))
-    bcc = {"BPF_HASH", "BPF_ARRAY", "BPF_PERCPU_ARRAY", "BPF_TASK_STORAGE",
+    bcc = {"BPF_HASH", "BPF_ARRAY", "BPF_PERCPU_ARRAY", "BPF_TASK_STORAGE", "BPF_TABLE",
            "BPF_RINGBUF_OUTPUT", "BPF_PERF_OUTPUT", "BPF_RB_NO_WAKEUP",
            "BPF_LOCAL_STORAGE_GET_F_CREATE", "TASK_COMM_LEN", "TRACEPOINT_PROBE",
            "KFUNC_PROBE", "KRETFUNC_PROBE", "PT_REGS_RC", "SPDX", "GPL", "ARGN", "RET_T",
@@ -168,7 +172,7 @@ def test_every_define_the_c_uses_is_given_by_the_loader():
 
 def _info(name, **over):
     spec = contract.MAPS[name]
-    types = {"BPF_HASH": 1, "BPF_ARRAY": 2, "BPF_PERCPU_ARRAY": 6}
+    types = {"BPF_HASH": 1, "BPF_ARRAY": 2, "BPF_PERCPU_ARRAY": 6, "BPF_LRU_HASH": 9}
     base = dict(type=types[spec.macro], key_size=spec.key_size, value_size=spec.value_size,
                 max_entries=contract.expected_entries(name, 10240))
     return contract.MapInfo(**{**base, **over})

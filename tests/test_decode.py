@@ -13,7 +13,7 @@ def decoder(kernel_facts):
 
 def raw_event(probe, vm_type, result, comm=b"qemu-system-x86", tgid=42, tid=43,
               ts=10_000, dur=1_500):
-    return EVENT.pack(ts, dur, vm_type, result, tgid, tid, probe, 0, comm)
+    return EVENT.pack(ts, dur, vm_type, result, tgid, tid, probe, 0, 0, 2**32 - 1, 0, comm)
 
 
 @pytest.mark.parametrize(("probe", "vm_type", "result", "name", "rejected", "errno"), [
@@ -46,6 +46,6 @@ def test_short_event_is_a_decode_error(decoder):
 
 
 def test_count_decoding(decoder):
-    r = decoder.count((7, contract.PROBE_CREATE_VM, 3, -22, 0, b"vmm\0\0", 12))
+    r = decoder.count((7, contract.PROBE_CREATE_VM, 3, -22, 0, 0, b"vmm\0\0", 12))
     assert (r.pid, r.comm, r.probe, r.vm_type_name, r.errno, r.rejected, r.count) == (
         7, "vmm", "KVM_CREATE_VM", "SEV_ES", "EINVAL", True, 12)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmtrace import facts
 from kvmtrace import plan as planmod
 from kvmtrace.facts import Symbol, read_kallsyms
 
@@ -18,7 +19,10 @@ def test_this_host_uses_syscall_tracepoints_and_names_every_missing_point(kernel
     pts = by_name(plan)
     assert [p.name for p in plan.points] == [
         "KVM_CREATE_VM", "KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES)", "kvm_arch_init_vm",
-        "kvm_is_vm_type_supported", "vmx_is_vm_type_supported", "svm_is_vm_type_supported"]
+        "KVM_MEMORY_ENCRYPT_OP", "process exit", "exit status", "fatal signal",
+        "command line at exec",
+        "kvm_is_vm_type_supported", "vmx_is_vm_type_supported", "svm_is_vm_type_supported",
+        *facts.LAUNCH_FUNCTIONS]
     assert pts["KVM_CREATE_VM"].mechanism == planmod.Mechanism.TRACEPOINT
     assert pts["KVM_CREATE_VM"].target == "syscalls:sys_enter_ioctl+syscalls:sys_exit_ioctl"
     assert "CONFIG_KPROBES" in pts["KVM_CREATE_VM"].reason

@@ -42,10 +42,11 @@ def test_any_event_bytes_decode_or_are_a_decode_error(data):
     json.dumps(ev.to_json())  # every decoded event is JSON
 
 
-@given(U32, U32, U64, S64, U32, st.binary(max_size=16), st.integers(0, 2**64 - 1))
-def test_any_count_key_decodes(tgid, probe, vm_type, result, verdicts, comm, count):
-    r = DECODER.count((tgid, probe, vm_type, result, verdicts, comm, count))
-    assert r.key() == DECODER.count_labels((tgid, probe, vm_type, result, verdicts, comm))
+@given(U32, U32, U64, S64, U32, U32, st.binary(max_size=16), st.integers(0, 2**64 - 1))
+def test_any_count_key_decodes(tgid, probe, vm_type, result, verdicts, detail, comm, count):
+    r = DECODER.count((tgid, probe, vm_type, result, verdicts, detail, comm, count))
+    assert r.key() == DECODER.count_labels((tgid, probe, vm_type, result, verdicts, detail,
+                                            comm))
     assert r.comm.isprintable() and "\n" not in r.comm
     if probe not in DECODER._points:
         assert r.probe == f"unknown:{probe}"

@@ -36,26 +36,26 @@ from tests.recorded import RecordedSource
 
 CREATE, QUERY, ARCH, CHECK = (contract.PROBE_CREATE_VM, contract.PROBE_VM_TYPES_QUERY,
                               contract.PROBE_ARCH_INIT_VM, contract.FIRST_TYPE_CHECK + 1)
-# Raw counts (tgid, probe, vm type, result, verdicts, comm, count): every family, odd
+# Raw counts (tgid, probe, vm type, result, verdicts, detail, comm, count): every family, odd
 # comms (a quote, a backslash, a newline, UTF-8, NUL padding, format characters),
 # 2**32+1, an unknown probe id, an unknown errno, two keys that fold into one series.
 RAWS = [
-    (100, CREATE, 0, 0, 0, b"qemu-system-x86", 4),
-    (100, CREATE, 0, 5, 0, b"qemu-system-x86", 2),  # another fd: the same series
-    (100, CREATE, 2, -22, 0, b"qemu-system-x86", 3),
-    (101, CREATE, 2, -22, 0, b"qemu-system-x86", 1),
-    (101, CREATE, 2**32 + 1, -22, 0, b"fuzz\x07er", 1),
-    (102, CREATE, 3, -22, 0, b'q"uo\\te', 7),
-    (102, CREATE, 4, -24, VERDICT_ARCH_INIT_SEEN, b"a\nb\tc", 2),
-    (102, CREATE, 1, -12, VERDICT_ARCH_INIT_SEEN | VERDICT_ARCH_INIT_FAILED,
+    (100, CREATE, 0, 0, 0, 0, b"qemu-system-x86", 4),
+    (100, CREATE, 0, 5, 0, 0, b"qemu-system-x86", 2),  # another fd: the same series
+    (100, CREATE, 2, -22, 0, 0, b"qemu-system-x86", 3),
+    (101, CREATE, 2, -22, 0, 0, b"qemu-system-x86", 1),
+    (101, CREATE, 2**32 + 1, -22, 0, 0, b"fuzz\x07er", 1),
+    (102, CREATE, 3, -22, 0, 0, b'q"uo\\te', 7),
+    (102, CREATE, 4, -24, VERDICT_ARCH_INIT_SEEN, 0, b"a\nb\tc", 2),
+    (102, CREATE, 1, -12, VERDICT_ARCH_INIT_SEEN | VERDICT_ARCH_INIT_FAILED, 0,
      "é日本".encode() + b"\0junk", 1),
-    (103, CREATE, 5, -4095, 0, b"%s%%{}", 2**53 + 1),
-    (103, QUERY, 0, 1, 0, b"%s%%{}", 2),
-    (100, QUERY, 0, 1, 0, b"qemu-system-x86", 2),
-    (100, ARCH, 2, -22, 0, b"qemu-system-x86", 3),
-    (100, CHECK, 2, 0, 0, b"qemu-system-x86", 3),
-    (100, CHECK, 0, 1, 0, b"qemu-system-x86", 4),
-    (101, 77, 9, 0, 0, b"unknownprobe", 1),
+    (103, CREATE, 5, -4095, 0, 0, b"%s%%{}", 2**53 + 1),
+    (103, QUERY, 0, 1, 0, 0, b"%s%%{}", 2),
+    (100, QUERY, 0, 1, 0, 0, b"qemu-system-x86", 2),
+    (100, ARCH, 2, -22, 0, 0, b"qemu-system-x86", 3),
+    (100, CHECK, 2, 0, 0, 0, b"qemu-system-x86", 3),
+    (100, CHECK, 0, 1, 0, 0, b"qemu-system-x86", 4),
+    (101, 77, 9, 0, 0, 0, b"unknownprobe", 1),
 ]
 PROMETHEUS = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
               "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
@@ -126,15 +126,15 @@ def test_exposition_follows_every_change_between_scrapes(kernel_facts):
     host = Host()
     reg, collector, rt, source = make(kernel_facts, host=host, live={100, 101, 103})
     assert_same(reg, collector)
-    source.raws = [(*r[:6], r[6] + 10) if r[0] == 100 else r for r in source.raws]  # values
+    source.raws = [(*r[:7], r[7] + 10) if r[0] == 100 else r for r in source.raws]  # values
     assert_same(reg, collector)
-    source.raws.append((104, CREATE, 7, -22, 0, b"newcomer", 1))  # a new series, sorted in
+    source.raws.append((104, CREATE, 7, -22, 0, 0, b"newcomer", 1))  # a new series, sorted in
     assert_same(reg, collector)
-    source.raws = [r for r in source.raws if r[5] != b"newcomer"]  # a series gone
+    source.raws = [r for r in source.raws if r[6] != b"newcomer"]  # a series gone
     assert_same(reg, collector)
     assert rt.retire_exited() == 3  # 102 exited: its three entries fold into the residual
     assert_same(reg, collector)
-    source.raws.append((105, CREATE, 3, -22, 0, b'q"uo\\te', 5))  # live + exited, one series
+    source.raws.append((105, CREATE, 3, -22, 0, 0, b'q"uo\\te', 5))  # live + exited, one series
     assert_same(reg, collector)
     host.mask = 0x1F  # the host's types changed: reasons are classified again
     assert_same(reg, collector)
@@ -157,8 +157,8 @@ def test_odd_label_values_are_escaped_like_the_library():
 
         def raw_counts(self):
             series = [Key(None, c, planmod.CREATE_VM, "ioctl", t, f"unknown:{t}", -22, True,
-                          "EINVAL", 0) for t, c in enumerate(comms)]
-            series += [Key(None, c, "probe\n\"x\\", "type_check", 2, "SEV", 0, True, None, 1)
+                          "EINVAL", 0, 0) for t, c in enumerate(comms)]
+            series += [Key(None, c, "probe\n\"x\\", "type_check", 2, "SEV", 0, True, None, 1, 0)
                        for c in comms]
             return [], series, list(range(1, len(series) + 1))
 
@@ -228,8 +228,8 @@ def test_cached_samples_are_what_decoding_everything_gives(kernel_facts, with_pi
         if step == 0:
             rt.retire_exited()  # 102 and 103 exit
         elif step == 1:
-            source.raws += [(106, CREATE, 2, -22, 0, b"qemu-system-x86", 9),
-                            (107, CREATE, 2, -22, 0, b"qemu-system-x86", 1)]
+            source.raws += [(106, CREATE, 2, -22, 0, 0, b"qemu-system-x86", 9),
+                            (107, CREATE, 2, -22, 0, 0, b"qemu-system-x86", 1)]
         elif step == 2:
             source.raws = source.raws[2:]
         else:
@@ -240,13 +240,13 @@ def test_count_labels_is_count_without_the_value(kernel_facts):
     d = Decoder(planmod.make_plan(kernel_facts("seed-tdx-v12-kprobes")), "x86_64")
     for _ in range(2):  # the second time from the memos
         for raw in RAWS:
-            assert CountRecord(*d.count_labels(raw[:6]), raw[6]) == d.count(raw)
+            assert CountRecord(*d.count_labels(raw[:7]), raw[7]) == d.count(raw)
 
 
 def test_caches_stay_bounded_and_right_as_series_come_and_go(kernel_facts):
     reg, collector, _, source = make(kernel_facts)
     for batch in range(3):
-        source.raws = [(1000 + batch, CREATE, t, -22, 0, f"p{batch}".encode(), 1)
+        source.raws = [(1000 + batch, CREATE, t, -22, 0, 0, f"p{batch}".encode(), 1)
                        for t in range(1500 * batch, 1500 * batch + 1500)]
         assert_same(reg, collector, [None, PROMETHEUS])
         assert len(collector._sums.slots) <= 2 * len(source.raws) + 1024

@@ -1,0 +1,197 @@
+"""Starts: a followed process's history, stitched into how its VM start went. Pure.
+
+The kernel keeps, per process, exact counts of its VM-types queries (with the mask it
+was given), its KVM_CREATE_VM calls (type, result), its KVM_MEMORY_ENCRYPT_OP calls
+(command, errno, firmware status) and, once it has ended, one count of its end (the
+mask, its exit code, what it did: kvmtrace.contract PROC_* bits, the last signal
+delivered). :func:`stitch` turns those records, and what its command line asked for
+(kvmtrace.vmm), into a :class:`Start`: whether it failed, at which stage, why, on what
+evidence, and what to do about it.
+
+Stages: ``before_create`` (the VMM read the mask and gave up: QEMU >= 9 does this for a
+type KVM does not offer), ``at_create`` (KVM_CREATE_VM failed), ``during_launch``
+(KVM made the VM; the confidential launch failed or the VMM exited with an error).
+A clean exit, or a stop by SIGTERM/SIGINT/SIGHUP/SIGKILL, is not a failure.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+from kvmtrace import attempts as attemptsmod
+from kvmtrace import plan as planmod
+from kvmtrace import tables
+from kvmtrace.contract import PROC_EXIT_CODE, PROC_QUERIED
+from kvmtrace.decode import CountRecord
+from kvmtrace.vmm import VmmRequest
+
+BEFORE_CREATE, AT_CREATE, DURING_LAUNCH = "before_create", "at_create", "during_launch"
+STAGES = (BEFORE_CREATE, AT_CREATE, DURING_LAUNCH)
+# Outcomes of a followed process.
+FAILED, CLEAN, STOPPED = "failed", "clean_exit", "stopped"
+NOT_KNOWN = "not_known"  # requested_type when the command line does not say
+# An operator's (or a supervisor's) stop: not a failed start.
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGKILL})
+
+
+@dataclass(frozen=True)
+class Start:
+    pid: int
+    comm: str
+    outcome: str  # FAILED, CLEAN or STOPPED
+    stage: str | None  # one of STAGES when failed
+    reason: str | None  # a kvmtrace.attempts reason when failed
+    requested_type: str  # what the command line asked for, or NOT_KNOWN
+    vm_name: str | None
+    vmm: str  # kvmtrace.vmm kind
+    request_evidence: str  # which flags said so, or why nobody knows
+    mask: int | None  # the KVM_CAP_VM_TYPES answer it was given (None: never asked)
+    offered: list[str]  # the VM types in that mask
+    exit: dict  # {"how": "exited", "status": 1} | {"how": "killed", "signal": "SIGSEGV"}
+    creates: list[dict] = field(default_factory=list)
+    launch: list[dict] = field(default_factory=list)
+    hint: str | None = None
+    summary: str = ""  # one line for the live view and explain
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome == FAILED
+
+    def to_json(self) -> dict:
+        return {"kind": "start", **asdict(self)}
+
+
+def exit_of(code: int, flags: int, last_signal: int) -> dict:
+    """How a process ended, from its end record: exit code seen, else the last signal."""
+    if flags & PROC_EXIT_CODE:
+        how, value = tables.exit_status(code)
+        if how == "exited":
+            return {"how": "exited", "status": value}
+        return {"how": "killed", "signal": tables.signal_name(value)}
+    if last_signal:
+        return {"how": "killed", "signal": tables.signal_name(last_signal),
+                "basis": "the last signal delivered (no exit_group seen)"}
+    return {"how": "unknown"}
+
+
+def _stopped(ex: dict) -> bool:
+    names = {s.name for s in STOP_SIGNALS}
+    return ex["how"] == "killed" and ex["signal"] in names
+
+
+def _launch_row(r: CountRecord, arch: str) -> dict:
+    family = tables.encrypt_family(r.vm_type, arch)
+    status = r.detail << 32 if family == "TDX" else r.detail
+    return {"vm_type": r.vm_type, "vm_type_name": r.vm_type_name, "family": family,
+            "command": tables.encrypt_command_name(family, r.verdicts),
+            "errno": r.errno, "firmware_status": tables.firmware_status_name(family, status),
+            "firmware_status_code": status, "count": r.count}
+
+
+def stitch(records: Sequence[CountRecord], request: VmmRequest, arch: str = "x86_64",
+           vendor_modules: Sequence[str] = ()) -> list[Start]:
+    """One Start per end record among one process's ``records`` (none: it has not
+    ended, or was not followed to its end)."""
+    ends = [r for r in records if r.probe == planmod.PROCESS_END]
+    creates = [r for r in records if r.probe == planmod.CREATE_VM]
+    launch = [r for r in records if r.probe == planmod.ENCRYPT_OP]
+    return [_one(end, creates, launch, request, arch, vendor_modules) for end in ends]
+
+
+def _one(end: CountRecord, creates: list[CountRecord], launch: list[CountRecord],
+         request: VmmRequest, arch: str, vendor_modules: Sequence[str]) -> Start:
+    mask = end.vm_type if end.verdicts & PROC_QUERIED else None
+    ex = exit_of(end.result, end.verdicts, end.detail)
+    accepted = [r for r in creates if not r.rejected]
+    refused = [r for r in creates if r.rejected]
+    failed_ops = [r for r in launch if r.rejected or r.detail]
+    wanted = request.requested_type or NOT_KNOWN
+    create_rows = [{"vm_type": r.vm_type, "vm_type_name": r.vm_type_name,
+                    "result": r.errno or "ok", "count": r.count} for r in creates]
+    offered = [tables.vm_type_name(t, arch) for t in tables.supported_vm_types(mask)] \
+        if mask is not None and mask >= 0 else []
+    base = dict(pid=end.pid or 0, comm=end.comm, requested_type=wanted,
+                vm_name=request.name, vmm=request.kind, request_evidence=request.evidence,
+                mask=mask, offered=offered, exit=ex, creates=create_rows,
+                launch=[_launch_row(r, arch) for r in launch])
+    if ex["how"] == "exited" and ex["status"] == 0:
+        return Start(outcome=CLEAN, stage=None, reason=None, **base)
+    if _stopped(ex):
+        return Start(outcome=STOPPED, stage=None, reason=None, **base)
+    crashed = ex["how"] == "killed"
+    if failed_ops:
+        stage, reason = DURING_LAUNCH, attemptsmod.LAUNCH_FAILED
+    elif accepted:
+        stage = DURING_LAUNCH
+        reason = attemptsmod.VMM_CRASHED if crashed else attemptsmod.EXITED_AFTER_CREATE
+    elif refused:
+        r = refused[-1]
+        stage = AT_CREATE
+        reason = attemptsmod.classify(r.errno, r.vm_type, r.verdicts, mask).reason
+    elif crashed:
+        stage, reason = BEFORE_CREATE, attemptsmod.VMM_CRASHED
+    elif mask is not None and _refused_by_mask(wanted, mask, arch):
+        stage, reason = BEFORE_CREATE, attemptsmod.VMM_REFUSED_TYPE
+    else:
+        stage, reason = BEFORE_CREATE, attemptsmod.VMM_EXITED
+    hint_type = wanted if wanted != NOT_KNOWN else (
+        refused[-1].vm_type_name if refused else "*")
+    start = Start(outcome=FAILED, stage=stage, reason=reason,
+                  hint=attemptsmod.hint(reason, hint_type, vendor_modules), **base)
+    return Start(**{**asdict(start), "summary": summary(start)})
+
+
+def _refused_by_mask(wanted: str, mask: int, arch: str) -> bool:
+    """The type asked for is missing from the mask (or nobody knows what was asked:
+    the VMM read the mask and then gave up, which is what the mask is for)."""
+    if wanted == NOT_KNOWN:
+        return True
+    number = tables.vm_type_number(wanted, arch)
+    return number is None or number not in tables.supported_vm_types(mask)
+
+
+def _exit_text(ex: dict) -> str:
+    if ex["how"] == "exited":
+        return f"exit status {ex['status']}"
+    if ex["how"] == "killed":
+        return f"killed by {ex['signal']}"
+    return "exit not seen"
+
+
+def summary(s: Start) -> str:
+    """One line: who, what it asked for, where it stopped, on what evidence."""
+    who = f"pid {s.pid} ({s.comm}{', VM ' + repr(s.vm_name) if s.vm_name else ''})"
+    asked = ("asked for an unknown VM type" if s.requested_type == NOT_KNOWN
+             else f"asked for {s.requested_type}")
+    parts = [f"{who} {asked}"]
+    if s.mask is not None:
+        parts.append(f"KVM offered {', '.join(s.offered) or 'nothing'} "
+                     f"(KVM_CAP_VM_TYPES={s.mask:#x})")
+    if s.stage == AT_CREATE and s.creates:
+        bad = [c for c in s.creates if c["result"] != "ok"][-1]
+        parts.append(f"KVM_CREATE_VM({bad['vm_type_name']}) failed with {bad['result']}")
+    elif s.stage == DURING_LAUNCH:
+        bad = [op for op in s.launch if op["errno"] or op["firmware_status_code"]]
+        if bad:
+            op = bad[-1]
+            parts.append(f"{op['family']} {op['command']} failed with {op['errno'] or 'ok'}"
+                         f" (firmware status {op['firmware_status']})")
+        else:
+            made = ", ".join(sorted({c["vm_type_name"] for c in s.creates
+                                     if c["result"] == "ok"}))
+            parts.append(f"KVM created a {made} VM")
+    elif s.stage == BEFORE_CREATE:
+        parts.append("no KVM_CREATE_VM")
+    parts.append(_exit_text(s.exit))
+    return f"{s.stage}: " + "; ".join(parts) + f" [{s.reason}]"
+
+
+def failure_labels(s: Start, comm: str) -> tuple[str, str, str, str]:
+    """The labels of kvmtrace_vm_start_failures_total for a failed start."""
+    return (comm, s.stage or "", s.reason or "", s.requested_type)
+
+
+def failed(starts: Iterable[Start]) -> list[Start]:
+    return [s for s in starts if s.failed]
