@@ -88,7 +88,8 @@ def overhead(bins: dict, configs: list[Callable[[], Config]], workloads: list[st
 
 def summarize(runs: list[dict], configs: list[str], workloads: list[str]) -> dict:
     """Per workload and config: median, min, max of ns/op; added = median over rounds
-    of (config - none) in the same round (interleaving makes the pairs comparable)."""
+    of (config - none) in the same round (interleaving makes the pairs comparable);
+    ratio_kvmtrace_to_none = median over rounds of kvmtrace / none in the same round."""
     out: dict = {}
     for wl in workloads:
         row: dict = {}
@@ -111,6 +112,11 @@ def summarize(runs: list[dict], configs: list[str], workloads: list[str]) -> dic
             o = row.get(other, {}).get("added_ns")
             if k is not None and o:
                 row[f"ratio_kvmtrace_to_{other}"] = k / o
+        kv = {r["round"]: r["ns_per_op"] for r in runs
+              if r["workload"] == wl and r["config"] == "kvmtrace"}
+        ratios = [kv[rd] / base[rd] for rd in kv if base.get(rd)]
+        if ratios:
+            row["ratio_kvmtrace_to_none"] = statistics.median(ratios)
         out[wl] = row
     return out
 

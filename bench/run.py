@@ -11,8 +11,9 @@ or directly, as root, with the project's venv (it has bcc and prometheus_client)
                                   [--variants NAME,NAME]
 
 Phases (all by default):
-  overhead  five C workloads x five configurations, interleaved round by round
-            (none, floor, kvmtrace, bpftrace, strace); medians and min-max
+  overhead  seven C workloads (five syscalls, fork+exit, fork+exec+exit) x five
+            configurations, interleaved round by round (none, floor, kvmtrace,
+            bpftrace, strace); medians and min-max
   storm     two processes issue 1,000,000 rejected KVM_CREATE_VM each while
             `kvmtrace serve` runs and is scraped in a loop; counts must be exact
   scale     10,000 live series: scrape latency and exporter RSS
@@ -42,6 +43,7 @@ from pathlib import Path
 
 from common import (
     BENCH,
+    QUICK_WORKLOADS,
     WORKLOADS,
     BenchError,
     build_drivers,
@@ -81,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="",
                     help="comma-separated bench/variants.py names (NAME or NAME/nopoll) to "
                          "measure after none, floor, kvmtrace, bpftrace (extra phase)")
-    ap.add_argument("--workloads", default=",".join(WORKLOADS),
-                    help="comma-separated subset of the workloads (overhead, variants)")
+    ap.add_argument("--workloads",
+                    help="comma-separated subset of the workloads (overhead, variants; "
+                         "default all; quick: all but fork_exit, fork_exec_exit)")
     ap.add_argument("--pin-driver", metavar="CPU", default="last",
                     help="run the overhead drivers on this CPU only (taskset), in every "
                          "config: 'last' (default: the highest-numbered CPU) or 'none'")
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.seconds or (0.05 if q else 0.5)
     storm_calls = args.storm_calls or (100_000 if q else 1_000_000)
     phases = [p for p in args.phases.split(",") if p]
-    workloads = [w for w in args.workloads.split(",") if w]
+    workloads = ([w for w in args.workloads.split(",") if w] if args.workloads
+                 else list(QUICK_WORKLOADS if q else WORKLOADS))
     if set(workloads) - set(WORKLOADS):
         print(f"bench: unknown workloads {set(workloads) - set(WORKLOADS)}", file=sys.stderr)
         return 1

@@ -232,10 +232,10 @@ class KvmtraceCollector(Collector):
             elif probe == planmod.VM_TYPES_QUERY:
                 f, key, rejected = QUERIES, base[:-2], False  # queries: one family
             elif probe == planmod.ENCRYPT_OP:
-                family = tables.encrypt_family(vm_type, arch)
+                kind = tables.encrypt_family(vm_type, arch)
                 f, rejected = ENCRYPT, False
-                key = (*base, tables.encrypt_command_name(family, verdicts), errno or "none",
-                       tables.firmware_status_name(family, detail << 32 if family == "TDX"
+                key = (*base, tables.encrypt_command_name(kind, verdicts), errno or "none",
+                       tables.firmware_status_name(kind, detail << 32 if kind == "TDX"
                                                    else detail))
             elif layer == planmod.Layer.PROCESS:
                 out.append(())  # a process's end: kept by the runtime (start failures)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.vm.kernels import mirrors, suite_sources  # noqa: E402
+from tests.vm.kernels import mirrors, suite_sources
 
 PACKAGE = "qemu-system-x86"
 BINARY = "qemu-system-x86_64"

@@ -61,3 +61,92 @@ def test_ioctl_numbers_match_uapi_encoding():
     assert tables.KVM_GET_API_VERSION == (0xAE << 8) | 0x00
     assert tables.KVM_CREATE_VM == (0xAE << 8) | 0x01
     assert tables.KVM_CHECK_EXTENSION == (0xAE << 8) | 0x03
+
+
+# --- the confidential launch ---
+
+
+def test_memory_encrypt_op_matches_uapi_encoding():
+    # include/uapi/linux/kvm.h: _IOWR(KVMIO, 0xba, unsigned long): dir 3, size 8.
+    assert tables.KVM_MEMORY_ENCRYPT_OP == (3 << 30) | (8 << 16) | (0xAE << 8) | 0xBA
+
+
+def test_sev_numbers_against_the_headers():
+    # arch/x86/include/uapi/asm/kvm.h enum sev_cmd_id counts from KVM_SEV_INIT = 0 to
+    # KVM_SEV_INIT2 (22), then KVM_SEV_SNP_LAUNCH_START = 100.
+    assert sorted(k for k in tables.SEV_COMMANDS if k < 100) == list(range(23))
+    assert tables.SEV_COMMANDS[21] == "SEND_CANCEL"
+    # include/uapi/linux/psp-sev.h: SEV_RET_INVALID_PARAM follows SEV_RET_UNSUPPORTED (0x15)
+    # and SEV_RET_INVALID_PAGE_SIZE is the first explicit value, 0x0019.
+    assert tables.SEV_STATUSES[0x16] == "INVALID_PARAM"
+    assert tables.SEV_STATUSES[0x19] == "INVALID_PAGE_SIZE"
+    assert tables.SEV_STATUSES[0x27] == "INVALID_KEY"
+    assert 0x1E not in tables.SEV_STATUSES and 0x34 not in tables.SEV_STATUSES
+
+
+def test_tdx_numbers_against_the_headers():
+    # arch/x86/include/uapi/asm/kvm.h enum kvm_tdx_cmd_id; arch/x86/include/asm/shared/
+    # tdx_errno.h TDX_OPERAND_BUSY 0x8000020000000000ULL, TDX_OPERAND_INVALID 0xC0000100...
+    assert tables.TDX_COMMANDS == {0: "CAPABILITIES", 1: "INIT_VM", 2: "INIT_VCPU",
+                                   3: "INIT_MEM_REGION", 4: "FINALIZE_VM", 5: "GET_CPUID"}
+    assert tables.TDX_STATUSES[0x8000020000000000 >> 32] == "OPERAND_BUSY"
+    assert tables.TDX_STATUSES[0xC000010000000000 >> 32] == "OPERAND_INVALID"
+    assert tables.TDX_SEAMCALL_STATUS_MASK == 0xFFFFFFFF00000000
+
+
+@pytest.mark.parametrize(("vm_type", "arch", "family"), [
+    (5, "x86_64", "TDX"), (4, "x86_64", "SEV"), (3, "x86_64", "SEV"), (2, "x86_64", "SEV"),
+    (0, "x86_64", "SEV"),  # legacy SEV: KVM_SEV_INIT on a DEFAULT VM
+    (99, "x86_64", "SEV"), (5, "aarch64", "none"), (0, "s390x", "none"),
+])
+def test_encrypt_family(vm_type, arch, family):
+    assert tables.encrypt_family(vm_type, arch) == family
+
+
+@pytest.mark.parametrize(("family", "cmd", "name"), [
+    ("SEV", 0, "INIT"), ("SEV", 1, "ES_INIT"), ("SEV", 2, "LAUNCH_START"), ("SEV", 22, "INIT2"),
+    ("SEV", 100, "SNP_LAUNCH_START"), ("SEV", 101, "SNP_LAUNCH_UPDATE"),
+    ("SEV", 102, "SNP_LAUNCH_FINISH"), ("SEV", 23, "unknown:23"), ("SEV", 99, "unknown:99"),
+    ("TDX", 0, "CAPABILITIES"), ("TDX", 1, "INIT_VM"), ("TDX", 5, "GET_CPUID"),
+    ("TDX", 6, "unknown:6"), ("none", 0, "unknown:0"), ("SEV", -1, "unknown:-1"),
+])
+def test_encrypt_command_name(family, cmd, name):
+    assert tables.encrypt_command_name(family, cmd) == name
+
+
+@pytest.mark.parametrize(("family", "status", "name"), [
+    ("SEV", 0, "SUCCESS"), ("SEV", 1, "INVALID_PLATFORM_STATE"), ("SEV", 3, "INVALID_CONFIG"),
+    ("SEV", 0x12, "ACTIVE"), ("SEV", 0x17, "RESOURCE_LIMIT"), ("SEV", 0x20, "RMP_INIT_REQUIRED"),
+    ("SEV", 0x3F, "SEV_STATUS_RESPONSE_TOO_LARGE"), ("SEV", 0x1E, "unknown:30"),
+    ("SEV", 0xFFFFFFFF, "NO_FW_CALL"), ("SEV", -1, "NO_FW_CALL"), ("SEV", 0x80000000,
+                                                                   "unknown:2147483648"),
+    ("TDX", 0, "SUCCESS"),
+    ("TDX", 0x8000020000000092, "OPERAND_BUSY"),  # detail bits 31:0: operand id SEPT
+    ("TDX", 0xC000010000000001, "OPERAND_INVALID"),
+    ("TDX", 0x8000020300000000, "RND_NO_ENTROPY"),
+    ("TDX", 0x0000081500000000, "KEY_CONFIGURED"),
+    ("TDX", 0x8000FF00FFFF0000, "SEAMCALL_VMFAILINVALID"),
+    ("TDX", 0x8000FF000000000D, "SEAMCALL_GP"),
+    ("TDX", 0x1234567800000000, "unknown:0x1234567800000000"),
+    ("TDX", 1 << 64, "unknown:0x10000000000000000"), ("TDX", -1, "unknown:-0x1"),
+    ("none", 5, "unknown:5"),
+])
+def test_firmware_status_name(family, status, name):
+    assert tables.firmware_status_name(family, status) == name
+
+
+@pytest.mark.parametrize(("code", "decoded"), [
+    (0, ("exited", 0)), (1 << 8, ("exited", 1)), (255 << 8, ("exited", 255)),
+    (9, ("killed", 9)), (15, ("killed", 15)), (0x80 | 11, ("killed", 11)),  # core dumped
+    (0x1FF00, ("exited", 255)),
+])
+def test_exit_status(code, decoded):
+    assert tables.exit_status(code) == decoded
+
+
+@pytest.mark.parametrize(("sig", "name"), [
+    (9, "SIGKILL"), (15, "SIGTERM"), (11, "SIGSEGV"), (6, "SIGABRT"), (0, "unknown:0"),
+    (200, "unknown:200"), (-1, "unknown:-1"), (2**70, f"unknown:{2**70}"),
+])
+def test_signal_name(sig, name):
+    assert tables.signal_name(sig) == name

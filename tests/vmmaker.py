@@ -4,6 +4,12 @@
 
 Prints one JSON line per call: {"vm_type", "ret", "errno"}. Accepted VMs are
 closed at once. Uses ctypes so 64-bit types (2**32+1) reach the kernel intact.
+
+    python tests/vmmaker.py --name kvmt-sev --types 0 --sev-cmd 22 --exit 3
+
+issues KVM_MEMORY_ENCRYPT_OP with a struct kvm_sev_cmd of that id on each accepted VM
+fd (before closing it) and prints {"sev_cmd", "vm_fd", "ret", "errno", "error"}; --exit
+ends with that exit_group status.
 """
 
 from __future__ import annotations
@@ -19,7 +25,15 @@ import threading
 KVM_CREATE_VM = 0xAE01
 KVM_CHECK_EXTENSION = 0xAE03
 KVM_CAP_VM_TYPES = 235
+KVM_MEMORY_ENCRYPT_OP = 0xC008AEBA  # _IOWR(KVMIO, 0xba, unsigned long)
 PR_SET_NAME = 15
+
+
+class KvmSevCmd(ctypes.Structure):
+    """struct kvm_sev_cmd (include/uapi/linux/kvm.h)."""
+
+    _fields_ = [("id", ctypes.c_uint32), ("pad0", ctypes.c_uint32), ("data", ctypes.c_uint64),
+                ("error", ctypes.c_uint32), ("sev_fd", ctypes.c_uint32)]
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -34,9 +48,15 @@ def ioctl(fd: int, request: int, arg: int) -> tuple[int, int]:
     return ret, (ctypes.get_errno() if ret < 0 else 0)
 
 
-def create_vm(kvm_fd: int, vm_type: int) -> tuple[int, int]:
+def create_vm(kvm_fd: int, vm_type: int, sev_cmd: int | None = None,
+              record=None) -> tuple[int, int]:
     ret, err = ioctl(kvm_fd, KVM_CREATE_VM, vm_type)
     if ret >= 0:
+        if sev_cmd is not None:
+            cmd = KvmSevCmd(id=sev_cmd, sev_fd=0xFFFFFFFF)
+            r = libc.ioctl(ret, ctypes.c_ulong(KVM_MEMORY_ENCRYPT_OP), ctypes.byref(cmd))
+            record(sev_cmd=sev_cmd, vm_fd=ret, ret=r, errno=ctypes.get_errno() if r < 0 else 0,
+                   error=cmd.error)
         os.close(ret)
     return ret, err
 
@@ -53,6 +73,9 @@ def main() -> int:
                     help="rename itself N times (NAME-0 ... NAME-{N-1}), the calls under each")
     ap.add_argument("--threads", type=int, default=0,
                     help="N threads; thread i creates types[i %% len(types)] --repeat times")
+    ap.add_argument("--sev-cmd", type=int, default=None,
+                    help="KVM_MEMORY_ENCRYPT_OP with this kvm_sev_cmd id on each VM made")
+    ap.add_argument("--exit", type=int, default=0, help="exit status (exit_group)")
     args = ap.parse_args()
     set_comm(args.name)
     types = [int(x, 0) for x in args.types.split(",")]
@@ -93,13 +116,13 @@ def main() -> int:
                 set_comm(f"{args.name}-{i}")
             for _ in range(args.repeat):
                 for t in types:
-                    ret, err = create_vm(fd, t)
+                    ret, err = create_vm(fd, t, args.sev_cmd, record)
                     record(vm_type=t, ret=ret, errno=err, tid=threading.get_native_id())
     for o in out:
         print(json.dumps(o))
     os.close(fd)
     sys.stdout.flush()
-    return 0
+    return args.exit
 
 
 if __name__ == "__main__":

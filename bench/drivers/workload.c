@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * kvmtrace benchmark workload driver: one syscall in a tight loop, timed with
- * clock_gettime(CLOCK_MONOTONIC) around the loop.
+ * kvmtrace benchmark workload driver: one syscall (or process lifecycle) in a
+ * tight loop, timed with clock_gettime(CLOCK_MONOTONIC) around the loop.
  *
  *   workload MODE SECONDS [COMM]
+ *   workload exit [ARG...]     exits 0 at once: what fork_exec_exit execs
  *
  * MODE:
  *   fionread         ioctl(pipe, FIONREAD)                  an unrelated ioctl
@@ -11,6 +12,10 @@
  *   create_rejected  ioctl(/dev/kvm, KVM_CREATE_VM, 1)      fails with EINVAL here
  *   create_accepted  ioctl(/dev/kvm, KVM_CREATE_VM, 0) + close(vm fd)
  *   check_ext        ioctl(/dev/kvm, KVM_CHECK_EXTENSION, KVM_CAP_VM_TYPES=235)
+ *   fork_exit        fork(); the child _exit(0)s at once, the parent waitpid()s it
+ *   fork_exec_exit   fork(); the child execve()s this driver as `workload exit` with
+ *                    a VMM-like command line (EXEC_ARGS arguments of EXEC_ARG_LEN
+ *                    bytes: 20 of 40), which exits 0 at once; the parent waitpid()s it
  *
  * Runs a short warm-up (a tenth of SECONDS), then batches of calls until
  * SECONDS have passed (the clock is read once per batch, so its cost is
@@ -32,12 +37,17 @@
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #ifndef KVM_CAP_VM_TYPES
 #define KVM_CAP_VM_TYPES 235
 #endif
+
+/* fork_exec_exit: arguments after `exit`, about as many and as long as a VMM's. */
+#define EXEC_ARGS 20
+#define EXEC_ARG_LEN 40
 
 static uint64_t now_ns(void)
 {
@@ -52,11 +62,33 @@ static void die(const char *what)
 	exit(1);
 }
 
-enum mode { FIONREAD_M, GETPPID_M, CREATE_REJ_M, CREATE_ACC_M, CHECK_EXT_M };
+enum mode { FIONREAD_M, GETPPID_M, CREATE_REJ_M, CREATE_ACC_M, CHECK_EXT_M, FORK_EXIT_M,
+	    FORK_EXEC_EXIT_M };
+
+extern char **environ;
 
 static int fd = -1;
 static int pipefd[2];
 static unsigned long bad; /* calls that did not behave as documented */
+static char self[4096];	  /* fork_exec_exit: this driver's path */
+static char exec_buf[EXEC_ARGS][EXEC_ARG_LEN + 1];
+static char *exec_argv[EXEC_ARGS + 3];
+
+/* One fork whose child exits 0 (after an exec of `self exit ...` when exec is set). */
+static void spawn_one(int exec)
+{
+	int status;
+	pid_t pid = fork();
+
+	if (pid == 0) {
+		if (exec)
+			execve(self, exec_argv, environ);
+		_exit(exec ? 127 : 0);
+	}
+	if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status) ||
+	    WEXITSTATUS(status) != 0)
+		bad++;
+}
 
 /* One batch of n calls of the mode's syscall. */
 static void batch(enum mode m, unsigned long n)
@@ -94,6 +126,11 @@ static void batch(enum mode m, unsigned long n)
 			if (ioctl(fd, KVM_CHECK_EXTENSION, (unsigned long)KVM_CAP_VM_TYPES) < 0)
 				bad++;
 		break;
+	case FORK_EXIT_M:
+	case FORK_EXEC_EXIT_M:
+		for (i = 0; i < n; i++)
+			spawn_one(m == FORK_EXEC_EXIT_M);
+		break;
 	}
 }
 
@@ -105,6 +142,8 @@ int main(int argc, char **argv)
 		{ "create_rejected", CREATE_REJ_M, 200 },
 		{ "create_accepted", CREATE_ACC_M, 1 },
 		{ "check_ext", CHECK_EXT_M, 1000 },
+		{ "fork_exit", FORK_EXIT_M, 1 },
+		{ "fork_exec_exit", FORK_EXEC_EXIT_M, 1 },
 	};
 	const char *name;
 	enum mode m;
@@ -112,7 +151,10 @@ int main(int argc, char **argv)
 	uint64_t t0, t1, budget, deadline;
 	double seconds;
 	size_t i;
+	ssize_t len;
 
+	if (argc >= 2 && strcmp(argv[1], "exit") == 0)
+		return 0;
 	if (argc < 3) {
 		fprintf(stderr, "usage: %s MODE SECONDS [COMM]\n", argv[0]);
 		return 2;
@@ -138,7 +180,22 @@ int main(int argc, char **argv)
 	if (m == FIONREAD_M) {
 		if (pipe(pipefd) != 0)
 			die("pipe");
-	} else if (m != GETPPID_M) {
+	} else if (m == FORK_EXEC_EXIT_M) {
+		len = readlink("/proc/self/exe", self, sizeof(self) - 1);
+		if (len <= 0 || (size_t)len >= sizeof(self) - 1)
+			die("readlink /proc/self/exe");
+		self[len] = '\0';
+		exec_argv[0] = self;
+		exec_argv[1] = "exit";
+		for (i = 0; i < EXEC_ARGS; i++) {
+			/* "-drive if=virtio,file=disk07.qcow2,id=dx", padded to EXEC_ARG_LEN */
+			len = snprintf(exec_buf[i], sizeof(exec_buf[i]),
+				       "-drive if=virtio,file=disk%02zu.qcow2,id=d", i);
+			memset(exec_buf[i] + len, 'x', EXEC_ARG_LEN - len);
+			exec_argv[i + 2] = exec_buf[i];
+		}
+		exec_argv[EXEC_ARGS + 2] = NULL;
+	} else if (m != GETPPID_M && m != FORK_EXIT_M) {
 		fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
 		if (fd < 0)
 			die("open /dev/kvm");

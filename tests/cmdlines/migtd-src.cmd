@@ -1,0 +1,14 @@
+/path/to/qemu-system-x86_64 -accel kvm \
+-M q35 \
+-cpu host,host-phys-bits,-kvm-steal-time,pmu=off \
+-smp 1,threads=1,sockets=1 \
+-m 32M \
+-object tdx-guest,id=tdx0,sept-ve-disable=off,debug=off,quote-generation-service=vsock:1:4050 \
+-object memory-backend-memfd-private,id=ram1,size=32M \
+-machine q35,memory-backend=ram1,confidential-guest-support=tdx0,kernel_irqchip=split \
+-bios /path/to/migtd.bin \
+-device vhost-vsock-pci,id=vhost-vsock-pci1,guest-cid=18,disable-legacy=on \
+-name migtd-src,process=migtd-src,debug-threads=on \
+-no-hpet \
+-nographic -vga none -nic none \
+-serial mon:stdio

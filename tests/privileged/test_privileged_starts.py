@@ -1,0 +1,183 @@
+"""Privileged tier for VM starts: a real QEMU >= 9 (tests/qemu.py installs it), the real
+kernel, the real /dev/kvm. Never skips: see tests/privileged/conftest.py.
+
+Every process here runs under a comm of its own (QEMU through a symlink named for the
+test: the kernel takes a task's comm from the file it executes, while QEMU still gets
+"qemu-system-x86_64" as argv[0]), and only those processes' records are looked at, so
+other VMs starting on a busy host cannot change the outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kvmtrace import kvmdev, tables
+from tests.privileged.conftest import VMMAKER, Serve, samples, start_attached
+
+pytestmark = pytest.mark.privileged
+
+QEMU = shutil.which("qemu-system-x86_64")
+BASE = ["qemu-system-x86_64", "-accel", "kvm", "-display", "none", "-nodefaults"]
+CGS = ["-machine", "q35,confidential-guest-support=cgs0"]
+OBJ = "id=cgs0,cbitpos=51,reduced-phys-bits=1"
+INIT2 = 22  # KVM_SEV_INIT2
+
+
+def qemu_major() -> int:
+    out = subprocess.run([QEMU, "--version"], capture_output=True, text=True,
+                         timeout=60).stdout
+    return int(out.split("version ", 1)[1].split(".", 1)[0])
+
+
+def run_as(link: Path, argv: list[str], **kw) -> subprocess.Popen:
+    """QEMU with ``link``'s name as its comm and ``argv`` as its argv."""
+    return subprocess.Popen(argv, executable=str(link), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory):
+    if QEMU is None or qemu_major() < 9:
+        pytest.fail("needs qemu-system-x86_64 >= 9 (python3 tests/qemu.py install; "
+                    "make setup-test does it)")
+    tag = f"ks{os.getpid() % 10000}{os.urandom(1).hex()}"
+    d = tmp_path_factory.mktemp("qemu")
+    links = {}
+    for kind in ("snp", "sev", "run"):
+        links[kind] = d / f"{tag}-{kind}"
+        links[kind].symlink_to(QEMU)
+    serve = Serve("--retire-interval", "1")
+    trace = start_attached("trace", "--json", "--duration", "120")
+    explain = start_attached("explain", "--json", "--duration", "120")
+    plan = json.loads(serve.get("/api/plan"))
+    out: dict = {"tag": tag, "plan": {r["probe"]: r for r in plan}}
+
+    snp = run_as(links["snp"], [*BASE, *CGS, "-object", f"sev-snp-guest,{OBJ}",
+                                "-name", f"guest={tag}-vm-snp,debug-threads=on"])
+    out["snp"] = (snp.pid, snp.wait(timeout=120), snp.communicate()[1])
+    sev = run_as(links["sev"], [*BASE, *CGS, "-object", f"sev-guest,{OBJ}",
+                                "-name", f"{tag}-vm-sev"])
+    out["sev"] = (sev.pid, sev.wait(timeout=120), sev.communicate()[1])
+    # A plain QEMU, stopped by the operator once it has made its VM.
+    plain = run_as(links["run"], [*BASE, "-M", "none", "-S", "-name", f"{tag}-vm-run"])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+            p["pid"] == plain.pid and p["vm_create_attempts"]
+            for p in json.loads(serve.get("/api/processes"))):
+        time.sleep(0.2)
+    plain.send_signal(signal.SIGTERM)
+    out["run"] = (plain.pid, plain.wait(timeout=60), plain.communicate()[1])
+    # A driver's KVM_MEMORY_ENCRYPT_OP(SEV INIT2) on a DEFAULT VM.
+    drv = subprocess.run([*VMMAKER, "--name", f"{tag}-enc", "--types", "0", "--sev-cmd",
+                          str(INIT2)], capture_output=True, text=True, timeout=60)
+    assert drv.returncode == 0, drv.stderr
+    out["enc"] = [json.loads(ln) for ln in drv.stdout.splitlines()]
+    out["enc_comm"] = f"{tag}-enc"
+
+    time.sleep(3.0)  # two retirement passes (--retire-interval 1, trace/explain: 1 s)
+    out["rejections"] = json.loads(serve.get("/api/rejections"))
+    out["metrics"] = serve.metrics()
+    for proc in (trace, explain):
+        proc.send_signal(signal.SIGINT)
+    t_out, t_err = trace.communicate(timeout=60)
+    e_out, e_err = explain.communicate(timeout=60)
+    assert trace.returncode == 0 and explain.returncode == 0, (t_err, e_err)
+    out["trace"] = [json.loads(ln) for ln in t_out.splitlines()]
+    out["explain"] = [json.loads(ln) for ln in e_out.splitlines()]
+    code, live_view, err = serve.stop()
+    assert code == 0, err
+    out["live_view"] = live_view
+    yield out
+
+
+def _starts(records: list[dict], pid: int) -> list[dict]:
+    return [r for r in records if r.get("kind") == "start" and r["pid"] == pid]
+
+
+def test_qemu_refusing_snp_before_create_is_a_rejected_start(started):
+    pid, rc, stderr = started["snp"]
+    assert rc == 1 and "not supported by KVM" in stderr, stderr
+    mask = kvmdev.query().vm_types_mask
+    for where in ("rejections", "explain"):
+        (s,) = _starts(started[where], pid)
+        assert (s["stage"], s["reason"], s["requested_type"]) == \
+            ("before_create", "vmm_refused_type", "SNP"), (where, s)
+        assert s["mask"] == mask and s["exit"] == {"how": "exited", "status": 1}
+        assert s["creates"] == [] and s["vmm"] == "qemu"
+        assert "SNP" not in s["offered"] and s["hint"]
+        if started["plan"]["command line at exec"]["attached"] == "yes":
+            assert s["vm_name"] == f"{started['tag']}-vm-snp", s  # argv kept at execve
+        else:  # gone before /proc could be read, and nothing kept: said so
+            assert s["vm_name"] is None and "no command line" in s["request_evidence"]
+    got = samples(started["metrics"], "kvmtrace_vm_start_failures_total")
+    comm = f"{started['tag']}-snp"
+    mine = {k: v for k, v in got.items() if ("comm", comm) in k}
+    want = frozenset({("comm", comm), ("stage", "before_create"),
+                      ("reason", "vmm_refused_type"), ("requested_type", "SNP")})
+    assert mine == {want: 1.0}, mine
+    assert "VM start failed before_create" in started["live_view"]
+
+
+def test_qemu_failing_sev_after_a_default_create_is_a_failed_launch(started):
+    pid, rc, stderr = started["sev"]
+    assert rc == 1, stderr
+    for where in ("rejections", "explain"):
+        (s,) = _starts(started[where], pid)
+        assert s["stage"] == "during_launch" and s["requested_type"] == "SEV", s
+        # Here QEMU gives up before any KVM_MEMORY_ENCRYPT_OP (cbitpos check); a host
+        # with kvm_amd may see SEV INIT fail instead: both are a failed launch.
+        assert s["reason"] in ("exited_after_create", "launch_failed"), s
+        assert s["exit"] == {"how": "exited", "status": 1}
+        assert [c["vm_type_name"] for c in s["creates"]] == ["DEFAULT"]
+        assert s["creates"][0]["result"] == "ok"
+
+
+def test_a_plain_qemu_stopped_with_sigterm_is_no_failure(started):
+    pid, rc, stderr = started["run"]
+    assert rc == 0, stderr  # QEMU handles SIGTERM and exits 0
+    assert not _starts(started["rejections"], pid)
+    assert not _starts(started["explain"], pid)
+    (s,) = _starts(started["trace"], pid)  # trace shows every followed end
+    assert s["outcome"] in ("clean_exit", "stopped") and s["stage"] is None, s
+    ends = [e for e in started["trace"] if e.get("kind") == "event" and e["pid"] == pid
+            and e["probe"] == "process exit"]
+    assert len(ends) == 1 and ends[0]["exit"] == {"how": "exited", "status": 0}
+    got = samples(started["metrics"], "kvmtrace_vm_start_failures_total")
+    assert not [k for k in got if ("comm", f"{started['tag']}-run") in k]
+
+
+def test_the_encrypt_op_is_traced_with_its_command_and_errno(started):
+    (op,) = [r for r in started["enc"] if "sev_cmd" in r]
+    (create,) = [r for r in started["enc"] if "vm_type" in r]
+    assert op["ret"] == -1 and op["errno"]  # ENOTTY on a host without SEV
+    comm = started["enc_comm"]
+    evs = [e for e in started["trace"] if e.get("kind") == "event" and e["comm"] == comm
+           and e["probe"] == "KVM_MEMORY_ENCRYPT_OP"]
+    assert len(evs) == 1, evs
+    ev = evs[0]
+    assert (ev["family"], ev["command"]) == ("SEV", "INIT2")
+    assert ev["errno"] == tables.errno_name(op["errno"]) and ev["result"] == -op["errno"]
+    assert ev["vm_type"] == 0 and ev["fd"] in (create["ret"], -1)  # -1: kprobe hosts
+    assert ev["status"] == op["error"]
+    got = samples(started["metrics"], "kvmtrace_encrypt_ops_total")
+    mine = {k: v for k, v in got.items() if ("comm", comm) in k}
+    assert len(mine) == 1 and list(mine.values()) == [1.0], mine
+    labels = dict(next(iter(mine)))
+    assert (labels["command"], labels["errno"], labels["vm_type_name"]) == \
+        ("INIT2", tables.errno_name(op["errno"]), "DEFAULT")
+    # The driver exited 0 after the failed op: a clean exit, not a failed start.
+    pid = next(e["pid"] for e in evs)
+    assert not _starts(started["rejections"], pid)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
