@@ -164,3 +164,54 @@ def test_without_tracefs_nothing_is_compiled_and_the_fix_is_named(kernel_facts):
     assert loader.preflight(kernel_facts("firecracker-6.18-no-kprobes"),
                             planmod.make_plan(kernel_facts("firecracker-6.18-no-kprobes"))) \
         is None
+
+
+def test_following_processes_on_a_kprobe_host_stays_off_the_syscall_tracepoints(kernel_facts):
+    """A kprobe host: the exit status from do_group_exit and KVM_MEMORY_ENCRYPT_OP from
+    kvm_arch_*_ioctl kprobes; no execve tracepoint (it would put every syscall on the
+    slow path), said by name. Facts: the captured kprobe host plus the symbols and
+    tracepoints these points need (added by hand)."""
+    f = kernel_facts("seed-tdx-v12-kprobes")
+    syms = {**f.symbols, **{n: Symbol(n, None) for n in ("do_group_exit", "kvm_arch_vm_ioctl")},
+            "kvm_arch_vcpu_ioctl": Symbol("kvm_arch_vcpu_ioctl", "kvm"),
+            "sev_mem_enc_ioctl": Symbol("sev_mem_enc_ioctl", "kvm_amd")}
+    f = dataclasses.replace(f, symbols=syms, tracepoints=[
+        *f.tracepoints, "sched:sched_process_exit", "signal:signal_deliver",
+        "syscalls:sys_enter_exit_group", "syscalls:sys_enter_execve"])
+    pts = by_name(planmod.make_plan(f))
+    assert pts["KVM_CREATE_VM"].mechanism == planmod.Mechanism.KPROBE
+    assert (pts["process exit"].mechanism, pts["process exit"].target) == \
+        (planmod.Mechanism.TRACEPOINT, "sched:sched_process_exit")
+    assert (pts["exit status"].mechanism, pts["exit status"].target) == \
+        (planmod.Mechanism.KPROBE, "do_group_exit")
+    assert (pts["KVM_MEMORY_ENCRYPT_OP"].mechanism, pts["KVM_MEMORY_ENCRYPT_OP"].target) == \
+        (planmod.Mechanism.KPROBE, "kvm_arch_vm_ioctl+kvm_arch_vcpu_ioctl")
+    assert pts["command line at exec"].mechanism is None
+    assert "slow path" in pts["command line at exec"].reason
+    assert pts["sev_mem_enc_ioctl"].mechanism == planmod.Mechanism.KPROBE
+    assert pts["snp_launch_start"].mechanism is None
+    assert "absent from kallsyms" in pts["snp_launch_start"].reason
+
+
+def test_without_sched_process_exit_nothing_is_followed_and_each_point_says_why(kernel_facts):
+    f = kernel_facts("firecracker-6.18-no-kprobes")  # captured before these points existed
+    pts = by_name(planmod.make_plan(f))
+    assert pts["process exit"].mechanism is None
+    assert "sched:sched_process_exit missing" in pts["process exit"].reason
+    for name in ("exit status", "fatal signal", "KVM_MEMORY_ENCRYPT_OP"):
+        assert pts[name].mechanism is None and "needs process exit" in pts[name].reason
+
+
+def test_this_host_follows_processes_on_the_syscall_tracepoints(kernel_facts):
+    f = kernel_facts("firecracker-6.18-no-kprobes")
+    f = dataclasses.replace(f, tracepoints=[*f.tracepoints, *facts.FOLLOW_TRACEPOINTS])
+    pts = by_name(planmod.make_plan(f))
+    for name, target in (("process exit", "sched:sched_process_exit"),
+                         ("exit status", "syscalls:sys_enter_exit_group"),
+                         ("fatal signal", "signal:signal_deliver"),
+                         ("command line at exec",
+                          "syscalls:sys_enter_execve+syscalls:sys_enter_execveat"),
+                         ("KVM_MEMORY_ENCRYPT_OP",
+                          "syscalls:sys_enter_ioctl+syscalls:sys_exit_ioctl")):
+        assert (pts[name].mechanism, pts[name].target) == (planmod.Mechanism.TRACEPOINT,
+                                                           target), name

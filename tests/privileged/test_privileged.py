@@ -119,8 +119,14 @@ def test_trace_json_sees_the_same_attempts(served):
     trace.send_signal(signal.SIGINT)
     out, _ = trace.communicate(timeout=30)
     assert trace.returncode == 0
-    events = [json.loads(line) for line in out.splitlines()]
-    assert {e["kind"] for e in events} == {"event"}
+    lines = [json.loads(line) for line in out.splitlines()]
+    # Calls, then the vmmaker's end: one followed process that exited 0.
+    assert {e["kind"] for e in lines} == {"event", "start"}
+    (start,) = [e for e in lines if e["kind"] == "start"]
+    assert (start["comm"], start["outcome"], start["exit"]) == (
+        comm, "clean_exit", {"how": "exited", "status": 0})
+    events = [e for e in lines if e["kind"] == "event"]
+    assert [e["probe"] for e in events if e["probe"] == "process exit"] == ["process exit"]
     creates = [e for e in events if e["probe"] == "KVM_CREATE_VM"]
     assert [(e["vm_type"], e["rejected"], e["errno"]) for e in creates] == [
         (c["vm_type"], c["ret"] < 0, "EINVAL" if c["ret"] < 0 else None)

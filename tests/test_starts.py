@@ -1,0 +1,151 @@
+"""kvmtrace.starts over recorded process histories (hand-built count records: the
+shapes the kernel writes, as measured with QEMU 10 on this host; see
+tests/privileged/test_privileged_starts.py for the same against the real kernel)."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from kvmtrace import contract, starts, vmm
+from kvmtrace import plan as planmod
+from kvmtrace.contract import (
+    PROC_CREATE_FAILED,
+    PROC_CREATED,
+    PROC_EXIT_CODE,
+    PROC_LAUNCH_FAILED,
+    PROC_QUERIED,
+)
+from kvmtrace.decode import Decoder
+
+C = contract
+SNP_ARGV = ["qemu-system-x86_64", "-accel", "kvm", "-machine",
+            "q35,confidential-guest-support=cgs0", "-object",
+            "sev-snp-guest,id=cgs0,cbitpos=51,reduced-phys-bits=1", "-name",
+            "guest=web1,debug-threads=on"]
+SEV_ARGV = [*SNP_ARGV[:6], "sev-guest,id=cgs0,cbitpos=51,reduced-phys-bits=1", "-name", "db"]
+
+
+@pytest.fixture
+def decode(kernel_facts):
+    d = Decoder(planmod.make_plan(kernel_facts("firecracker-6.18-no-kprobes")), "x86_64")
+    return lambda raws: [d.count((*r[:6], b"qemu-system-x86", r[6])) for r in raws]
+
+
+def end(pid, mask, code, flags, sig=0):
+    """A PROBE_PROCESS_END record: (tgid, probe, vm_type=mask, result=code, flags, sig)."""
+    return (pid, C.PROBE_PROCESS_END, mask, code, flags, sig, 1)
+
+
+def test_snp_refused_before_create_is_a_failure_with_its_evidence(decode):
+    recs = decode([(7, C.PROBE_VM_TYPES_QUERY, 0, 1, 0, 0, 1),
+                   end(7, 0x1, 1 << 8, PROC_QUERIED | PROC_EXIT_CODE)])
+    (s,) = starts.stitch(recs, vmm.parse_argv(SNP_ARGV))
+    assert (s.outcome, s.stage, s.reason) == ("failed", "before_create", "vmm_refused_type")
+    assert (s.requested_type, s.vm_name, s.mask, s.offered) == ("SNP", "web1", 1, ["DEFAULT"])
+    assert s.exit == {"how": "exited", "status": 1}
+    assert "SEV" in s.hint and "KVM_CAP_VM_TYPES=0x1" in s.summary
+    assert starts.failure_labels(s, "qemu") == ("qemu", "before_create", "vmm_refused_type",
+                                                "SNP")
+
+
+def test_sev_after_a_default_create_is_a_failed_launch(decode):
+    recs = decode([(8, C.PROBE_CREATE_VM, 0, 0, 0, 0, 1),
+                   end(8, 0, 1 << 8, PROC_CREATED | PROC_EXIT_CODE)])
+    (s,) = starts.stitch(recs, vmm.parse_argv(SEV_ARGV))
+    assert (s.stage, s.reason, s.requested_type, s.vm_name) == \
+        ("during_launch", "exited_after_create", "SEV", "db")
+    assert s.creates == [{"vm_type": 0, "vm_type_name": "DEFAULT", "result": "ok", "count": 1}]
+    assert s.mask is None  # it never asked
+
+
+def test_a_failed_encrypt_op_names_command_errno_and_firmware_status(decode):
+    recs = decode([(9, C.PROBE_CREATE_VM, 0, 0, 0, 0, 1),
+                   (9, C.PROBE_ENCRYPT_OP, 0, -5, 22, 0x3, 1),  # INIT2: EIO, PSP status 3
+                   end(9, 0, 1 << 8, PROC_CREATED | PROC_LAUNCH_FAILED | PROC_EXIT_CODE)])
+    (s,) = starts.stitch(recs, vmm.parse_argv(SEV_ARGV))
+    assert (s.stage, s.reason) == ("during_launch", "launch_failed")
+    (op,) = s.launch
+    assert (op["family"], op["command"], op["errno"]) == ("SEV", "INIT2", "EIO")
+    # psp-sev.h: SEV_RET_INAVLID_CONFIG = 0x0003 (sic)
+    assert (op["firmware_status"], op["firmware_status_code"]) == ("INVALID_CONFIG", 3)
+    assert "INIT2 failed with EIO" in s.summary
+
+
+def test_tdx_status_is_the_upper_half_of_hw_error(decode):
+    recs = decode([(10, C.PROBE_CREATE_VM, 5, 0, 0, 0, 1),
+                   (10, C.PROBE_ENCRYPT_OP, 5, -5, 1, 0xC0000100, 1),  # INIT_VM, OPERAND_INVALID
+                   end(10, 0x21, 1 << 8, PROC_QUERIED | PROC_CREATED | PROC_LAUNCH_FAILED
+                       | PROC_EXIT_CODE)])
+    (s,) = starts.stitch(recs, vmm.NOT_KNOWN)
+    (op,) = s.launch
+    assert (op["family"], op["command"], op["firmware_status_code"]) == \
+        ("TDX", "INIT_VM", 0xC0000100 << 32)
+    assert op["firmware_status"] == "OPERAND_INVALID"
+    assert s.requested_type == "not_known"
+
+
+def test_a_create_the_kernel_refused_is_at_create(decode):
+    recs = decode([(11, C.PROBE_CREATE_VM, 4, -22, 0, 0, 1),
+                   end(11, 0x1, 1 << 8, PROC_QUERIED | PROC_CREATE_FAILED | PROC_EXIT_CODE)])
+    (s,) = starts.stitch(recs, vmm.NOT_KNOWN)
+    assert (s.stage, s.reason) == ("at_create", "type_unsupported")
+    assert "KVM_CREATE_VM(SNP) failed with EINVAL" in s.summary
+
+
+@pytest.mark.parametrize(("code", "flags", "sig", "outcome"), [
+    (0, PROC_EXIT_CODE, 0, "clean_exit"),  # QEMU's own SIGTERM handler exits 0
+    (0, 0, signal.SIGTERM, "stopped"),  # killed by the default action of SIGTERM
+    (signal.SIGKILL, PROC_EXIT_CODE, 0, "stopped"),  # do_group_exit(SIGKILL)
+    (0, 0, signal.SIGINT, "stopped"),
+])
+def test_an_operators_stop_or_a_clean_exit_is_no_failure(decode, code, flags, sig, outcome):
+    recs = decode([(12, C.PROBE_CREATE_VM, 0, 0, 0, 0, 1),
+                   end(12, 0, code, PROC_CREATED | flags, sig)])
+    (s,) = starts.stitch(recs, vmm.NOT_KNOWN)
+    assert (s.outcome, s.stage, s.reason) == (outcome, None, None)
+
+
+def test_a_crash_before_creating_is_vmm_crashed(decode):
+    recs = decode([(13, C.PROBE_VM_TYPES_QUERY, 0, 1, 0, 0, 1),
+                   end(13, 0x1, signal.SIGSEGV, PROC_QUERIED | PROC_EXIT_CODE)])
+    (s,) = starts.stitch(recs, vmm.NOT_KNOWN)
+    assert (s.stage, s.reason, s.exit) == ("before_create", "vmm_crashed",
+                                           {"how": "killed", "signal": "SIGSEGV"})
+
+
+def test_no_end_record_is_no_start(decode):
+    assert starts.stitch(decode([(14, C.PROBE_CREATE_VM, 0, 0, 0, 0, 1)]), vmm.NOT_KNOWN) == []
+
+
+def test_an_exit_without_a_known_status_says_so(decode):
+    (s,) = starts.stitch(decode([end(15, 0x1, 0, PROC_QUERIED)]), vmm.NOT_KNOWN)
+    assert s.exit == {"how": "unknown"} and s.failed  # neither clean nor an operator's stop
+
+
+def test_the_runtime_counts_failures_by_stage_reason_and_type(kernel_facts):
+    from kvmtrace.runtime import Runtime
+    from tests.recorded import RecordedSource
+
+    raws = [(20, C.PROBE_VM_TYPES_QUERY, 0, 1, 0, 0, b"qemu-a", 1),
+            (20, C.PROBE_PROCESS_END, 1, 256, PROC_QUERIED | PROC_EXIT_CODE, 0, b"qemu-a", 1),
+            (21, C.PROBE_VM_TYPES_QUERY, 0, 1, 0, 0, b"qemu-a", 1),
+            (21, C.PROBE_PROCESS_END, 1, 256, PROC_QUERIED | PROC_EXIT_CODE, 0, b"qemu-a", 1),
+            (22, C.PROBE_CREATE_VM, 0, 0, 0, 0, b"qemu-b", 1)]  # still running
+    d = Decoder(planmod.make_plan(kernel_facts("firecracker-6.18-no-kprobes")), "x86_64")
+    asked = []
+
+    def request(pid):
+        asked.append(pid)
+        return vmm.parse_argv(SNP_ARGV)
+
+    seen = []
+    rt = Runtime(RecordedSource(raws), d, live_pids=lambda: {22}, request=request)
+    rt.on_start = seen.append
+    assert rt.retire_exited() == 4
+    assert sorted(asked) == [20, 21, 22]  # each followed process looked up once
+    assert rt.start_failures() == {("qemu-a", "before_create", "vmm_refused_type", "SNP"): 2}
+    assert [s.pid for s in seen] == [20, 21] and len(rt.recent_starts) == 2
+    rt.retire_exited()
+    assert sorted(asked) == [20, 21, 22]
