@@ -29,9 +29,12 @@
  *                  struct kvm_tdx_cmd (64-bit hw_error), else a kvm_sev_cmd
  *   FOLLOW_PROCS   follow processes that touch /dev/kvm to their end
  *                  (sched:sched_process_exit); with EXIT_TRACEPOINT or
- *                  EXIT_KPROBE for the exit status, EXEC_TRACEPOINT for the
- *                  command line at execve, ENCRYPT_KPROBE for
+ *                  EXIT_KPROBE for the exit status, SIGNAL_TRACEPOINT for the
+ *                  signal that killed it, ENCRYPT_KPROBE for
  *                  KVM_MEMORY_ENCRYPT_OP on kprobe hosts (kvm_arch_vm_ioctl)
+ *   EXEC_TRACEPOINT (+ EXECVEAT_TRACEPOINT) | EXEC_KPROBE
+ *                  the command line of every execve, kept per process
+ *   FIRST_LAUNCH   probe id of the first launch function point
  *   SELF_TGID      the exporter's own pid: its own KVM_CAP_VM_TYPES query
  *                  is not a client's and is not counted
  *   FILTER_TGID    only emit events for this pid (0: all); counts are global
@@ -476,7 +479,7 @@ static __always_inline u64 proc_vm_type(struct proc *p, s32 fd) { return (u64)-1
 static __always_inline void proc_created(struct proc *p, s64 fd, u64 vm_type) {}
 #endif /* FOLLOW_PROCS */
 
-#ifdef EXEC_TRACEPOINT
+#if defined(EXEC_TRACEPOINT) || defined(EXEC_KPROBE)
 /*
  * The command line of every execve, NUL-separated as /proc/PID/cmdline, kept
  * per process (LRU: the oldest go first) so what a VMM asked for is known
@@ -523,6 +526,7 @@ static __always_inline int exec_capture(const char *const *argv)
 	return 0;
 }
 
+#ifdef EXEC_TRACEPOINT
 TRACEPOINT_PROBE(syscalls, sys_enter_execve)
 {
 	return exec_capture((const char *const *)args->argv);
@@ -534,7 +538,21 @@ TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
 	return exec_capture((const char *const *)args->argv);
 }
 #endif
-#endif /* EXEC_TRACEPOINT */
+#else
+/* kprobes on the syscall's entry (__x64_sys_execve, ...): bcc gives a syscall__
+ * program the syscall's own arguments, read from the wrapper's pt_regs. */
+int syscall__execve(struct pt_regs *ctx, const char *filename, const char *const *argv)
+{
+	return exec_capture(argv);
+}
+
+int syscall__execveat(struct pt_regs *ctx, int dfd, const char *filename,
+		      const char *const *argv)
+{
+	return exec_capture(argv);
+}
+#endif
+#endif /* EXEC_TRACEPOINT || EXEC_KPROBE */
 
 /* ---- ioctl layer: KVM_CREATE_VM, KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES),
  *      KVM_MEMORY_ENCRYPT_OP */

@@ -42,7 +42,10 @@ EXIT_GROUP_TRACEPOINT = "syscalls:sys_enter_exit_group"  # its exit status
 EXEC_TRACEPOINTS = ("syscalls:sys_enter_execve", "syscalls:sys_enter_execveat")
 FOLLOW_TRACEPOINTS = (EXIT_TRACEPOINT, SIGNAL_TRACEPOINT, EXIT_GROUP_TRACEPOINT,
                       *EXEC_TRACEPOINTS)
-# Kernel functions of the same, for kprobe hosts (no syscall tracepoint then).
+# Kernel functions of the same, for kprobe hosts (no syscall tracepoint then): the
+# execve syscall's entry under each architecture's syscall-wrapper prefix.
+EXEC_FUNCTIONS = tuple(f"__{arch}_sys_{call}" for call in ("execve", "execveat")
+                       for arch in ("x64", "arm64", "s390x", "riscv", "powerpc"))
 GROUP_EXIT_FUNCTION = "do_group_exit"  # void do_group_exit(int exit_code)
 ENCRYPT_FUNCTIONS = ("kvm_arch_vm_ioctl", "kvm_arch_vcpu_ioctl")  # (filp, ioctl, arg)
 # The confidential launch's own functions on current kernels (optional points).
@@ -200,7 +203,7 @@ def kernel_version(release: str) -> tuple[int, int]:
 def read_kallsyms(text: str) -> tuple[dict[str, Symbol], dict[str, list[str]]]:
     """Relevant symbols (and their clones) from /proc/kallsyms text."""
     wanted = {IOCTL_FUNCTION, ARCH_INIT_FUNCTION, *TYPE_CHECK_FUNCTIONS, GROUP_EXIT_FUNCTION,
-              *ENCRYPT_FUNCTIONS, *LAUNCH_FUNCTIONS}
+              *ENCRYPT_FUNCTIONS, *LAUNCH_FUNCTIONS, *EXEC_FUNCTIONS}
     symbols: dict[str, Symbol] = {}
     clones: dict[str, list[str]] = {}
     for line in text.splitlines():

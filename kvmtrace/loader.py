@@ -74,8 +74,8 @@ def build_text(plan: planmod.Plan, opts: Options) -> str:
         if points[contract.PROBE_ENCRYPT_OP].mechanism == planmod.Mechanism.KPROBE:
             defines["ENCRYPT_KPROBE"] = "1"
     exec_point = points[contract.PROBE_EXEC]
-    if exec_point.planned:
-        defines["EXEC_TRACEPOINT"] = "1"
+    if exec_point.mechanism is not None:
+        defines[f"EXEC_{exec_point.mechanism.upper()}"] = "1"
         if "execveat" in (exec_point.target or ""):
             defines["EXECVEAT_TRACEPOINT"] = "1"
     if opts.use_ringbuf:
@@ -212,6 +212,11 @@ def _attach(bpf, p: planmod.Point) -> None:
     elif p.mechanism == planmod.Mechanism.KPROBE:
         if p.id == contract.PROBE_EXIT_STATUS:
             bpf.attach_kprobe(event=p.target.encode(), fn_name=b"kvmtrace_group_exit")
+            return
+        if p.id == contract.PROBE_EXEC:  # bcc reads a syscall__ program's arguments
+            for target in p.target.split("+"):  # from the syscall wrapper's pt_regs
+                fn = "syscall__execveat" if target.endswith("execveat") else "syscall__execve"
+                bpf.attach_kprobe(event=target.encode(), fn_name=fn.encode())
             return
         enter, ret = {planmod.Layer.IOCTL: ("kvmtrace_ioctl_enter", "kvmtrace_ioctl_return")}.get(
             p.layer, (f"kvmtrace_enter_{p.id}", f"kvmtrace_return_{p.id}"))

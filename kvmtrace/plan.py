@@ -24,6 +24,7 @@ from kvmtrace.contract import (
 from kvmtrace.facts import (
     ARCH_INIT_FUNCTION,
     ENCRYPT_FUNCTIONS,
+    EXEC_FUNCTIONS,
     EXEC_TRACEPOINTS,
     EXIT_GROUP_TRACEPOINT,
     EXIT_TRACEPOINT,
@@ -268,15 +269,22 @@ def _follow_points(facts: HostFacts, ioctl: Mechanism | None) -> list[Point]:
     no = _tracepoint(facts, SIGNAL_TRACEPOINT)
     out.append(dependent(PROBE_SIGNAL, SIGNAL, (None, None, no) if no else (
         Mechanism.TRACEPOINT, SIGNAL_TRACEPOINT, "the last signal delivered")))
-    # Command lines at execve: only where syscalls are traced anyway.
+    # Command lines at execve: the syscall tracepoints where syscalls are traced anyway,
+    # else kprobes on the syscall's entry (only exec'ing processes pay for them).
+    kept = "argv at execve, kept per process (LRU)"
+    entries = [f for f in EXEC_FUNCTIONS if f in facts.symbols]
     no = _tracepoint(facts, EXEC_TRACEPOINTS[0])
-    if not on_syscalls:
-        no = ("would put every syscall on the host on the tracepoint slow path; command "
-              "lines are read from /proc while the process lives")
-    execs = [tp for tp in EXEC_TRACEPOINTS if tp in facts.tracepoints]
-    out.append(Point(PROBE_EXEC, EXEC, Layer.PROCESS, RETURNS_NONE,
-                     None if no else Mechanism.TRACEPOINT, None if no else "+".join(execs),
-                     no or "argv at execve, kept per process (LRU)"))
+    if on_syscalls and no is None:
+        execs = [tp for tp in EXEC_TRACEPOINTS if tp in facts.tracepoints]
+        exec_plan = (Mechanism.TRACEPOINT, "+".join(execs), kept)
+    elif facts.kprobes and entries:
+        exec_plan = (Mechanism.KPROBE, "+".join(entries), f"kprobe: {kept}")
+    else:
+        exec_plan = (None, None, (
+            "no execve syscall entry in kallsyms to kprobe, and a syscall tracepoint would "
+            "put every syscall on the host on its slow path" if not on_syscalls else no)
+            + "; command lines are read from /proc while the process lives")
+    out.append(Point(PROBE_EXEC, EXEC, Layer.PROCESS, RETURNS_NONE, *exec_plan))
     # KVM_MEMORY_ENCRYPT_OP: with the ioctl tracepoints, or kprobes on kvm_arch_*_ioctl.
     if on_syscalls:
         enc = (Mechanism.TRACEPOINT, "+".join(IOCTL_TRACEPOINTS),

@@ -11,6 +11,7 @@ from kvmtrace import contract
 from kvmtrace import plan as planmod
 from kvmtrace.collector import KvmtraceCollector
 from kvmtrace.decode import Decoder
+from kvmtrace.facts import HostFacts
 from kvmtrace.kvmdev import KvmInfo
 from kvmtrace.plan import Attachment
 from kvmtrace.runtime import Runtime
@@ -75,3 +76,19 @@ def recorded_collector(kernel_facts):
     """A factory: (registry, runtime, source) of a KvmtraceCollector over a recorded
     source (RECORDED_RAWS by default) on the seed kernel's plan, in a fresh registry."""
     return functools.partial(_recorded_collector, kernel_facts)
+
+
+def with_follow_points(f: HostFacts) -> HostFacts:
+    """A captured kprobe host's facts plus the symbols and tracepoints the process-
+    following points need (added by hand: the captures predate those points)."""
+    import dataclasses
+
+    from kvmtrace.facts import Symbol
+
+    syms = {**f.symbols, **{n: Symbol(n, None) for n in (
+        "do_group_exit", "kvm_arch_vm_ioctl", "__x64_sys_execve", "__x64_sys_execveat")},
+        "kvm_arch_vcpu_ioctl": Symbol("kvm_arch_vcpu_ioctl", "kvm"),
+        "sev_mem_enc_ioctl": Symbol("sev_mem_enc_ioctl", "kvm_amd")}
+    return dataclasses.replace(f, symbols=syms, tracepoints=[
+        *f.tracepoints, "sched:sched_process_exit", "signal:signal_deliver",
+        "syscalls:sys_enter_exit_group", "syscalls:sys_enter_execve"])

@@ -8,6 +8,7 @@ import pytest
 from kvmtrace import facts
 from kvmtrace import plan as planmod
 from kvmtrace.facts import Symbol, read_kallsyms
+from tests.conftest import with_follow_points
 
 
 def by_name(plan):
@@ -167,17 +168,10 @@ def test_without_tracefs_nothing_is_compiled_and_the_fix_is_named(kernel_facts):
 
 
 def test_following_processes_on_a_kprobe_host_stays_off_the_syscall_tracepoints(kernel_facts):
-    """A kprobe host: the exit status from do_group_exit and KVM_MEMORY_ENCRYPT_OP from
-    kvm_arch_*_ioctl kprobes; no execve tracepoint (it would put every syscall on the
-    slow path), said by name. Facts: the captured kprobe host plus the symbols and
-    tracepoints these points need (added by hand)."""
-    f = kernel_facts("seed-tdx-v12-kprobes")
-    syms = {**f.symbols, **{n: Symbol(n, None) for n in ("do_group_exit", "kvm_arch_vm_ioctl")},
-            "kvm_arch_vcpu_ioctl": Symbol("kvm_arch_vcpu_ioctl", "kvm"),
-            "sev_mem_enc_ioctl": Symbol("sev_mem_enc_ioctl", "kvm_amd")}
-    f = dataclasses.replace(f, symbols=syms, tracepoints=[
-        *f.tracepoints, "sched:sched_process_exit", "signal:signal_deliver",
-        "syscalls:sys_enter_exit_group", "syscalls:sys_enter_execve"])
+    """A kprobe host: the exit status from do_group_exit, KVM_MEMORY_ENCRYPT_OP from
+    kvm_arch_*_ioctl and argv from the execve syscall's entry, all kprobes: no syscall
+    tracepoint (each would put every syscall on the slow path)."""
+    f = with_follow_points(kernel_facts("seed-tdx-v12-kprobes"))
     pts = by_name(planmod.make_plan(f))
     assert pts["KVM_CREATE_VM"].mechanism == planmod.Mechanism.KPROBE
     assert (pts["process exit"].mechanism, pts["process exit"].target) == \
@@ -186,8 +180,12 @@ def test_following_processes_on_a_kprobe_host_stays_off_the_syscall_tracepoints(
         (planmod.Mechanism.KPROBE, "do_group_exit")
     assert (pts["KVM_MEMORY_ENCRYPT_OP"].mechanism, pts["KVM_MEMORY_ENCRYPT_OP"].target) == \
         (planmod.Mechanism.KPROBE, "kvm_arch_vm_ioctl+kvm_arch_vcpu_ioctl")
-    assert pts["command line at exec"].mechanism is None
-    assert "slow path" in pts["command line at exec"].reason
+    assert (pts["command line at exec"].mechanism, pts["command line at exec"].target) == \
+        (planmod.Mechanism.KPROBE, "__x64_sys_execve+__x64_sys_execveat")
+    no_entry = dataclasses.replace(f, symbols={
+        n: s for n, s in f.symbols.items() if "_sys_execve" not in n})
+    exec_point = by_name(planmod.make_plan(no_entry))["command line at exec"]
+    assert exec_point.mechanism is None and "slow path" in exec_point.reason
     assert pts["sev_mem_enc_ioctl"].mechanism == planmod.Mechanism.KPROBE
     assert pts["snp_launch_start"].mechanism is None
     assert "absent from kallsyms" in pts["snp_launch_start"].reason

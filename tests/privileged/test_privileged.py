@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import KVMTRACE, unique_comm
+from tests.conftest import KVMTRACE, unique_comm, with_follow_points
 from tests.privileged.conftest import (
     VMMAKER,
     Serve,
@@ -232,14 +232,19 @@ def test_kprobe_programs_pass_the_verifier_and_failed_attaches_are_reported(kern
     """
     from kvmtrace import loader, plan
 
-    p = plan.make_plan(kernel_facts("seed-tdx-v12-kprobes"))
+    # With the process-following points of a kprobe host: do_group_exit, the execve
+    # syscall's entry (bcc's syscall__ programs), kvm_arch_*_ioctl, sev_mem_enc_ioctl.
+    p = plan.make_plan(with_follow_points(kernel_facts("seed-tdx-v12-kprobes")))
+    assert "#define EXEC_KPROBE 1" in loader.build_text(p, loader.Options())
     session = loader.load(p, loader.Options(self_tgid=os.getpid()))
     try:
         result = {a.point.name: a for a in session.attachments}
         if host_has_kprobes():
             assert result["KVM_CREATE_VM"].attached
         else:
-            for name in ("KVM_CREATE_VM", "kvm_arch_init_vm", "vmx_is_vm_type_supported"):
+            for name in ("KVM_CREATE_VM", "kvm_arch_init_vm", "vmx_is_vm_type_supported",
+                         "exit status", "KVM_MEMORY_ENCRYPT_OP", "command line at exec",
+                         "sev_mem_enc_ioctl"):
                 assert not result[name].attached
                 assert result[name].mechanism == "none"
                 assert "kprobe attach failed" in result[name].reason

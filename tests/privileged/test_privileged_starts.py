@@ -188,6 +188,9 @@ def test_the_encrypt_op_is_traced_with_its_command_and_errno(started):
     seen = {k: v for k, v in checks.items()
             if ("probe", "sev_mem_enc_ioctl") in k and ("comm", comm) in k}
     assert list(seen.values()) == ([1.0] if plan["attached"] == "yes" else []), (plan, seen)
+    verdicts = [e["result"] for e in started["trace"] if e.get("kind") == "event"
+                and e["comm"] == comm and e["probe"] == "sev_mem_enc_ioctl"]
+    assert verdicts == ([-op["errno"]] if plan["attached"] == "yes" else []), verdicts
     # The driver exited 0 after the failed op: a clean exit, not a failed start.
     pid = next(e["pid"] for e in evs)
     assert not _starts(started["rejections"], pid)
