@@ -82,16 +82,29 @@ HINTS: Mapping[tuple[str, str], str] = {
                               "configuration"),
     (VMM_EXITED, "*"): ("the VMM exited with an error before creating a VM: its own error "
                         "output (journal, libvirt's /var/log/libvirt/qemu/NAME.log) says why"),
-    (LAUNCH_FAILED, "*"): ("the confidential launch failed in KVM_MEMORY_ENCRYPT_OP: ENOTTY "
-                           "means SEV/TDX is off in kvm_amd/kvm_intel or the VM is not of "
-                           "that kind; EBUSY no free ASID/HKID (or the misc cgroup's "
-                           "sev/sev_es/tdx limit); EIO with a firmware status a PSP/TDX "
-                           "module error (update the firmware, see dmesg)"),
+    (LAUNCH_FAILED, "*"): ("the confidential launch failed in KVM_MEMORY_ENCRYPT_OP: see "
+                           "the firmware status and dmesg"),
     (EXITED_AFTER_CREATE, "*"): ("KVM created the VM, then the VMM exited with an error "
                                  "before or while running it: its own error output (journal, "
                                  "libvirt's log of the VM) says why"),
     (VMM_CRASHED, "*"): "the VMM was killed by a signal: look for a core dump (coredumpctl)",
 }
+# Hints of a failed KVM_MEMORY_ENCRYPT_OP, by errno (vm-start-paths.md §3).
+LAUNCH_HINTS: Mapping[str, str] = {
+    "ENOTTY": ("KVM has no SEV/TDX for this VM: the feature is off in kvm_amd/kvm_intel "
+               "(sev=, sev_es=, sev_snp=, tdx= parameters; kvmtrace doctor), or the command "
+               "does not fit the VM's type (a legacy SEV command on a DEFAULT VM needs "
+               "kvm_amd.sev=1)"),
+    "EINVAL": ("KVM refused the command's arguments: a command for another VM type, a bad "
+               "policy, or vCPUs created too early"),
+    "EBUSY": ("no free ASID/HKID, or the misc cgroup's sev/sev_es/tdx limit (misc.max) is "
+              "reached: stop other confidential VMs or raise the limit"),
+    "ENOSPC": "TDX private key IDs (HKIDs) are exhausted: stop another TD",
+    "EAGAIN": "the TDX module ran out of entropy: retry",
+    "EIO": ("the PSP/TDX module failed the command (its status is named): update the "
+            "firmware / TDX module, see dmesg"),
+}
+
 # Hints of a VM type the VMM refused, when KVM's mask is the evidence.
 HINTS = {**HINTS, **{(VMM_REFUSED_TYPE, t): HINTS[(TYPE_UNSUPPORTED, t)]
                      for r, t in list(HINTS) if r == TYPE_UNSUPPORTED and t != "*"}}

@@ -138,8 +138,10 @@ def _one(end: CountRecord, creates: list[CountRecord], launch: list[CountRecord]
         stage, reason = BEFORE_CREATE, attemptsmod.VMM_EXITED
     hint_type = wanted if wanted != NOT_KNOWN else (
         refused[-1].vm_type_name if refused else "*")
-    start = Start(outcome=FAILED, stage=stage, reason=reason,
-                  hint=attemptsmod.hint(reason, hint_type, vendor_modules), **base)
+    text = attemptsmod.hint(reason, hint_type, vendor_modules)
+    if failed_ops:
+        text = attemptsmod.LAUNCH_HINTS.get(failed_ops[-1].errno or "EIO", text)
+    start = Start(outcome=FAILED, stage=stage, reason=reason, hint=text, **base)
     return Start(**{**asdict(start), "summary": summary(start)})
 
 

@@ -104,7 +104,7 @@ def event_json(ev: Event, arch: str) -> str:
 
 def start_note(s: Start) -> list[str]:
     """The lines `trace`, `serve` and `explain` print for a failed VM start."""
-    return [f"  -> VM start failed {s.summary}", f"     hint: {s.hint}"]
+    return [f"    ↳ VM start failed {s.summary}", f"    ↳ hint: {s.hint}"]
 
 
 def start_report(s: Start, number: int) -> str:

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from kvmtrace import contract, starts, vmm
+from kvmtrace import attempts, contract, starts, vmm
 from kvmtrace import plan as planmod
 from kvmtrace.contract import (
     PROC_CREATE_FAILED,
@@ -70,7 +70,7 @@ def test_a_failed_encrypt_op_names_command_errno_and_firmware_status(decode):
     assert (op["family"], op["command"], op["errno"]) == ("SEV", "INIT2", "EIO")
     # psp-sev.h: SEV_RET_INAVLID_CONFIG = 0x0003 (sic)
     assert (op["firmware_status"], op["firmware_status_code"]) == ("INVALID_CONFIG", 3)
-    assert "INIT2 failed with EIO" in s.summary
+    assert "INIT2 failed with EIO" in s.summary and s.hint == attempts.LAUNCH_HINTS["EIO"]
 
 
 def test_tdx_status_is_the_upper_half_of_hw_error(decode):
