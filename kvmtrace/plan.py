@@ -223,9 +223,9 @@ def make_plan(facts: HostFacts) -> Plan:
                             mech, name if mech else None, why))
     first_launch = FIRST_TYPE_CHECK + len(names)
     for i, name in enumerate(LAUNCH_FUNCTIONS):
-        mech, why = _launch_mechanism(facts, name)
+        mech, target, why = _launch_mechanism(facts, name)
         points.append(Point(first_launch + i, name, Layer.LAUNCH, RETURNS_INT, mech,
-                            name if mech else None, why))
+                            target if mech else None, why))
     return Plan(tuple(points))
 
 
@@ -303,10 +303,25 @@ def _follow_points(facts: HostFacts, ioctl: Mechanism | None) -> list[Point]:
     return out
 
 
-def _launch_mechanism(facts: HostFacts, name: str) -> tuple[Mechanism | None, str]:
-    """The confidential launch's functions: kprobes only (optional points)."""
+def _launch_target(facts: HostFacts, name: str) -> str:
+    """What a launch function's kprobe attaches to: the function, or, when gcc left only
+    a clone that keeps its return value (.constprop, .isra), that clone."""
+    if name in facts.symbols or not facts.kprobes:
+        return name
+    clone = next((c for c in facts.clones.get(name, ())
+                  if ".constprop." in c or ".isra." in c), None)
+    return clone or name
+
+
+def _launch_mechanism(facts: HostFacts, name: str) -> tuple[Mechanism | None, str, str]:
+    """The confidential launch's functions: kprobes only (optional points); only their
+    return value is read, so a compiler clone that keeps it is traced in their place."""
+    target = _launch_target(facts, name)
+    if target != name:
+        return Mechanism.KPROBE, target, (f"kprobe + kretprobe on the compiler clone "
+                                          f"{target} (only the return value is read)")
     mech, why = _function_mechanism(facts, name)
     if mech == Mechanism.FENTRY:
-        return None, "fentry not built for launch functions; no kprobes here"
-    return mech, why
+        return None, name, "fentry not built for launch functions; no kprobes here"
+    return mech, name, why
 

@@ -213,3 +213,16 @@ def test_this_host_follows_processes_on_the_syscall_tracepoints(kernel_facts):
                           "syscalls:sys_enter_ioctl+syscalls:sys_exit_ioctl")):
         assert (pts[name].mechanism, pts[name].target) == (planmod.Mechanism.TRACEPOINT,
                                                            target), name
+
+
+def test_a_launch_function_left_only_as_a_clone_that_keeps_its_return_is_traced(kernel_facts):
+    f = with_follow_points(kernel_facts("seed-tdx-v12-kprobes"))
+    f = dataclasses.replace(f, clones={**f.clones, "snp_launch_start": [
+        "snp_launch_start.constprop.0"], "tdx_td_init": ["tdx_td_init.part.0"]})
+    pts = by_name(planmod.make_plan(f))
+    snp = pts["snp_launch_start"]
+    assert (snp.mechanism, snp.target) == (planmod.Mechanism.KPROBE,
+                                           "snp_launch_start.constprop.0")
+    assert "compiler clone" in snp.reason
+    td = pts["tdx_td_init"]  # a .part clone is only a part of the function: not traced
+    assert td.mechanism is None and "tdx_td_init.part.0" in td.reason
