@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fold the series of a name whose processes all exited this long ago "
                    "into comm=\"other\" (default 3600)")
     s.add_argument("--rejections", type=_positive_int, default=100, metavar="N",
-                   help="keep the last N rejected attempts for /api/rejections (default 100)")
+                   help="keep the last N rejected attempts and N failed VM starts for "
+                        "/api/rejections (default 100)")
     s.add_argument("--strict", action="store_true", help="fail unless every probe point attaches")
 
     t = sub.add_parser("trace", help="one line per VM creation attempt and type check",
@@ -205,7 +206,7 @@ def cmd_serve(args) -> int:
                         "(choose another with --web.listen-address)") from None
     allocator = Allocator()
     live = _start(args.strict, aggregator=Aggregator(NameBudget(args.max_series)),
-                  series_ttl=args.series_ttl)
+                  series_ttl=args.series_ttl, recent_starts=args.rejections)
     from prometheus_client import CollectorRegistry
 
     from kvmtrace.collector import KvmtraceCollector

@@ -39,14 +39,16 @@ class Stop:
 
 class Live:
     def __init__(self, facts: factsmod.HostFacts, reader: Reader, stop: Stop,
-                 aggregator: Aggregator | None = None, series_ttl: float = 3600.0):
+                 aggregator: Aggregator | None = None, series_ttl: float = 3600.0,
+                 recent_starts: int = 100):
         self.facts = facts
         self.reader = reader
         self.plan: planmod.Plan = reader.plan
         self.attachments = reader.attachments
         self.runtime = Runtime(reader, Decoder(self.plan, facts.arch), aggregator,
                                series_ttl=series_ttl, arch=facts.arch,
-                               vendor_modules=tuple(facts.vendor_modules))
+                               vendor_modules=tuple(facts.vendor_modules),
+                               recent_starts=recent_starts)
         self.stitcher = Stitcher(reader.attachments, facts.arch,
                                  host_mask=facts.kvm.vm_types_mask,
                                  vendor_modules=facts.vendor_modules)
@@ -54,7 +56,8 @@ class Live:
 
     @classmethod
     def start(cls, strict: bool, filter_pid: int = 0, stop: Stop | None = None,
-              aggregator: Aggregator | None = None, series_ttl: float = 3600.0) -> Live:
+              aggregator: Aggregator | None = None, series_ttl: float = 3600.0,
+              recent_starts: int = 100) -> Live:
         """Gather, plan, compile and attach in the loader child (kvmtrace.handoff).
 
         Fails when no point attached, or with ``strict`` when any point is missing;
@@ -79,7 +82,7 @@ class Live:
             reader.close()
             raise LiveError("--strict: not attached: "
                             + "; ".join(f"{a.point.name} ({a.reason})" for a in missing))
-        return cls(facts, reader, stop, aggregator, series_ttl)
+        return cls(facts, reader, stop, aggregator, series_ttl, recent_starts)
 
     def open_events(self, on_event: Callable[[Event, list[Attempt]], None]) -> None:
         """Decode each event, feed it to the stitcher, and hand both to ``on_event``

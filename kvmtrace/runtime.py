@@ -45,7 +45,7 @@ def proc_pids(proc: str = "/proc") -> set[int]:
 # Probe ids whose first record makes a process "seen": what its command line asked
 # for is looked up then (kvmtrace.vmm).
 _FOLLOWED = (PROBE_CREATE_VM, PROBE_VM_TYPES_QUERY, PROBE_PROCESS_END)
-RECENT_STARTS = 256  # failed starts kept for /api/rejections and explain
+RECENT_STARTS = 100  # failed starts kept for /api/rejections (serve: --rejections)
 
 
 def request_of(source: object, pid: int) -> vmm.VmmRequest:
@@ -70,7 +70,8 @@ class Runtime:
                  live_pids: Callable[[], set[int]] = proc_pids,
                  series_ttl: float = 3600.0, clock: Callable[[], float] = time.monotonic,
                  request: Callable[[int], vmm.VmmRequest] | None = None,
-                 arch: str = "x86_64", vendor_modules: tuple[str, ...] = ()):
+                 arch: str = "x86_64", vendor_modules: tuple[str, ...] = (),
+                 recent_starts: int = RECENT_STARTS):
         self.source = source
         self.decoder = decoder
         self._request = request or (lambda pid: request_of(source, pid))
@@ -78,7 +79,7 @@ class Runtime:
         self._vendor_modules = vendor_modules
         self._requests: dict[int, vmm.VmmRequest] = {}  # followed pids seen so far
         self._failures: Counter[tuple[str, str, str, str]] = Counter()
-        self.recent_starts: deque[Start] = deque(maxlen=RECENT_STARTS)
+        self.recent_starts: deque[Start] = deque(maxlen=recent_starts)
         self.on_start: Callable[[Start], None] | None = None  # every stitched start
         self.aggregator = aggregator or Aggregator()
         self._live_pids = live_pids
