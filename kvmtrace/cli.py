@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rejections", type=_positive_int, default=100, metavar="N",
                    help="keep the last N rejected attempts and N failed VM starts for "
                         "/api/rejections (default 100)")
-    s.add_argument("--strict", action="store_true", help="fail unless every probe point attaches")
+    s.add_argument("--strict", action="store_true",
+                   help="fail unless every probe point that is not optional attaches")
 
     t = sub.add_parser("trace", help="one line per VM creation attempt and type check",
                        epilog=EXAMPLES_TRACE, formatter_class=fmt)
@@ -141,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="JSON lines instead of columns")
     t.add_argument("--duration", type=_seconds, metavar="SECONDS",
                    help="stop after SECONDS")
-    t.add_argument("--strict", action="store_true", help="fail unless every probe point attaches")
+    t.add_argument("--strict", action="store_true",
+                   help="fail unless every probe point that is not optional attaches")
     t.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
     t.add_argument("--facts", metavar="FILE", help=argparse.SUPPRESS)
 
@@ -152,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--duration", type=_seconds, metavar="SECONDS",
                    help="stop after SECONDS (then say what the host supports if none was seen)")
     e.add_argument("--json", action="store_true", help="one JSON object per rejected attempt")
-    e.add_argument("--strict", action="store_true", help="fail unless every probe point attaches")
+    e.add_argument("--strict", action="store_true",
+                   help="fail unless every probe point that is not optional attaches")
 
     d = sub.add_parser("doctor", help="can this host be traced? (exit 0 when it can)",
                        epilog=EXAMPLES_DOCTOR, formatter_class=fmt)
@@ -345,6 +348,7 @@ def cmd_trace(args) -> int:
     print("Tracing KVM VM-type dispatch... Hit Ctrl-C to end.", file=sys.stderr, flush=True)
     try:
         live.run(100, on_attempt, duration=args.duration, tick=_retirer(live))
+        live.runtime.retire_exited()  # the starts that ended before the stop
         live.lost_warning()
     finally:
         live.close()

@@ -60,7 +60,8 @@ class Live:
               recent_starts: int = 100) -> Live:
         """Gather, plan, compile and attach in the loader child (kvmtrace.handoff).
 
-        Fails when no point attached, or with ``strict`` when any point is missing;
+        Fails when no point attached, or with ``strict`` when any point that is not
+        optional is missing;
         warns when /dev/kvm is absent. ``stop`` is made first when not given, so a
         signal during the (seconds-long) compile is not lost."""
         stop = stop or Stop()
@@ -78,10 +79,11 @@ class Live:
             raise LiveError("no probe point could attach here: "
                             + "; ".join(f"{a.point.name}: {a.reason}" for a in missing[:3])
                             + " (run 'kvmtrace doctor')")
-        if strict and missing:
+        required = [a for a in missing if not a.point.optional]
+        if strict and required:
             reader.close()
             raise LiveError("--strict: not attached: "
-                            + "; ".join(f"{a.point.name} ({a.reason})" for a in missing))
+                            + "; ".join(f"{a.point.name} ({a.reason})" for a in required))
         return cls(facts, reader, stop, aggregator, series_ttl, recent_starts)
 
     def open_events(self, on_event: Callable[[Event, list[Attempt]], None]) -> None:

@@ -98,6 +98,10 @@ class Point:
     mechanism: Mechanism | None  # None: not attached
     target: str | None  # what the mechanism attaches to
     reason: str  # why this mechanism, or why none
+    # Optional: a kernel may well lack it (the confidential launch's functions of the
+    # other vendor; an inlined one) or have a fallback (/proc for the command line).
+    # Reported like every point; --strict does not demand it.
+    optional: bool = False
 
     @property
     def planned(self) -> bool:
@@ -225,7 +229,7 @@ def make_plan(facts: HostFacts) -> Plan:
     for i, name in enumerate(LAUNCH_FUNCTIONS):
         mech, target, why = _launch_mechanism(facts, name)
         points.append(Point(first_launch + i, name, Layer.LAUNCH, RETURNS_INT, mech,
-                            target if mech else None, why))
+                            target if mech else None, why, optional=True))
     return Plan(tuple(points))
 
 
@@ -284,7 +288,8 @@ def _follow_points(facts: HostFacts, ioctl: Mechanism | None) -> list[Point]:
             "no execve syscall entry in kallsyms to kprobe, and a syscall tracepoint would "
             "put every syscall on the host on its slow path" if not on_syscalls else no)
             + "; command lines are read from /proc while the process lives")
-    out.append(Point(PROBE_EXEC, EXEC, Layer.PROCESS, RETURNS_NONE, *exec_plan))
+    out.append(Point(PROBE_EXEC, EXEC, Layer.PROCESS, RETURNS_NONE, *exec_plan,
+                     optional=True))
     # KVM_MEMORY_ENCRYPT_OP: with the ioctl tracepoints, or kprobes on kvm_arch_*_ioctl.
     if on_syscalls:
         enc = (Mechanism.TRACEPOINT, "+".join(IOCTL_TRACEPOINTS),

@@ -16,7 +16,8 @@ from kvmtrace.starts import Start, exit_of
 
 def plan_rows(attachments: Sequence[Attachment]) -> list[list[str]]:
     return [[a.point.name, a.mechanism, "yes" if a.attached else "NO",
-             (f"{a.point.target}: " if a.attached and a.point.target else "") + a.reason]
+             (f"{a.point.target}: " if a.attached and a.point.target else "")
+             + ("optional; " if a.point.optional and not a.attached else "") + a.reason]
             for a in attachments]
 
 

@@ -151,14 +151,19 @@ def test_qemu_failing_sev_after_a_default_create_is_a_failed_launch(started):
 
 def test_a_plain_qemu_stopped_with_sigterm_is_no_failure(started):
     pid, rc, stderr = started["run"]
-    assert rc == 0, stderr  # QEMU handles SIGTERM and exits 0
+    # QEMU's SIGTERM handler exits 0; a QEMU still setting up (slow under emulation)
+    # dies of SIGTERM's default action. Either is the operator's stop.
+    assert rc in (0, -signal.SIGTERM), stderr
     assert not _starts(started["rejections"], pid)
     assert not _starts(started["explain"], pid)
     (s,) = _starts(started["trace"], pid)  # trace shows every followed end
-    assert s["outcome"] in ("clean_exit", "stopped") and s["stage"] is None, s
+    assert (s["outcome"], s["stage"]) == ("clean_exit" if rc == 0 else "stopped", None), s
     ends = [e for e in started["trace"] if e.get("kind") == "event" and e["pid"] == pid
             and e["probe"] == "process exit"]
-    assert len(ends) == 1 and ends[0]["exit"] == {"how": "exited", "status": 0}
+    assert len(ends) == 1, ends
+    exit_ = {k: v for k, v in ends[0]["exit"].items() if k != "basis"}
+    assert exit_ == ({"how": "exited", "status": 0} if rc == 0
+                     else {"how": "killed", "signal": "SIGTERM"}), ends[0]
     got = samples(started["metrics"], "kvmtrace_vm_start_failures_total")
     assert not [k for k in got if ("comm", f"{started['tag']}-run") in k]
 

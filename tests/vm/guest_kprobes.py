@@ -263,6 +263,19 @@ def test_every_point_is_attached_with_a_kprobe(traced):
             probe
 
 
+def test_the_process_following_points_attach_without_syscall_tracepoints(traced):
+    """A kprobe kernel follows VMMs with kprobes and non-syscall tracepoints only."""
+    for probe, mechanism in (("KVM_MEMORY_ENCRYPT_OP", "kprobe"), ("exit status", "kprobe"),
+                             ("command line at exec", "kprobe"),
+                             ("process exit", "tracepoint"), ("fatal signal", "tracepoint"),
+                             ("sev_mem_enc_ioctl", "kprobe"), ("svm_vm_init", "kprobe")):
+        assert traced.total("kvmtrace_probe_attached", probe=probe,
+                            mechanism=mechanism) == 1, probe
+    # svm_vm_init runs inside every KVM_CREATE_VM that passes the type check (type 0).
+    assert traced.total("kvmtrace_vm_type_checks_total", probe="svm_vm_init",
+                        comm=traced.kvm_comm) == REPEAT
+
+
 def test_ioctl_layer_counts_are_exact(traced):
     c = traced.kvm_comm
     for t in TYPES:
