@@ -92,6 +92,20 @@ struct count_key {
  * rejection is exact even when events are lost.
  */
 
+/*
+ * Host-wide totals: (probe, VM type, result), without the process. No process
+ * can crowd these out: their keys are bounded whatever processes do (a VM
+ * type above VM_TYPE_BUCKET_MAX counts as VM_TYPE_OTHER; the raw value stays
+ * in the count key and the event), so TOTALS_MAX holds them all. Per CPU: no
+ * atomics, no shared cache lines.
+ */
+struct total_key {
+	u32 probe;
+	u32 pad;
+	u64 vm_type;
+	s64 result;
+};
+
 /* One record per completed call, for the live view. */
 struct event {
 	u64 ts_ns;       /* bpf_ktime_get_ns() at return */
@@ -116,6 +130,7 @@ struct ioctl_call {
 	u32 verdicts; /* VERDICT_* bits, set by the function probes */
 	s32 fd;       /* KVM_MEMORY_ENCRYPT_OP: the fd (-1: not known) */
 	u32 enc_id;   /* KVM_MEMORY_ENCRYPT_OP: the command id read at entry */
+	u64 status_in; /* KVM_MEMORY_ENCRYPT_OP: the status word before the call */
 };
 
 /* A function-point call in flight: (thread, probe) allows nesting. */
@@ -130,6 +145,7 @@ struct fn_call {
 };
 
 BPF_HASH(counts, struct count_key, u64, COUNTS_MAX);
+BPF_PERCPU_HASH(totals, struct total_key, u64, TOTALS_MAX);
 BPF_HASH(fn_calls, struct fn_key, struct fn_call, CALLS_MAX);
 /* Number of tracked ioctls in flight host-wide: the return hook of every
  * ioctl on the host reads it first and stops at once when it is 0. */
@@ -222,9 +238,26 @@ static __always_inline void health_inc(u32 idx)
 		(*v)++; /* this CPU's own counter: no atomic needed */
 }
 
+static __always_inline void total(u32 probe, u64 vm_type, s64 result)
+{
+	struct total_key key = {};
+	key.probe = probe;
+	key.vm_type = vm_type <= VM_TYPE_BUCKET_MAX ? vm_type : VM_TYPE_OTHER;
+	key.result = result;
+	u64 *v = totals.lookup(&key);
+	if (v) {
+		(*v)++; /* this CPU's own value */
+		return;
+	}
+	u64 one = 1;
+	if (totals.update(&key, &one)) /* a new key on this CPU's side of it */
+		health_inc(HEALTH_TOTALS_DROPPED);
+}
+
 static __always_inline void count(u32 tgid, u32 probe, u64 vm_type, s64 result,
 				  u32 verdicts, u32 detail)
 {
+	total(probe, vm_type, result);
 	struct count_key key = {};
 	key.tgid = tgid;
 	key.probe = probe;
@@ -560,6 +593,7 @@ int syscall__execveat(struct pt_regs *ctx, int dfd, const char *filename,
 static __always_inline int ioctl_enter(u32 cmd, u64 arg, s32 fd)
 {
 	u32 enc_id = 0;
+	u64 status_in = 0;
 	u64 id = bpf_get_current_pid_tgid();
 	if (cmd == KVM_MEMORY_ENCRYPT_OP) {
 		/* Only in processes followed since their VM-types query or
@@ -567,6 +601,7 @@ static __always_inline int ioctl_enter(u32 cmd, u64 arg, s32 fd)
 		if (!proc_find(id >> 32))
 			return 0;
 		bpf_probe_read_user(&enc_id, sizeof(enc_id), (void *)arg);
+		bpf_probe_read_user(&status_in, sizeof(status_in), (void *)(arg + 16));
 	} else if (cmd != KVM_CREATE_VM &&
 		   !(cmd == KVM_CHECK_EXTENSION && arg == KVM_CAP_VM_TYPES)) {
 		return 0;
@@ -589,6 +624,7 @@ static __always_inline int ioctl_enter(u32 cmd, u64 arg, s32 fd)
 	c->verdicts = 0;
 	c->fd = fd;
 	c->enc_id = enc_id;
+	c->status_in = status_in;
 	c->cmd = cmd;
 	return 0;
 }
@@ -603,6 +639,10 @@ static __always_inline void encrypt_done(void *ctx, u64 id, struct ioctl_call *c
 	u64 vm_type = p ? proc_vm_type(p, call->fd) : (u64)-1;
 	u64 status = 0;
 	bpf_probe_read_user(&status, sizeof(status), (void *)(call->arg + 16));
+	/* Only what the kernel wrote: a value the caller left there (KVM returns
+	 * early without copying the struct back) is not a firmware status. */
+	if (status == call->status_in)
+		status = 0;
 	u32 detail;
 	if (vm_type == TDX_VM_TYPE) {
 		detail = status >> 32;

@@ -63,14 +63,19 @@ class Aggregator:
     def __init__(self, budget: NameBudget | None = None) -> None:
         self._exited: Counter[Key] = Counter()  # keys folded over processes (pid None)
         self.exited_processes = 0
+        self.live_folded = 0  # entries of live processes folded early (map filling up)
         self.budget = budget or NameBudget()
         self._last_exit: dict[str, float] = {}  # comm -> when a process of it last exited
 
     def retire(self, records: Iterable[CountRecord], live_pids: set[int],
-               now: float = 0.0) -> list[CountRecord]:
-        """Fold the records of processes not in ``live_pids``; return them for deletion.
-        A name without series of its own (past the budget) is folded as "other"."""
-        dead = [r for r in records if r.pid not in live_pids]
+               now: float = 0.0, fold_live: bool = False) -> list[CountRecord]:
+        """Fold the records of processes not in ``live_pids`` (``fold_live``: of every
+        process: the map is filling up); return them for deletion. A name without series
+        of its own (past the budget) is folded as "other"."""
+        records = list(records)
+        dead = records if fold_live else [r for r in records if r.pid not in live_pids]
+        if fold_live:
+            self.live_folded += sum(1 for r in dead if r.pid in live_pids)
         # What each name's records will cost in samples (a rejected call: 2, else 1).
         cost: Counter[str] = Counter()
         for r in dead:
@@ -84,7 +89,7 @@ class Aggregator:
             else:
                 last[comm] = now
             self._exited[key] += r.count
-        self.exited_processes += len({r.pid for r in dead})
+        self.exited_processes += len({r.pid for r in dead if r.pid not in live_pids})
         return dead
 
     def expire(self, now: float, ttl: float, live_comms: set[str]) -> int:

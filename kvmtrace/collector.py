@@ -34,7 +34,7 @@ from kvmtrace import plan as planmod
 from kvmtrace import tables
 from kvmtrace.aggregate import OTHER, NameBudget, SlotSums
 from kvmtrace.contract import LATENCY_OUTCOMES, RAW_KEY_LEN, RawCount
-from kvmtrace.decode import Key
+from kvmtrace.decode import Key, vm_type_label
 from kvmtrace.kvmdev import KvmInfo
 from kvmtrace.plan import Attachment
 from kvmtrace.render import FixedFamilies, Renderer
@@ -148,7 +148,8 @@ class KvmtraceCollector(Collector):
         try:
             raws, exited, counts = self._rt.raw_counts()
             health = {**self._rt.health(), **self._extra_health(),
-                      "start_failures": getattr(self._rt, "start_failures", dict)()}
+                      "start_failures": getattr(self._rt, "start_failures", dict)(),
+                      "totals": getattr(self._rt, "totals_by_labels", dict)()}
             latency = self._rt.latency()
         except Exception as exc:  # whatever a map read raised: degrade, never a 500
             raws, exited, counts, health, latency, ok = [], [], [], {}, ([], [0, 0]), 0
@@ -213,7 +214,7 @@ class KvmtraceCollector(Collector):
         # so the budget sees the samples made so far).
         name_of = self._budget.name
         comms = (name_of(c, len(labels)) for c in map(_COMM, rows))
-        vts, names = map(str, map(_VM_TYPE, rows)), map(_NAME, rows)
+        vts, names = map(vm_type_label, map(_VM_TYPE, rows)), map(_NAME, rows)
         if self._with_pid:
             pairs = ((c, "" if pid is None or c == OTHER else str(pid))
                      for c, pid in zip(comms, map(_PID, rows), strict=True))
@@ -235,8 +236,8 @@ class KvmtraceCollector(Collector):
                 kind = tables.encrypt_family(vm_type, arch)
                 f, rejected = ENCRYPT, False
                 key = (*base, tables.encrypt_command_name(kind, verdicts), errno or "none",
-                       tables.firmware_status_name(kind, detail << 32 if kind == "TDX"
-                                                   else detail))
+                       tables.firmware_status_label(kind, detail << 32 if kind == "TDX"
+                                                    else detail, errno is not None))
             elif layer == planmod.Layer.PROCESS:
                 out.append(())  # a process's end: kept by the runtime (start failures)
                 continue
@@ -318,6 +319,14 @@ class KvmtraceCollector(Collector):
         for labels, n in sorted(health.get("start_failures", {}).items()):
             failures.add_metric(list(labels), n)
         out.append(failures)
+        calls = CounterMetricFamily(
+            f"{NS}_probe_calls",
+            "Calls seen at each probe point, host-wide and exact whatever processes do "
+            "(VM types above 255 count as vm_type=\"other\"), by result (ok, an errno, "
+            "or true/false).", labels=["probe", "vm_type", "vm_type_name", "result"])
+        for labels, n in sorted(health.get("totals", {}).items()):
+            calls.add_metric(list(labels), n)
+        out.append(calls)
         kvm_up = GaugeMetricFamily(
             f"{NS}_host_kvm_up", "1 when /dev/kvm answered the exporter's KVM_CAP_VM_TYPES query.")
         kvm_up.add_metric([], 1 if kvm.vm_types_mask is not None else 0)
@@ -348,10 +357,14 @@ class KvmtraceCollector(Collector):
             ("calls_dropped", "Calls not tracked because the in-flight map was full."),
             ("procs_dropped", "Processes not followed to their end because the map of "
                               "followed processes was full."),
+            ("totals_dropped", "Host-wide total updates lost because the totals map was "
+                               "full (its keys are bounded: expected to stay 0)."),
             ("decode_errors", "Events that could not be decoded."),
             ("retire_errors", "Retirement passes skipped because the process list could "
                               "not be read (e.g. out of file descriptors)."),
             ("exited_processes", "Count entries of exited processes folded out of the map."),
+            ("live_entries_folded", "Count entries of live processes folded out of the map "
+                                    "early, because it was half full (sums stay exact)."),
             ("live_lines_dropped", "Lines of serve's live view dropped because its stdout "
                                    "was not read (counting never waits for it)."),
             ("names_folded", "Process names exported as comm=\"other\" instead of their "

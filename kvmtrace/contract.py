@@ -60,6 +60,12 @@ PROC_BITS = {
 }
 NO_VM_TYPE = 2**64 - 1  # struct proc.last_type before any accepted create
 
+# VM types above this count as VM_TYPE_OTHER in the host-wide totals (the raw value
+# stays in the count key and the event): the totals' keys stay bounded.
+VM_TYPE_BUCKET_MAX = 255
+VM_TYPE_OTHER = 2**64 - 1
+TOTALS_MAX = 16384  # host-wide totals: bounded keys (probe x type bucket x result)
+
 # Sizes of the process-following state (fixed: not loader options).
 PROCS_MAX = 8192  # processes followed at once (more: kvmtrace_procs_dropped_total)
 VM_FDS_MAX = 8  # VM fds remembered per process (a power of 2)
@@ -70,7 +76,7 @@ EXEC_ARGV_MAX = 128  # arguments of one command line kept
 
 # ---- health: per-CPU counters, index i is HEALTH[i] (kvmtrace_<name>_total) ----
 HEALTH = ("counts_dropped", "events_lost", "calls_dropped", "events_throttled",
-          "procs_dropped")
+          "procs_dropped", "totals_dropped")
 
 # ---- KVM_CREATE_VM latency: log2(ns) slots per outcome ---------------------------
 LATENCY_OUTCOMES = ("accepted", "rejected")  # outcome = (ret < 0)
@@ -108,6 +114,13 @@ COUNT_VALUE_SIZE = 8  # u64
 RawCount = tuple[int, int, int, int, int, int, bytes, int]
 RAW_KEY_LEN = 7  # raw[:RAW_KEY_LEN] is the key, raw[RAW_KEY_LEN] the count
 
+# struct total_key: the totals map's key: probe, pad, vm_type (bucketed), result.
+# Values: u64 per CPU.
+TOTAL_KEY = struct.Struct("<IIQq")
+
+# A host-wide total as read: (probe, vm_type, result, count).
+RawTotal = tuple[int, int, int, int]
+
 # struct event: one record per completed call on the live stream: u64 ts_ns,
 # duration_ns, vm_type; s64 result; u32 tgid, tid, probe, verdicts, detail, fd;
 # u64 status; comm.
@@ -128,8 +141,9 @@ STRUCTS: dict[str, tuple[tuple[str, str], ...]] = {
               ("u32", "verdicts"), ("u32", "detail"), ("u32", "fd"), ("u64", "status"),
               ("char[TASK_COMM_LEN]", "comm")),
     "exec_args": (("u32", "len"), ("u32", "flags"), ("char[EXEC_ARGS_BYTES]", "args")),
+    "total_key": (("u32", "probe"), ("u32", "pad"), ("u64", "vm_type"), ("s64", "result")),
 }
-STRUCT_FORMATS = {"count_key": COUNT_KEY, "event": EVENT,
+STRUCT_FORMATS = {"count_key": COUNT_KEY, "event": EVENT, "total_key": TOTAL_KEY,
                   "exec_args": struct.Struct(f"<II{EXEC_ARGS_BYTES}s")}
 
 # ---- maps -----------------------------------------------------------------------
@@ -137,6 +151,7 @@ STRUCT_FORMATS = {"count_key": COUNT_KEY, "event": EVENT,
 BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERF_EVENT_ARRAY = 4
+BPF_MAP_TYPE_PERCPU_HASH = 5
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_RINGBUF = 27
@@ -165,6 +180,8 @@ LATENCY_SUM_ENTRIES = len(LATENCY_OUTCOMES)
 MAPS: dict[str, MapSpec] = {m.name: m for m in (
     MapSpec("counts", "BPF_HASH", "struct count_key", "u64", "COUNTS_MAX",
             COUNT_KEY.size, COUNT_VALUE_SIZE),
+    MapSpec("totals", "BPF_PERCPU_HASH", "struct total_key", "u64", "TOTALS_MAX",
+            TOTAL_KEY.size, 8),
     MapSpec("health", "BPF_PERCPU_ARRAY", None, "u64", "HEALTH_ENTRIES", 4, 8),
     MapSpec("create_latency", "BPF_ARRAY", None, "u64", "LATENCY_ENTRIES", 4, 8),
     MapSpec("create_latency_sum", "BPF_ARRAY", None, "u64", "LATENCY_SUM_ENTRIES", 4, 8),
@@ -189,6 +206,9 @@ def defines(counts_max: int, calls_max: int, ringbuf_pages: int) -> dict[str, st
         **{k: str(v) for k, v in VERDICTS.items()},
         **{k: str(v) for k, v in PROC_BITS.items()},
         "PROCS_MAX": str(PROCS_MAX),
+        "TOTALS_MAX": str(TOTALS_MAX),
+        "VM_TYPE_BUCKET_MAX": str(VM_TYPE_BUCKET_MAX),
+        "VM_TYPE_OTHER": f"{VM_TYPE_OTHER:#x}ULL",
         "VM_FDS_MAX": str(VM_FDS_MAX),
         "EXEC_ARGS_MAX": str(EXEC_ARGS_MAX),
         "EXEC_ARGS_BYTES": str(EXEC_ARGS_BYTES),
@@ -208,7 +228,8 @@ def defines(counts_max: int, calls_max: int, ringbuf_pages: int) -> dict[str, st
 
 def expected_entries(name: str, counts_max: int) -> int:
     """max_entries the kernel must report for one of :data:`MAPS`."""
-    return {"counts": counts_max, "health": HEALTH_ENTRIES, "create_latency": LATENCY_ENTRIES,
+    return {"counts": counts_max, "totals": TOTALS_MAX, "health": HEALTH_ENTRIES,
+            "create_latency": LATENCY_ENTRIES,
             "create_latency_sum": LATENCY_SUM_ENTRIES, "exec_args": EXEC_ARGS_MAX}[name]
 
 
@@ -239,6 +260,7 @@ def check_map(name: str, info: MapInfo, counts_max: int, ringbuf: bool,
         return f"map {name}: not in kvmtrace.contract.MAPS"
     want_type = {"BPF_HASH": BPF_MAP_TYPE_HASH, "BPF_ARRAY": BPF_MAP_TYPE_ARRAY,
                  "BPF_PERCPU_ARRAY": BPF_MAP_TYPE_PERCPU_ARRAY,
+                 "BPF_PERCPU_HASH": BPF_MAP_TYPE_PERCPU_HASH,
                  "BPF_LRU_HASH": BPF_MAP_TYPE_LRU_HASH}[spec.macro]
     got = (info.type, info.key_size, info.value_size, info.max_entries)
     want = (want_type, spec.key_size, spec.value_size, expected_entries(name, counts_max))

@@ -11,9 +11,26 @@ from typing import NamedTuple
 
 from kvmtrace import plan as planmod
 from kvmtrace import tables
-from kvmtrace.contract import EVENT, RawCount
+from kvmtrace.contract import (
+    EVENT,
+    PROBE_PROCESS_END,
+    PROBE_VM_TYPES_QUERY,
+    VM_TYPE_OTHER,
+    RawCount,
+    RawTotal,
+)
 
 _MEMO_MAX = 4096  # entries of each Decoder memo before it is cleared
+
+
+# The bucket of VM types above contract.VM_TYPE_BUCKET_MAX in the totals (its label).
+OTHER_TYPE = "other"
+
+
+def vm_type_label(vm_type: int) -> str:
+    """A VM type as a label value: the number, or "other" for the totals' bucket of
+    types above VM_TYPE_BUCKET_MAX (their raw values are in the count keys and events)."""
+    return OTHER_TYPE if vm_type == VM_TYPE_OTHER else str(vm_type)
 
 
 class DecodeError(ValueError):
@@ -96,7 +113,24 @@ class Decoder:
         return Verdict(False, None)
 
     def vm_type_name(self, vm_type: int) -> str:
+        if vm_type == VM_TYPE_OTHER:
+            return OTHER_TYPE
         return tables.vm_type_name(vm_type, self._arch)
+
+    def total(self, raw: RawTotal) -> tuple[tuple[str, str, str, str], int]:
+        """A host-wide total's labels (probe, vm_type, vm_type_name, result) and count;
+        result: "ok", an errno name, or "true"/"false" for a bool point."""
+        probe_id, vm_type, result, n = raw
+        name, _, returns = self.point(probe_id)
+        if returns == planmod.RETURNS_BOOL:
+            text = "true" if result else "false"
+        elif returns in (planmod.RETURNS_EXIT, planmod.RETURNS_NONE) or result >= 0:
+            text = "ok"
+        else:
+            text = tables.errno_name(-result)
+        if probe_id in (PROBE_VM_TYPES_QUERY, PROBE_PROCESS_END):
+            return (name, "", "", text), n  # no VM type (a process end's is its mask)
+        return (name, vm_type_label(vm_type), self.vm_type_name(vm_type), text), n
 
     def count(self, raw: RawCount) -> CountRecord:
         tgid, probe_id, vm_type, result, verdicts, detail, comm, value = raw

@@ -79,6 +79,11 @@ class Reader:
                                 f"disagree)")
             self.entries[name] = info.max_entries
 
+    @property
+    def counts_capacity(self) -> int:
+        """max_entries of the counts map."""
+        return self.entries["counts"]
+
     def _fd(self, name: str) -> int:
         return self.maps[name]
 
@@ -150,6 +155,25 @@ class Reader:
             done += count.value + 1
         for key in keys[done:]:
             self.lib.bpf_map_delete_elem(fd, ct.byref(key))  # ENOENT: already gone
+
+    def read_totals(self) -> list[contract.RawTotal]:
+        """The host-wide totals: (probe, vm_type, result, count), the per-CPU values
+        summed."""
+        fd = self.maps.get("totals")
+        if fd is None:
+            return []
+        fmt = contract.TOTAL_KEY
+        key, nxt = ct.create_string_buffer(fmt.size), ct.create_string_buffer(fmt.size)
+        values = (ct.c_uint64 * self.ncpus)()
+        out, prev = [], None
+        # A few keys (bounded by the kernel's answers, not by processes): one by one.
+        while self.lib.bpf_map_get_next_key(fd, prev, nxt) == 0:
+            ct.memmove(key, nxt, fmt.size)
+            prev = key
+            if self.lib.bpf_map_lookup_elem(fd, key, values) == 0:
+                probe, _, vm_type, result = fmt.unpack(key.raw)
+                out.append((probe, vm_type, result, sum(values)))
+        return out
 
     def exec_args(self, tgid: int) -> bytes | None:
         """The command line the kernel kept for process ``tgid`` at its execve (NUL-

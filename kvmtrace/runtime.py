@@ -71,10 +71,11 @@ class Runtime:
                  series_ttl: float = 3600.0, clock: Callable[[], float] = time.monotonic,
                  request: Callable[[int], vmm.VmmRequest] | None = None,
                  arch: str = "x86_64", vendor_modules: tuple[str, ...] = (),
-                 recent_starts: int = RECENT_STARTS):
+                 recent_starts: int = RECENT_STARTS, fold_live_at: float = 0.5):
         self.source = source
         self.decoder = decoder
         self._request = request or (lambda pid: request_of(source, pid))
+        self._fold_live_at = fold_live_at  # fraction of the counts map: fold live entries
         self._arch = arch
         self._vendor_modules = vendor_modules
         self._requests: dict[int, vmm.VmmRequest] = {}  # followed pids seen so far
@@ -111,10 +112,15 @@ class Runtime:
             now = self._clock()
             read = self.source.read_counts()
             self._see(read)
-            raws = [raw for raw in read if raw[0] not in live]
+            # A map filling up (a storm of names or processes): fold the entries of live
+            # processes too, so there is room for everybody's next calls. Their sums stay
+            # exact (the folded residual plus their new entries); their pid is lost.
+            capacity = getattr(self.source, "counts_capacity", 0)
+            fold_live = bool(capacity) and len(read) >= capacity * self._fold_live_at
+            raws = read if fold_live else [raw for raw in read if raw[0] not in live]
             pairs = [(raw, self.decoder.count(raw)) for raw in raws]
-            self._stitch([r for _, r in pairs])
-            dead = self.aggregator.retire([r for _, r in pairs], live, now)
+            self._stitch([r for _, r in pairs if r.pid not in live])
+            dead = self.aggregator.retire([r for _, r in pairs], live, now, fold_live)
             dead_ids = {id(r) for r in dead}
             self.source.delete_counts([raw for raw, r in pairs if id(r) in dead_ids])
             live_comms = {self.decoder.count_labels(raw[:RAW_KEY_LEN]).comm for raw in read
@@ -163,6 +169,15 @@ class Runtime:
             exited, counts = self.aggregator.exited()
         return raws, exited, counts
 
+    def totals_by_labels(self) -> dict[tuple[str, str, str, str], int]:
+        """kvmtrace_probe_calls_total: host-wide, exact, whatever processes do."""
+        read = getattr(self.source, "read_totals", None)
+        out: Counter[tuple[str, str, str, str]] = Counter()
+        for raw in read() if read is not None else ():
+            labels, n = self.decoder.total(raw)
+            out[labels] += n
+        return dict(out)
+
     def processes(self) -> list[dict]:
         with self._lock:
             return per_process(r for _, r in self._records())
@@ -175,6 +190,7 @@ class Runtime:
         h["decode_errors"] = self.decode_errors
         h["retire_errors"] = self.retire_errors
         h["exited_processes"] = self.aggregator.exited_processes
+        h["live_entries_folded"] = self.aggregator.live_folded
         h["names_folded"] = self.aggregator.budget.folded
         return h
 

@@ -23,7 +23,13 @@ from dataclasses import asdict, dataclass, field
 from kvmtrace import attempts as attemptsmod
 from kvmtrace import plan as planmod
 from kvmtrace import tables
-from kvmtrace.contract import PROC_EXIT_CODE, PROC_QUERIED
+from kvmtrace.contract import (
+    PROC_CREATE_FAILED,
+    PROC_CREATED,
+    PROC_EXIT_CODE,
+    PROC_LAUNCH_FAILED,
+    PROC_QUERIED,
+)
 from kvmtrace.decode import CountRecord
 from kvmtrace.vmm import VmmRequest
 
@@ -86,7 +92,8 @@ def _launch_row(r: CountRecord, arch: str) -> dict:
     status = r.detail << 32 if family == "TDX" else r.detail
     return {"vm_type": r.vm_type, "vm_type_name": r.vm_type_name, "family": family,
             "command": tables.encrypt_command_name(family, r.verdicts),
-            "errno": r.errno, "firmware_status": tables.firmware_status_name(family, status),
+            "errno": r.errno, "firmware_status": tables.firmware_status_label(family, status,
+                                                                         r.errno is not None),
             "firmware_status_code": status, "count": r.count}
 
 
@@ -104,9 +111,13 @@ def _one(end: CountRecord, creates: list[CountRecord], launch: list[CountRecord]
          request: VmmRequest, arch: str, vendor_modules: Sequence[str]) -> Start:
     mask = end.vm_type if end.verdicts & PROC_QUERIED else None
     ex = exit_of(end.result, end.verdicts, end.detail)
-    accepted = [r for r in creates if not r.rejected]
+    # What it did, from the end record's bits (exact even when a busy map made the
+    # exporter fold the process's own records early); the records give the detail.
+    flags = end.verdicts
+    accepted = [r for r in creates if not r.rejected] or flags & PROC_CREATED
     refused = [r for r in creates if r.rejected]
     failed_ops = [r for r in launch if r.rejected or r.detail]
+    failed_launch = bool(failed_ops) or flags & PROC_LAUNCH_FAILED
     wanted = request.requested_type or NOT_KNOWN
     create_rows = [{"vm_type": r.vm_type, "vm_type_name": r.vm_type_name,
                     "result": r.errno or "ok", "count": r.count} for r in creates]
@@ -121,15 +132,16 @@ def _one(end: CountRecord, creates: list[CountRecord], launch: list[CountRecord]
     if _stopped(ex):
         return Start(outcome=STOPPED, stage=None, reason=None, **base)
     crashed = ex["how"] == "killed"
-    if failed_ops:
+    if failed_launch:
         stage, reason = DURING_LAUNCH, attemptsmod.LAUNCH_FAILED
     elif accepted:
         stage = DURING_LAUNCH
         reason = attemptsmod.VMM_CRASHED if crashed else attemptsmod.EXITED_AFTER_CREATE
-    elif refused:
-        r = refused[-1]
+    elif refused or flags & PROC_CREATE_FAILED:
         stage = AT_CREATE
-        reason = attemptsmod.classify(r.errno, r.vm_type, r.verdicts, mask).reason
+        reason = attemptsmod.classify(refused[-1].errno, refused[-1].vm_type,
+                                      refused[-1].verdicts, mask).reason \
+            if refused else attemptsmod.OTHER
     elif crashed:
         stage, reason = BEFORE_CREATE, attemptsmod.VMM_CRASHED
     elif mask is not None and _refused_by_mask(wanted, mask, arch):
@@ -183,7 +195,7 @@ def summary(s: Start) -> str:
         else:
             made = ", ".join(sorted({c["vm_type_name"] for c in s.creates
                                      if c["result"] == "ok"}))
-            parts.append(f"KVM created a {made} VM")
+            parts.append(f"KVM created a {made + ' ' if made else ''}VM")
     elif s.stage == BEFORE_CREATE:
         parts.append("no KVM_CREATE_VM")
     parts.append(_exit_text(s.exit))

@@ -318,3 +318,9 @@ def signal_name(sig: int) -> str:
         return signal.Signals(sig).name
     except ValueError:
         return unknown(sig)
+
+
+def firmware_status_label(family: str, status: int, failed: bool) -> str:
+    """firmware_status_name(), except "none" for a failed call that left no status (0):
+    KVM refused it before the firmware was asked (ENOTTY, EINVAL, ...)."""
+    return "none" if failed and status == 0 else firmware_status_name(family, status)

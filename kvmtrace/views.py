@@ -57,7 +57,7 @@ def encrypt_text(ev: Event, arch: str) -> str:
     """A KVM_MEMORY_ENCRYPT_OP: its command, result and firmware status."""
     family = tables.encrypt_family(ev.vm_type, arch)
     cmd = tables.encrypt_command_name(family, ev.verdicts)
-    status = tables.firmware_status_name(family, ev.status)
+    status = tables.firmware_status_label(family, ev.status, ev.result < 0)
     return f"{family}:{cmd} {'ok' if ev.result >= 0 else ev.result} fw={status}"
 
 
@@ -97,7 +97,8 @@ def event_json(ev: Event, arch: str) -> str:
     if ev.probe == planmod.ENCRYPT_OP:
         family = tables.encrypt_family(ev.vm_type, arch)
         data.update(family=family, command=tables.encrypt_command_name(family, ev.verdicts),
-                    firmware_status=tables.firmware_status_name(family, ev.status))
+                    firmware_status=tables.firmware_status_label(family, ev.status,
+                                                                 ev.result < 0))
     elif ev.probe == planmod.PROCESS_END:
         data.update(exit=exit_of(ev.result, ev.verdicts, ev.detail), mask=ev.vm_type)
     return json.dumps(data, sort_keys=True)

@@ -138,6 +138,7 @@ def _used_in_c() -> set[str]:
     text = _without_comments(C)
     words = set(re.findall(r"\b([A-Z][A-Z0-9_]{2,})\b", text))
     bcc = {"BPF_HASH", "BPF_ARRAY", "BPF_PERCPU_ARRAY", "BPF_TASK_STORAGE", "BPF_TABLE",
+           "BPF_PERCPU_HASH",
            "BPF_RINGBUF_OUTPUT", "BPF_PERF_OUTPUT", "BPF_RB_NO_WAKEUP",
            "BPF_LOCAL_STORAGE_GET_F_CREATE", "TASK_COMM_LEN", "TRACEPOINT_PROBE",
            "KFUNC_PROBE", "KRETFUNC_PROBE", "PT_REGS_RC", "SPDX", "GPL", "ARGN", "RET_T",
@@ -172,7 +173,8 @@ def test_every_define_the_c_uses_is_given_by_the_loader():
 
 def _info(name, **over):
     spec = contract.MAPS[name]
-    types = {"BPF_HASH": 1, "BPF_ARRAY": 2, "BPF_PERCPU_ARRAY": 6, "BPF_LRU_HASH": 9}
+    types = {"BPF_HASH": 1, "BPF_ARRAY": 2, "BPF_PERCPU_HASH": 5, "BPF_PERCPU_ARRAY": 6,
+             "BPF_LRU_HASH": 9}
     base = dict(type=types[spec.macro], key_size=spec.key_size, value_size=spec.value_size,
                 max_entries=contract.expected_entries(name, 10240))
     return contract.MapInfo(**{**base, **over})

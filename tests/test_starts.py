@@ -149,3 +149,30 @@ def test_the_runtime_counts_failures_by_stage_reason_and_type(kernel_facts):
     assert [s.pid for s in seen] == [20, 21] and len(rt.recent_starts) == 2
     rt.retire_exited()
     assert sorted(asked) == [20, 21, 22]
+
+
+def test_a_half_full_map_folds_live_entries_and_sums_stay_exact(kernel_facts):
+    """Hand-built: a map of capacity 4 holding 2 live processes' entries (2 of 4)."""
+    from kvmtrace.runtime import Runtime
+    from tests.recorded import RecordedSource
+
+    raws = [(30, C.PROBE_CREATE_VM, 2, -22, 0, 0, b"busy", 5),
+            (31, C.PROBE_CREATE_VM, 2, -22, 0, 0, b"busy", 7)]
+    source = RecordedSource(raws)
+    source.counts_capacity = 4
+    d = Decoder(planmod.make_plan(kernel_facts("firecracker-6.18-no-kprobes")), "x86_64")
+    rt = Runtime(source, d, live_pids=lambda: {30, 31}, request=lambda pid: vmm.NOT_KNOWN)
+    before = sum(rt.totals().values())
+    assert rt.retire_exited() == 2 and source.raws == []  # both folded, though alive
+    assert sum(rt.totals().values()) == before == 12
+    h = rt.health()
+    assert (h["live_entries_folded"], h["exited_processes"]) == (2, 0)
+    source.raws = raws[:1]  # 1 of 4: below half, live entries stay
+    assert rt.retire_exited() == 0 and source.raws == raws[:1]
+
+
+def test_the_end_records_bits_decide_when_the_records_were_folded_early(decode):
+    """A long-lived VMM whose create was folded out of the map before it ended."""
+    recs = decode([end(16, 0, 1 << 8, PROC_CREATED | PROC_LAUNCH_FAILED | PROC_EXIT_CODE)])
+    (s,) = starts.stitch(recs, vmm.NOT_KNOWN)
+    assert (s.stage, s.reason) == ("during_launch", "launch_failed")

@@ -453,3 +453,33 @@ def test_one_process_through_many_names_cannot_grow_the_series():
         assert len(lines) <= 2 * (26 + 1), len(lines)
     finally:
         serve.stop()
+
+
+def test_host_totals_stay_exact_when_one_process_fills_the_counts_map():
+    """One process renames itself through 200 names (a create under each) into a counts
+    map of 64 entries, then another makes 300 creates: per-process detail is lost (and
+    counted), the host-wide totals are exact. A VM type nobody else uses (100-249)
+    keeps other processes on the host out of the totals looked at; a made-up 2**40+
+    type lands in the bounded "other" bucket (>=: other processes may add to it)."""
+    from kvmtrace import contract, facts, loader, plan, reader
+
+    f = facts.gather()
+    session = reader.Reader.over(loader.load(plan.make_plan(f), loader.Options(
+        self_tgid=os.getpid(), counts_max=64)))
+    try:
+        t = 100 + os.getpid() % 150
+        huge = 2**40 + t  # a made-up type: the totals keep it in the "other" bucket
+        for types, args in ((t, ["--names", "200"]), (t, ["--repeat", "300"]),
+                            (huge, ["--repeat", "7"])):  # names: NAME-0 ... NAME-199
+            subprocess.run([*VMMAKER, "--name", f"kvt{os.urandom(3).hex()}", "--types",
+                            str(types), *args], capture_output=True, text=True, check=True,
+                           timeout=120)
+        totals = {(probe, vm_type, result): n
+                  for probe, vm_type, result, n in session.read_totals()}
+        assert totals[(contract.PROBE_CREATE_VM, t, -22)] == 500
+        assert totals[(contract.PROBE_CREATE_VM, contract.VM_TYPE_OTHER, -22)] >= 7
+        assert not [k for k in totals if k[1] == huge]
+        assert session.health()["counts_dropped"] > 0  # the per-process loss is counted
+        assert session.health()["totals_dropped"] == 0
+    finally:
+        session.close()

@@ -118,6 +118,10 @@ def test_exporter_reason_label_rejections_api_and_latency(explained):
     fd = frozenset({("comm", f"{prefix}-f"), ("vm_type", "0"), ("vm_type_name", "DEFAULT"),
                     ("errno", "EMFILE"), ("reason", "fd_exhausted")})
     assert rej[fd] == 1
+    # Failed VM starts come first (none of ours: the children exit 0), then attempts.
+    kinds = [r["kind"] for r in rejections]
+    assert kinds == sorted(kinds, key=["start", "attempt"].index)
+    rejections = [r for r in rejections if r["kind"] == "attempt"]
     ours = [r for r in rejections if r["comm"].startswith(prefix)]
     assert len(ours) == len(attempts)
     ends = [r["end_ns"] for r in rejections]
