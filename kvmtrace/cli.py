@@ -12,7 +12,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from kvmtrace import __version__, kvmdev, views
+from kvmtrace import __version__, kvmdev, views, webconfig
 from kvmtrace import doctor as doctormod
 from kvmtrace import facts as factsmod
 from kvmtrace import loader as loadermod
@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--web.listen-address", dest="listen", default=servermod.DEFAULT_ADDRESS,
                    metavar="HOST:PORT",
                    help=f"address for /metrics (default {servermod.DEFAULT_ADDRESS})")
+    s.add_argument("--web.config.file", dest="web_config", metavar="FILE",
+                   help="TLS and basic auth, in the Prometheus exporter-toolkit format")
     s.add_argument("--web.max-requests", dest="max_requests", type=_count, default=40,
                    metavar="N", help="at most N requests at once, more get 503 "
                    "(0: no limit; default 40, as node_exporter)")
@@ -200,10 +202,19 @@ def cmd_serve(args) -> int:
         host, port = servermod.parse_address(args.listen)
     except servermod.AddressError as exc:
         raise UserError(f"{exc} (--web.listen-address)") from None
+    web = webconfig.WebConfig()
+    if args.web_config:
+        try:
+            web = webconfig.load(args.web_config)
+        except webconfig.WebConfigError as exc:
+            raise UserError(f"--web.config.file {exc}") from None
+    contexts = webconfig.Contexts(web.tls, lambda m: print(f"WARNING: {m}", file=sys.stderr)) \
+        if web.tls else None
     _require_root()
     holder: dict = {}
     try:
-        httpd = servermod.bind(lambda e, s: holder["app"](e, s), host, port)
+        httpd = servermod.bind(lambda e, s: holder["app"](e, s), host, port,
+                               contexts.get if contexts else None)
     except OSError as exc:
         raise UserError(f"cannot listen on {args.listen}: {exc.strerror or exc} "
                         "(choose another with --web.listen-address)") from None
@@ -233,10 +244,14 @@ def cmd_serve(args) -> int:
                    for a in sorted(rejections, key=lambda a: a.end_ns, reverse=True))],
         exposition=collector.exposition),  # /metrics body: the registry holds only it
         args.max_requests)
+    if web.users:
+        holder["app"] = webconfig.basic_auth(holder["app"], web.users)
+    if web.headers:
+        holder["app"] = webconfig.with_headers(holder["app"], web.headers)
     thread = threading.Thread(target=httpd.serve_forever, name="http", daemon=True)
     thread.start()
     print(views.plan_table(live.attachments))
-    print(f"kvmtrace {__version__}: serving http://{host}:{port}/metrics "
+    print(f"kvmtrace {__version__}: serving http{'s' if contexts else ''}://{host}:{port}/metrics "
           "(Ctrl-C to stop)", flush=True)
 
     def on_attempt(a: Attempt) -> None:

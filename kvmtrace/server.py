@@ -6,6 +6,7 @@ import gzip
 import html
 import json
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Hashable
 from urllib.parse import parse_qs
@@ -205,17 +206,33 @@ def make_app(registry: CollectorRegistry, title: str,
     return app
 
 
-def bind(app: Callable, host: str, port: int) -> WSGIServer:
+def bind(app: Callable, host: str, port: int,
+         tls: Callable[[], ssl.SSLContext] | None = None) -> WSGIServer:
     """Bind HOST:PORT (OSError on failure, socket.gaierror for a name that does not
     resolve); the caller runs serve_forever. The address family is what getaddrinfo
     gives for HOST, as prometheus_client's start_wsgi_server picks it; the server is its
-    thread-per-request ThreadingWSGIServer."""
+    thread-per-request ThreadingWSGIServer. ``tls``: the server context to use for each
+    new connection (kvmtrace.webconfig.Contexts.get); the handshake then happens in the
+    connection's own thread, under its timeout, never in the accept loop."""
     family, _, _, _, sockaddr = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
 
     class Server(ThreadingWSGIServer):
         address_family = family
         request_queue_size = LISTEN_BACKLOG
+        handshake_errors = 0  # failed TLS handshakes (plain HTTP, bad client certs)
+
+        def get_request(self):
+            sock, addr = super().get_request()
+            if tls is not None:
+                sock = tls().wrap_socket(sock, server_side=True,
+                                         do_handshake_on_connect=False)
+            return sock, addr
+
+        def handle_error(self, request, client_address):
+            # A client that fails its TLS handshake or goes away mid-request: its own
+            # problem, not a traceback on the exporter's stderr.
+            Server.handshake_errors += 1
 
     return make_server(sockaddr[0], port, app, server_class=Server,
                        handler_class=_QuietHandler)

@@ -21,7 +21,8 @@ release=$(uname -r)
 # libbpf1 (a dependency of bcc anyway): the exporter reads maps through it.
 pkgs=(python3-bpfcc libbpf1 python3-venv python3-pip)
 # procps: the tests use pgrep (Debian 13 minimal roots lack it).
-[ "$want_test" = 1 ] && pkgs+=(prometheus procps)
+# openssl, curl: the TLS tests make certificates and use a real HTTPS client.
+[ "$want_test" = 1 ] && pkgs+=(prometheus procps openssl curl)
 # Headers: the running kernel's own if Debian has them, else the default ones.
 headers_pkg=linux-headers-amd64
 case "$(uname -m)" in aarch64) headers_pkg=linux-headers-arm64 ;; esac
