@@ -766,7 +766,9 @@ int kvmtrace_encrypt_enter(struct pt_regs *ctx)
 
 int kvmtrace_encrypt_return(struct pt_regs *ctx)
 {
-	return ioctl_return(ctx, (s64)(long)PT_REGS_RC(ctx));
+	/* int on 6.12+ (long before, and for the vCPU one): its upper half is not
+	 * part of the value; an encrypt op returns 0 or -errno either way. */
+	return ioctl_return(ctx, (s64)(int)PT_REGS_RC(ctx));
 }
 #endif
 
