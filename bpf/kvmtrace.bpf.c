@@ -594,11 +594,11 @@ static __always_inline int ioctl_enter(u32 cmd, u64 arg, s32 fd)
 {
 	u32 enc_id = 0;
 	u64 status_in = 0;
-	u64 id = bpf_get_current_pid_tgid();
+	/* Every ioctl on the host passes here: the command alone decides first. */
 	if (cmd == KVM_MEMORY_ENCRYPT_OP) {
 		/* Only in processes followed since their VM-types query or
 		 * create: the command id is the struct's first u32. */
-		if (!proc_find(id >> 32))
+		if (!proc_find(bpf_get_current_pid_tgid() >> 32))
 			return 0;
 		bpf_probe_read_user(&enc_id, sizeof(enc_id), (void *)arg);
 		bpf_probe_read_user(&status_in, sizeof(status_in), (void *)(arg + 16));
@@ -606,6 +606,7 @@ static __always_inline int ioctl_enter(u32 cmd, u64 arg, s32 fd)
 		   !(cmd == KVM_CHECK_EXTENSION && arg == KVM_CAP_VM_TYPES)) {
 		return 0;
 	}
+	u64 id = bpf_get_current_pid_tgid();
 	if ((u32)(id >> 32) == SELF_TGID)
 		return 0;
 	struct ioctl_call *c = call_slot();
