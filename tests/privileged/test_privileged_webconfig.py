@@ -30,12 +30,17 @@ def openssl(*args: str, cwd: Path) -> None:
 def make_pki(d: Path, serial: str = "1") -> None:
     """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by
     the CA (serial: the server certificate's, to tell a rotation apart)."""
+    # RFC 5280-conforming (key usage on the CA, authority key ids): Python 3.13's default
+    # context verifies with VERIFY_X509_STRICT (Debian 13), so every client here does.
     if not (d / "ca.key").exists():
         openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
-                "-out", "ca.crt", "-days", "2", "-subj", "/CN=kvmtrace test CA", cwd=d)
+                "-out", "ca.crt", "-days", "2", "-subj", "/CN=kvmtrace test CA",
+                "-addext", "basicConstraints=critical,CA:TRUE",
+                "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+    leaf = "keyUsage=critical,digitalSignature,keyEncipherment\nbasicConstraints=critical,CA:FALSE"
     for name, ext in (("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
                       ("client", "extendedKeyUsage=clientAuth")):
-        (d / f"{name}.ext").write_text(ext + "\n")
+        (d / f"{name}.ext").write_text(f"{ext}\n{leaf}\n")
         openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key.new",
                 "-out", f"{name}.csr", "-subj", f"/CN=kvmtrace {name}", cwd=d)
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
@@ -47,6 +52,7 @@ def make_pki(d: Path, serial: str = "1") -> None:
 
 def client_context(d: Path, cert: bool = True) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(d / "ca.crt"))
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT  # as Python 3.13's default, on every Python
     if cert:
         ctx.load_cert_chain(d / "client.crt", d / "client.key")
     return ctx
