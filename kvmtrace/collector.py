@@ -33,7 +33,7 @@ from kvmtrace import attempts as attemptsmod
 from kvmtrace import plan as planmod
 from kvmtrace import tables
 from kvmtrace.aggregate import OTHER, NameBudget, SlotSums
-from kvmtrace.contract import LATENCY_OUTCOMES, RAW_KEY_LEN, RawCount
+from kvmtrace.contract import LATENCY_OUTCOMES, RAW_KEY_LEN, RawCount, firmware_status
 from kvmtrace.decode import Key, vm_type_label
 from kvmtrace.kvmdev import KvmInfo
 from kvmtrace.plan import Attachment
@@ -236,8 +236,8 @@ class KvmtraceCollector(Collector):
                 kind = tables.encrypt_family(vm_type, arch)
                 f, rejected = ENCRYPT, False
                 key = (*base, tables.encrypt_command_name(kind, verdicts), errno or "none",
-                       tables.firmware_status_label(kind, detail << 32 if kind == "TDX"
-                                                    else detail, errno is not None))
+                       tables.firmware_status_label(
+                           kind, firmware_status(kind == "TDX", detail), errno is not None))
             elif layer == planmod.Layer.PROCESS:
                 out.append(())  # a process's end: kept by the runtime (start failures)
                 continue

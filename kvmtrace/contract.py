@@ -58,7 +58,6 @@ PROC_BITS = {
     "PROC_LAUNCH_FAILED": PROC_LAUNCH_FAILED, "PROC_EXIT_CODE": PROC_EXIT_CODE,
     "PROC_FDS_FULL": PROC_FDS_FULL,
 }
-NO_VM_TYPE = 2**64 - 1  # struct proc.last_type before any accepted create
 
 # VM types above this count as VM_TYPE_OTHER in the host-wide totals (the raw value
 # stays in the count key and the event): the totals' keys stay bounded.
@@ -129,7 +128,6 @@ EVENT = struct.Struct("<QQQqIIIIIIQ16s")
 # struct exec_args: the exec_args map's value (u32 len, u32 flags, the NUL-separated
 # arguments); flags bit 0: truncated.
 EXEC_ARGS_HEAD = struct.Struct("<II")
-EXEC_ARGS_TRUNCATED = 1
 
 # The C struct fields, in order, as (C type, name): what tests/test_contract.py holds
 # the C against, and what the formats above are built from.
@@ -191,6 +189,12 @@ MAPS: dict[str, MapSpec] = {m.name: m for m in (
 EVENTS_MAP = "events"  # BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES) or BPF_PERF_OUTPUT(events)
 # Maps that exist only when the plan has their point (kvmtrace.plan: EXEC).
 OPTIONAL_MAPS = ("exec_args",)
+def firmware_status(tdx: bool, detail: int) -> int:
+    """The firmware status word a count key's ``detail`` stands for: SEV's whole u32
+    error, or the upper half of TDX's hw_error (its status class)."""
+    return detail << 32 if tdx else detail
+
+
 # Every map the reader is handed, by name (an optional one when the program has it).
 READ_MAPS = (*MAPS, EVENTS_MAP)
 

@@ -60,7 +60,7 @@ def build_text(plan: planmod.Plan, opts: Options) -> str:
     ioctl = plan.ioctl_mechanism
     if ioctl is not None:
         defines[f"IOCTL_{ioctl.upper()}"] = "1"
-    points = {p.id: p for p in plan.points}
+    points = plan.by_id()
     launch = [p.id for p in plan.points
               if p.layer == planmod.Layer.LAUNCH and p.id >= contract.FIRST_TYPE_CHECK]
     defines["FIRST_LAUNCH"] = str(min(launch, default=contract.FIRST_TYPE_CHECK + len(plan.points)))

@@ -252,11 +252,12 @@ def _follow_points(facts: HostFacts, ioctl: Mechanism | None) -> list[Point]:
                  end_no or "the leader's exit ends a process that touched /dev/kvm")]
     followed = end_no is None
 
-    def dependent(pid: int, name: str, plan: tuple[Mechanism | None, str | None, str]) -> Point:
+    def dependent(pid: int, name: str, plan: tuple[Mechanism | None, str | None, str],
+                  layer: Layer = Layer.PROCESS, returns: str = RETURNS_NONE) -> Point:
         mech, target, why = plan
         if not followed:
             mech, target, why = None, None, f"needs {PROCESS_END}: {end_no}"
-        return Point(pid, name, Layer.PROCESS, RETURNS_NONE, mech, target, why)
+        return Point(pid, name, layer, returns, mech, target, why)
 
     # Exit status: the exit_group tracepoint where syscalls are traced anyway, else
     # a kprobe on do_group_exit (a syscall tracepoint would slow every syscall).
@@ -302,9 +303,7 @@ def _follow_points(facts: HostFacts, ioctl: Mechanism | None) -> list[Point]:
         enc = (None, None, f"{ENCRYPT_FUNCTIONS[0]}: "
                f"{_function_mechanism(facts, ENCRYPT_FUNCTIONS[0])[1]}"
                + ("; fentry not built for it" if ioctl == Mechanism.FENTRY else ""))
-    p = dependent(PROBE_ENCRYPT_OP, ENCRYPT_OP, enc)
-    out.insert(0, Point(p.id, p.name, Layer.LAUNCH, RETURNS_INT, p.mechanism, p.target,
-                        p.reason))
+    out.insert(0, dependent(PROBE_ENCRYPT_OP, ENCRYPT_OP, enc, Layer.LAUNCH, RETURNS_INT))
     return out
 
 

@@ -220,7 +220,6 @@ def bind(app: Callable, host: str, port: int,
     class Server(ThreadingWSGIServer):
         address_family = family
         request_queue_size = LISTEN_BACKLOG
-        handshake_errors = 0  # failed TLS handshakes (plain HTTP, bad client certs)
 
         def get_request(self):
             sock, addr = super().get_request()
@@ -232,7 +231,7 @@ def bind(app: Callable, host: str, port: int,
         def handle_error(self, request, client_address):
             # A client that fails its TLS handshake or goes away mid-request: its own
             # problem, not a traceback on the exporter's stderr.
-            Server.handshake_errors += 1
+            return
 
     return make_server(sockaddr[0], port, app, server_class=Server,
                        handler_class=_QuietHandler)

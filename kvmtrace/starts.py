@@ -17,7 +17,7 @@ A clean exit, or a stop by SIGTERM/SIGINT/SIGHUP/SIGKILL, is not a failure.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from kvmtrace import attempts as attemptsmod
@@ -29,6 +29,7 @@ from kvmtrace.contract import (
     PROC_EXIT_CODE,
     PROC_LAUNCH_FAILED,
     PROC_QUERIED,
+    firmware_status,
 )
 from kvmtrace.decode import CountRecord
 from kvmtrace.vmm import VmmRequest
@@ -89,7 +90,7 @@ def _stopped(ex: dict) -> bool:
 
 def _launch_row(r: CountRecord, arch: str) -> dict:
     family = tables.encrypt_family(r.vm_type, arch)
-    status = r.detail << 32 if family == "TDX" else r.detail
+    status = firmware_status(family == "TDX", r.detail)
     return {"vm_type": r.vm_type, "vm_type_name": r.vm_type_name, "family": family,
             "command": tables.encrypt_command_name(family, r.verdicts),
             "errno": r.errno, "firmware_status": tables.firmware_status_label(family, status,
@@ -206,6 +207,3 @@ def failure_labels(s: Start, comm: str) -> tuple[str, str, str, str]:
     """The labels of kvmtrace_vm_start_failures_total for a failed start."""
     return (comm, s.stage or "", s.reason or "", s.requested_type)
 
-
-def failed(starts: Iterable[Start]) -> list[Start]:
-    return [s for s in starts if s.failed]

@@ -53,12 +53,18 @@ def describe_result(ev: Event, arch: str) -> str:
     return str(ev.result)
 
 
+def encrypt_fields(ev: Event, arch: str) -> dict[str, str]:
+    """A KVM_MEMORY_ENCRYPT_OP event's family, command and firmware status, by name."""
+    family = tables.encrypt_family(ev.vm_type, arch)
+    return {"family": family, "command": tables.encrypt_command_name(family, ev.verdicts),
+            "firmware_status": tables.firmware_status_label(family, ev.status, ev.result < 0)}
+
+
 def encrypt_text(ev: Event, arch: str) -> str:
     """A KVM_MEMORY_ENCRYPT_OP: its command, result and firmware status."""
-    family = tables.encrypt_family(ev.vm_type, arch)
-    cmd = tables.encrypt_command_name(family, ev.verdicts)
-    status = tables.firmware_status_label(family, ev.status, ev.result < 0)
-    return f"{family}:{cmd} {'ok' if ev.result >= 0 else ev.result} fw={status}"
+    f = encrypt_fields(ev, arch)
+    return (f"{f['family']}:{f['command']} {'ok' if ev.result >= 0 else ev.result} "
+            f"fw={f['firmware_status']}")
 
 
 def end_text(ev: Event, arch: str) -> str:
@@ -95,10 +101,7 @@ def event_json(ev: Event, arch: str) -> str:
     data["time"] = round(wall_time(ev.ts_ns), 6)
     data["result_text"] = describe_result(ev, arch)
     if ev.probe == planmod.ENCRYPT_OP:
-        family = tables.encrypt_family(ev.vm_type, arch)
-        data.update(family=family, command=tables.encrypt_command_name(family, ev.verdicts),
-                    firmware_status=tables.firmware_status_label(family, ev.status,
-                                                                 ev.result < 0))
+        data.update(encrypt_fields(ev, arch))
     elif ev.probe == planmod.PROCESS_END:
         data.update(exit=exit_of(ev.result, ev.verdicts, ev.detail), mask=ev.vm_type)
     return json.dumps(data, sort_keys=True)
