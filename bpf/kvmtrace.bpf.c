@@ -499,9 +499,13 @@ TRACEPOINT_PROBE(syscalls, sys_enter_exit_group)
 	return proc_exit_code(((u32)args->error_code & 0xff) << 8);
 }
 #elif defined(EXIT_KPROBE)
-/* void do_group_exit(int exit_code): status << 8, or the fatal signal. */
+/* void do_exit(long code) of the leader: the group's final code (status << 8,
+ * or the fatal signal: the group exit code, not the SIGKILL its threads get). */
 int kvmtrace_group_exit(struct pt_regs *ctx)
 {
+	u64 id = bpf_get_current_pid_tgid();
+	if ((u32)id != (u32)(id >> 32))
+		return 0;
 	return proc_exit_code((u32)PT_REGS_PARM1(ctx));
 }
 #endif

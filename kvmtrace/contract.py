@@ -50,7 +50,7 @@ PROC_CREATED = 2  # a KVM_CREATE_VM returned a VM fd
 PROC_CREATE_FAILED = 4  # a KVM_CREATE_VM failed
 PROC_LAUNCH_OK = 8  # a KVM_MEMORY_ENCRYPT_OP succeeded
 PROC_LAUNCH_FAILED = 16  # a KVM_MEMORY_ENCRYPT_OP failed (errno or firmware status)
-PROC_EXIT_CODE = 32  # its exit code was seen (exit_group / do_group_exit)
+PROC_EXIT_CODE = 32  # its exit code was seen (exit_group / the leader's do_exit)
 PROC_FDS_FULL = 64  # more VMs than VM_FDS_MAX: later ops get the last create's type
 PROC_BITS = {
     "PROC_QUERIED": PROC_QUERIED, "PROC_CREATED": PROC_CREATED,

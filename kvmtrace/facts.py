@@ -46,7 +46,7 @@ FOLLOW_TRACEPOINTS = (EXIT_TRACEPOINT, SIGNAL_TRACEPOINT, EXIT_GROUP_TRACEPOINT,
 # execve syscall's entry under each architecture's syscall-wrapper prefix.
 EXEC_FUNCTIONS = tuple(f"__{arch}_sys_{call}" for call in ("execve", "execveat")
                        for arch in ("x64", "arm64", "s390x", "riscv", "powerpc"))
-GROUP_EXIT_FUNCTION = "do_group_exit"  # void do_group_exit(int exit_code)
+GROUP_EXIT_FUNCTION = "do_exit"  # void do_exit(long code): the leader's, the group's code
 ENCRYPT_FUNCTIONS = ("kvm_arch_vm_ioctl", "kvm_arch_vcpu_ioctl")  # (filp, ioctl, arg)
 # The confidential launch's own functions on current kernels (optional points).
 LAUNCH_FUNCTIONS = ("sev_mem_enc_ioctl", "__sev_guest_init", "sev_asid_new",

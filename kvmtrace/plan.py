@@ -260,13 +260,13 @@ def _follow_points(facts: HostFacts, ioctl: Mechanism | None) -> list[Point]:
         return Point(pid, name, layer, returns, mech, target, why)
 
     # Exit status: the exit_group tracepoint where syscalls are traced anyway, else
-    # a kprobe on do_group_exit (a syscall tracepoint would slow every syscall).
+    # a kprobe on do_exit (a syscall tracepoint would slow every syscall).
     no = _tracepoint(facts, EXIT_GROUP_TRACEPOINT)
     if on_syscalls and no is None:
         status = (Mechanism.TRACEPOINT, EXIT_GROUP_TRACEPOINT, "exit_group(status)")
     elif facts.kprobes and GROUP_EXIT_FUNCTION in facts.symbols:
         status = (Mechanism.KPROBE, GROUP_EXIT_FUNCTION,
-                  "kprobe: do_group_exit(status << 8 | signal)")
+                  "kprobe: do_exit of the leader (status << 8 | signal)")
     else:
         status = (None, None, f"{no or 'not on the syscall tracepoints'}; "
                   f"{GROUP_EXIT_FUNCTION}: {_function_mechanism(facts, GROUP_EXIT_FUNCTION)[1]}")

@@ -86,7 +86,7 @@ def with_follow_points(f: HostFacts) -> HostFacts:
     from kvmtrace.facts import Symbol
 
     syms = {**f.symbols, **{n: Symbol(n, None) for n in (
-        "do_group_exit", "kvm_arch_vm_ioctl", "__x64_sys_execve", "__x64_sys_execveat")},
+        "do_exit", "kvm_arch_vm_ioctl", "__x64_sys_execve", "__x64_sys_execveat")},
         "kvm_arch_vcpu_ioctl": Symbol("kvm_arch_vcpu_ioctl", "kvm"),
         "sev_mem_enc_ioctl": Symbol("sev_mem_enc_ioctl", "kvm_amd")}
     return dataclasses.replace(f, symbols=syms, tracepoints=[

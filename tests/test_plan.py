@@ -168,7 +168,7 @@ def test_without_tracefs_nothing_is_compiled_and_the_fix_is_named(kernel_facts):
 
 
 def test_following_processes_on_a_kprobe_host_stays_off_the_syscall_tracepoints(kernel_facts):
-    """A kprobe host: the exit status from do_group_exit, KVM_MEMORY_ENCRYPT_OP from
+    """A kprobe host: the exit status from do_exit, KVM_MEMORY_ENCRYPT_OP from
     kvm_arch_*_ioctl and argv from the execve syscall's entry, all kprobes: no syscall
     tracepoint (each would put every syscall on the slow path)."""
     f = with_follow_points(kernel_facts("seed-tdx-v12-kprobes"))
@@ -177,7 +177,7 @@ def test_following_processes_on_a_kprobe_host_stays_off_the_syscall_tracepoints(
     assert (pts["process exit"].mechanism, pts["process exit"].target) == \
         (planmod.Mechanism.TRACEPOINT, "sched:sched_process_exit")
     assert (pts["exit status"].mechanism, pts["exit status"].target) == \
-        (planmod.Mechanism.KPROBE, "do_group_exit")
+        (planmod.Mechanism.KPROBE, "do_exit")
     assert (pts["KVM_MEMORY_ENCRYPT_OP"].mechanism, pts["KVM_MEMORY_ENCRYPT_OP"].target) == \
         (planmod.Mechanism.KPROBE, "kvm_arch_vm_ioctl+kvm_arch_vcpu_ioctl")
     assert (pts["command line at exec"].mechanism, pts["command line at exec"].target) == \

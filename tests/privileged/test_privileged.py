@@ -232,7 +232,7 @@ def test_kprobe_programs_pass_the_verifier_and_failed_attaches_are_reported(kern
     """
     from kvmtrace import loader, plan
 
-    # With the process-following points of a kprobe host: do_group_exit, the execve
+    # With the process-following points of a kprobe host: do_exit, the execve
     # syscall's entry (bcc's syscall__ programs), kvm_arch_*_ioctl, sev_mem_enc_ioctl.
     p = plan.make_plan(with_follow_points(kernel_facts("seed-tdx-v12-kprobes")))
     assert "#define EXEC_KPROBE 1" in loader.build_text(p, loader.Options())
