@@ -242,7 +242,7 @@ def machine() -> dict:
 
 def build_drivers(outdir: Path) -> dict[str, str]:
     bins = {}
-    for name in ("workload", "storm", "series"):
+    for name in ("workload", "storm", "series", "names"):
         src = BENCH / "drivers" / f"{name}.c"
         exe = outdir / f"kb-{name}"
         out = subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(exe), str(src)],

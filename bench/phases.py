@@ -1,8 +1,10 @@
-"""The benchmark phases: the overhead matrix, the storm, the 10,000-series scale run."""
+"""The benchmark phases: the overhead matrix, the storm, the 10,000-series scale run,
+concurrent scrapes, hostile names."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import statistics
@@ -249,7 +251,8 @@ def scale(bins: dict, n_types: int, scrapes: int, retire_interval: float | None)
         # Wait for the retirement pass to fold the exited process out of the map.
         deadline = time.monotonic() + (retire_interval or 10.0) * 3 + 30
         while time.monotonic() < deadline:
-            if metric_sum(serve.metrics(), "kvmtrace_exited_processes_total") >= 1:
+            live = json.loads(scrape(serve.url.replace("/metrics", "/api/processes"))[1])
+            if not [p for p in live if p["comm"] == comm]:  # none left in the kernel map
                 break
             time.sleep(0.5)
         else:
@@ -262,3 +265,195 @@ def scale(bins: dict, n_types: int, scrapes: int, retire_interval: float | None)
     return out
 
 
+
+
+# ---- phase: concurrent scrapes, idle and during a storm -----------------------
+
+def concurrent_scrapes(url: str, n: int, timeout: float = 30) -> list[dict]:
+    """N scrapes of URL at once (curl --parallel-immediate: every connection opened
+    together, a C client, so the client adds no GIL queue of its own): per request its
+    HTTP status, seconds from its start to its last byte, body size and curl's exit code
+    (0, or 28 for a timeout, 7 for a refused connection ...)."""
+    args: list[str] = []
+    for _ in range(n):
+        args += ["-o", "/dev/null", url]
+    out = subprocess.run(
+        ["curl", "-s", "-Z", "--parallel-immediate", "--parallel-max", str(n), "--max-time",
+         str(timeout), "-w", "%{http_code} %{time_total} %{size_download} %{exitcode}\\n",
+         *args], capture_output=True, text=True, timeout=timeout * 3 + 30, check=False)
+    rows = []
+    for line in out.stdout.splitlines():
+        code, t, size, rc = line.split()
+        rows.append({"status": int(code), "s": float(t), "bytes": int(size), "curl": int(rc)})
+    if len(rows) != n:
+        raise BenchError(f"curl reported {len(rows)} of {n} transfers: {out.stderr[-500:]}")
+    return rows
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of xs."""
+    s = sorted(xs)
+    return s[min(len(s), max(1, math.ceil(q / 100 * len(s)))) - 1]
+
+
+def wave_summary(rows: list[dict]) -> dict:
+    ok = [r["s"] for r in rows if r["status"] == 200]
+    every = [r["s"] for r in rows]
+    statuses: dict[str, int] = {}
+    for r in rows:
+        key = str(r["status"]) if r["curl"] == 0 else f"curl:{r['curl']}"
+        statuses[key] = statuses.get(key, 0) + 1
+    return {
+        "requests": len(rows), "statuses": statuses,
+        "answered": sum(1 for r in rows if r["curl"] == 0 and r["status"] in (200, 503)),
+        "complete_bodies": sum(1 for r in rows if r["status"] == 200 and r["bytes"] > 0),
+        "p50_ms": percentile(every, 50) * 1e3, "p99_ms": percentile(every, 99) * 1e3,
+        "max_ms": max(every) * 1e3,
+        "ok_p99_ms": percentile(ok, 99) * 1e3 if ok else None,
+    }
+
+
+def scrapes(bins: dict, clients: int, waves: int, storm_calls: int) -> dict:
+    """`clients` scrapes at once, `waves` times, against one exporter: idle, then while
+    two storm drivers issue rejected creates as fast as they can. Twice: with the
+    default --web.max-requests (40: the excess gets a quick 503, as node_exporter) and
+    with no cap (every request collected; concurrent ones share one collection)."""
+    out: dict = {"clients": clients, "waves": waves, "runs": {}}
+    for label, extra in (("default_cap", ()), ("no_cap", ("--web.max-requests", "0"))):
+        serve = Serve(extra)
+        serve.start()
+        run: dict = {"flags": " ".join(extra) or "(defaults)", "cold_starts_s": serve.cold_starts}
+        procs: list[subprocess.Popen] = []
+        try:
+            for cond in ("idle", "storm"):
+                if cond == "storm":
+                    tag = f"{os.getpid() % 10000}"
+                    procs = [spawn([bins["storm"], f"kbsc{tag}{c}", str(storm_calls)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for c in "ab"]
+                    for p in procs:
+                        assert p.stdout is not None and p.stdin is not None
+                        if p.stdout.readline().strip() != "ready":
+                            raise BenchError(f"storm driver did not start: {p.stderr.read()}")
+                    for p in procs:
+                        assert p.stdin is not None
+                        p.stdin.write("g")
+                        p.stdin.flush()
+                    time.sleep(0.5)  # the storm is under way
+                rows: list[dict] = []
+                during = True
+                for _ in range(waves):
+                    rows += concurrent_scrapes(serve.url, clients)
+                    during = during and all(p.poll() is None for p in procs)
+                run[cond] = {**wave_summary(rows), "storm_ran_throughout": during
+                             if cond == "storm" else None}
+                log(f"scrapes {label} {cond}: {run[cond]['statuses']}, p50 "
+                    f"{run[cond]['p50_ms']:.0f} ms, p99 {run[cond]['p99_ms']:.0f} ms")
+            if run["idle"]["p99_ms"]:
+                run["storm_to_idle_p99"] = run["storm"]["p99_ms"] / run["idle"]["p99_ms"]
+        finally:
+            for p in procs:
+                end(p, signal.SIGKILL)
+            serve.stop()
+        out["runs"][label] = run
+    return out
+
+
+# ---- phase: names (hostile renames, short-lived names) -----------------------
+
+def names(bins: dict, rename_counts: list[int], fork_burst: int, fork_rounds: list[int],
+          retire_interval: float | None) -> dict:
+    """One exporter with its defaults (--max-series 10,000) against a hostile user:
+    processes renaming themselves through many names (one rejected create under each)
+    while another process makes 300 creates, then bursts of short-lived children each
+    under a name of its own. After every step: VmRSS/VmHWM, series, body size, the
+    exact host-wide totals against what the drivers issued, the 300 creates exported,
+    names folded, counts dropped."""
+    extra = ("--retire-interval", str(retire_interval)) if retire_interval else ()
+    settle = (retire_interval or 10.0) * 1.2 + 0.5  # one retirement pass after each step
+    serve = Serve(extra)
+    serve.start()
+    assert serve.proc is not None
+    pid = serve.proc.pid
+    tag = f"{os.getpid() % 1000:03d}"
+    # One VM type per run, at most 255 (above that the host totals have one "other"
+    # bucket); others on the host rarely use it.
+    vm_type = 100 + 2 * (os.getpid() % 70)
+    issued = other_issued = 0
+    steps: list[dict] = []
+    out: dict = {"vm_type": vm_type, "other_vm_type": vm_type + 1, "steps": steps,
+                 "retire_interval_s": retire_interval or 10.0, "cold_starts_s": serve.cold_starts}
+    alive: list[subprocess.Popen] = []
+
+    def measure(label: str, other_comm: str | None = None) -> None:
+        t, text = scrape(serve.url, timeout=120)
+        fam = ("kvmtrace_vm_create_attempts_total", "kvmtrace_vm_create_rejected_total")
+        series = sum(1 for ln in text.splitlines() if ln.startswith(fam))
+        totals = metric_sum(text, "kvmtrace_probe_calls_total", probe="KVM_CREATE_VM",
+                            vm_type=str(vm_type))
+        step = {"step": label, "issued_total": issued, "host_total": int(totals),
+                "totals_exact": int(totals) == issued, "series": series,
+                "body_bytes": len(text), "scrape_ms": t * 1e3,
+                "names_folded": int(metric_sum(text, "kvmtrace_names_folded_total")),
+                "counts_dropped": int(metric_sum(text, "kvmtrace_counts_dropped_total")),
+                "live_entries_folded": int(metric_sum(text,
+                                                      "kvmtrace_live_entries_folded_total")),
+                "rss_kib": rss_kib(pid)}
+        if other_comm:  # 300 creates of the next VM type under one name of its own
+            got = int(metric_sum(text, "kvmtrace_vm_create_attempts_total", comm=other_comm))
+            host = int(metric_sum(text, "kvmtrace_probe_calls_total", probe="KVM_CREATE_VM",
+                                  vm_type=str(vm_type + 1)))
+            step["other_process"] = {"comm": other_comm, "issued": 300, "exported": got,
+                                     "host_total": host, "host_issued": other_issued,
+                                     "exact": got == 300 and host == other_issued}
+        steps.append(step)
+        log(f"names {label}: series {series:,}, RSS {step['rss_kib']['VmRSS']:,} KiB, host "
+            f"total {int(totals):,} of {issued:,}")
+
+    try:
+        measure("empty")
+        for i, n in enumerate(rename_counts):
+            d = spawn([bins["names"], f"kbr{tag}{i}", str(n), str(vm_type), "rename"],
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                      text=True)
+            alive.append(d)
+            assert d.stdout is not None
+            line = d.stdout.readline()
+            if not line:
+                raise BenchError(f"names driver failed: {d.stderr.read()}")
+            issued += json.loads(line)["rejected"]
+            # While it lives (its entries in the map), another process makes 300 creates.
+            other = f"kbo{tag}{i}"
+            r = subprocess.run([bins["names"], other, "300", str(vm_type + 1), "repeat"],
+                               capture_output=True, text=True, timeout=120, check=False)
+            if r.returncode != 0:
+                raise BenchError(f"names driver exited {r.returncode}: {r.stderr}")
+            other_issued += 300
+            time.sleep(settle)
+            measure(f"{n:,} names, one live process", other)
+        for d in alive:
+            assert d.stdin is not None
+            d.stdin.close()
+            end(d)
+        alive.clear()
+        for n in [fork_burst, *fork_rounds]:
+            r = subprocess.run([bins["names"], f"kbf{tag}{len(steps)}", str(n), str(vm_type),
+                                "fork"], capture_output=True, text=True, timeout=600,
+                               check=False)
+            if r.returncode != 0:
+                raise BenchError(f"names driver exited {r.returncode}: {r.stderr}")
+            issued += json.loads(r.stdout)["rejected"]
+            time.sleep(settle)
+            measure(f"{n:,} short-lived children")
+    finally:
+        for d in alive:
+            end(d, signal.SIGKILL)
+        serve.stop()
+    base = steps[0]["rss_kib"]["VmRSS"]
+    out["rss_max_kib"] = max(s["rss_kib"]["VmRSS"] for s in steps)
+    out["rss_max_to_empty"] = out["rss_max_kib"] / base if base else None
+    out["series_max"] = max(s["series"] for s in steps)
+    out["totals_exact"] = all(s["totals_exact"] for s in steps)
+    out["other_process_exact"] = all(s["other_process"]["exact"] for s in steps
+                                     if "other_process" in s)
+    return out

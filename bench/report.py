@@ -65,6 +65,31 @@ def targets(res: dict) -> list[dict]:
         t.append({"name": "exporter RSS <= 60 MB",
                   "value": f"{rss:.0f} MiB (VmRSS, max over the scale phase)",
                   "met": rss * 1.048576 <= 60})
+    sp = res.get("scrapes")
+    if sp:
+        for label, run in sp["runs"].items():
+            st, idle = run["storm"], run["idle"]
+            t.append({"name": f"{sp['clients']} concurrent scrapes during a storm ({label}): "
+                              "all answered, p99 <= 1 s",
+                      "value": f"{st['answered']} of {st['requests']} answered "
+                               f"{st['statuses']}, p99 {st['p99_ms']:.0f} ms (idle "
+                               f"{idle['p99_ms']:.0f} ms, "
+                               f"{run.get('storm_to_idle_p99', 0):.2f}x)",
+                      "met": st["answered"] == st["requests"] and st["p99_ms"] <= 1000})
+    nm = res.get("names")
+    if nm:
+        last = nm["steps"][-1]
+        t.append({"name": "hostile names: host totals exact, another process's creates "
+                          "all exported",
+                  "value": f"{last['host_total']:,} of {last['issued_total']:,} after "
+                           f"{len(nm['steps']) - 1} steps; other process exact: "
+                           f"{'yes' if nm['other_process_exact'] else 'no'}",
+                  "met": nm["totals_exact"] and nm["other_process_exact"]})
+        t.append({"name": "hostile names: RSS bounded (max <= 100 MiB, <= 2x empty)",
+                  "value": f"max {nm['rss_max_kib'] / 1024:.0f} MiB, "
+                           f"{nm['rss_max_to_empty']:.2f}x empty; series max "
+                           f"{nm['series_max']:,}",
+                  "met": nm["rss_max_kib"] <= 100 * 1024 and nm["rss_max_to_empty"] <= 2})
     return t
 
 
@@ -188,6 +213,54 @@ def markdown(res: dict) -> str:
         top = ", ".join(f"{x['mapping'].rsplit('/', 1)[-1]} {x['rss_kib'] / 1024:.0f} MiB"
                         for x in sc["live"]["rss_top_mappings"])
         lines += ["", f"Largest resident mappings (live): {top}."]
+    sp = res.get("scrapes")
+    if sp:
+        lines += ["", f"## Concurrent scrapes: {sp['clients']} at once, {sp['waves']} waves", "",
+                  f"`curl --parallel-immediate` opens {sp['clients']} connections to /metrics "
+                  "together, per wave; \"storm\": while two storm drivers issue rejected "
+                  "KVM_CREATE_VM as fast as they can. p50/p99/max over every request "
+                  "(200s and 503s); \"answered\": a 200 or a 503, no timeout or refused "
+                  "connection.", "",
+                  "| exporter | condition | statuses | answered | p50 | p99 | max | "
+                  "p99 of 200s |", "|---|---|---|---:|---:|---:|---:|---:|"]
+        for run in sp["runs"].values():
+            for cond in ("idle", "storm"):
+                w = run[cond]
+                ok = f"{w['ok_p99_ms']:.0f} ms" if w["ok_p99_ms"] is not None else "—"
+                note = "" if w.get("storm_ran_throughout") in (None, True) else \
+                    " (storm ended early)"
+                lines.append(f"| {run['flags']} | {cond}{note} | "
+                             + ", ".join(f"{k}: {v}" for k, v in sorted(w["statuses"].items()))
+                             + f" | {w['answered']} of {w['requests']} | {w['p50_ms']:.0f} ms | "
+                             f"{w['p99_ms']:.0f} ms | {w['max_ms']:.0f} ms | {ok} |")
+            if run.get("storm_to_idle_p99"):
+                lines.append(f"| | storm ÷ idle p99 | | | | "
+                             f"{run['storm_to_idle_p99']:.2f}× | | |")
+    nm = res.get("names")
+    if nm:
+        lines += ["", "## Hostile names", "",
+                  "`kvmtrace serve` with its defaults (--max-series 10000; retire interval "
+                  f"{nm['retire_interval_s']:g} s) against: processes that rename themselves "
+                  f"(prctl) through many names, one rejected create of VM type {nm['vm_type']} "
+                  f"under each, alive while another process makes 300 creates of type "
+                  f"{nm['other_vm_type']} under a name of its own; then bursts of short-lived "
+                  "children, each with a name of its own and one create. Measured one "
+                  "retirement pass after each step. host total: "
+                  "`kvmtrace_probe_calls_total{probe=\"KVM_CREATE_VM\"}` of the type, against "
+                  "what the drivers issued.", "",
+                  "| step | host total / issued | other process (exported / 300) | series | "
+                  "body | names folded | counts dropped | VmRSS | VmHWM |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for stp in nm["steps"]:
+            o = stp.get("other_process")
+            oc = f"{o['exported']} / 300" if o else "—"
+            lines.append(f"| {stp['step']} | {stp['host_total']:,} / {stp['issued_total']:,} | "
+                         f"{oc} | {stp['series']:,} | {stp['body_bytes'] / 1024:,.0f} KiB | "
+                         f"{stp['names_folded']:,} | {stp['counts_dropped']:,} | "
+                         f"{stp['rss_kib']['VmRSS'] / 1024:.1f} MiB | "
+                         f"{stp['rss_kib']['VmHWM'] / 1024:.1f} MiB |")
+        lines += ["", f"Max VmRSS {nm['rss_max_kib'] / 1024:.1f} MiB = "
+                  f"{nm['rss_max_to_empty']:.2f}× the empty exporter's."]
     var = res.get("variants")
     if var:
         cfgs = list(next(iter(var["summary"].values())).keys())

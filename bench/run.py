@@ -66,7 +66,7 @@ from configs import (
     strace_config,
     variant_names,
 )
-from phases import PIN, overhead, scale, storm
+from phases import PIN, names, overhead, scale, scrapes, storm
 from report import markdown, targets
 
 
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--storm-calls", type=int,
                     help="rejected creates per storm process (1,000,000; quick 100,000)")
     ap.add_argument("--series", type=int, default=10000, help="distinct VM types (10,000)")
-    ap.add_argument("--phases", default="overhead,storm,scale",
-                    help="comma-separated: overhead, storm, scale")
+    ap.add_argument("--phases", default="overhead,storm,scale,scrapes,names",
+                    help="comma-separated: overhead, storm, scale, scrapes, names")
     ap.add_argument("--variants", default="",
                     help="comma-separated bench/variants.py names (NAME or NAME/nopoll) to "
                          "measure after none, floor, kvmtrace, bpftrace (extra phase)")
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: unknown variants {unknown} (see bench/variants.py)", file=sys.stderr)
         return 1
     name = args.name or ("quick" if q else "latest")
-    for tool in ("gcc", "bpftrace", "strace"):
+    for tool in ("gcc", "bpftrace", "strace", "curl"):
         if not shutil.which(tool):
             print(f"bench: {tool} missing: run bench/setup.sh (make bench does)", file=sys.stderr)
             return 1
@@ -165,6 +165,16 @@ def main(argv: list[str] | None = None) -> int:
             log(f"scale: {args.series:,} series")
             res["scale"] = scale(bins, args.series, 3 if q else 15, 1.0 if q else None)
             cold += res["scale"]["cold_starts_s"]
+        if "scrapes" in phases:
+            log("scrapes: 200 at once, idle and during a storm")
+            res["scrapes"] = scrapes(bins, 200, 1 if q else 5, storm_calls * 50)
+            cold += [c for r in res["scrapes"]["runs"].values() for c in r["cold_starts_s"]]
+        if "names" in phases:
+            counts = [2_000, 10_000] if q else [20_000, 100_000]
+            forks = (3_000, [1_000] * 3) if q else (12_000, [5_000] * 3)
+            log(f"names: renames through {counts}, short-lived children {forks}")
+            res["names"] = names(bins, counts, forks[0], forks[1], 1.0 if q else None)
+            cold += res["names"]["cold_starts_s"]
         if variant_list:
             vcfgs: list[Callable[[], Config]] = [none_config, Floor, Serve, Bpftrace]
             vcfgs += [make_variant(n) for n in variant_list]

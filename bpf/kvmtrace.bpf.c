@@ -20,6 +20,8 @@
  *   HEALTH_*, HEALTH_ENTRIES      health counter indices
  *   LATENCY_SLOTS, LATENCY_ENTRIES, LATENCY_SUM_ENTRIES   latency layout
  *   COUNTS_MAX, CALLS_MAX, RINGBUF_PAGES   map sizes (loader options)
+ *   COUNTS_PER_PROC, PROC_KEYS_MAX          a process's share of counts (option),
+ *                                           processes with a share tracked
  *
  * The loader (kvmtrace/loader.py) adds:
  *
@@ -144,7 +146,20 @@ struct fn_call {
 	u64 vm_type;
 };
 
+#define BPF_LRU_HASH(_name, _key_type, _leaf_type, _size) \
+	BPF_TABLE("lru_hash", _key_type, _leaf_type, _name, _size)
+
 BPF_HASH(counts, struct count_key, u64, COUNTS_MAX);
+/*
+ * Each process's share of the counts map: how many keys it has inserted (the
+ * exporter deletes a process's entry when it folds that process's keys out of
+ * the map). Past COUNTS_PER_PROC keys, a process's new keys fold into one per
+ * (probe, VM type bucket, result) under comm "other" with no verdicts or
+ * detail (health COUNTS_OVER_SHARE counts those calls): a process that renames
+ * itself or cycles through VM types cannot crowd the others out of the map.
+ * LRU: losing an entry only gives a process a fresh share.
+ */
+BPF_LRU_HASH(proc_keys, u32, u32, PROC_KEYS_MAX);
 BPF_PERCPU_HASH(totals, struct total_key, u64, TOTALS_MAX);
 BPF_HASH(fn_calls, struct fn_key, struct fn_call, CALLS_MAX);
 /* Number of tracked ioctls in flight host-wide: the return hook of every
@@ -268,17 +283,41 @@ static __always_inline void count(u32 tgid, u32 probe, u64 vm_type, s64 result,
 	bpf_get_current_comm(&key.comm, sizeof(key.comm));
 
 	u64 *v = counts.lookup(&key);
-	if (!v) {
-		u64 one = 1;
-		/* BPF_NOEXIST: fails with EEXIST when another CPU inserted the key
-		 * first (then add to it), with E2BIG when the map is full. */
-		if (counts.insert(&key, &one) == 0)
-			return;
+	if (v) {
+		__sync_fetch_and_add(v, 1);
+		return;
+	}
+	/* A new key: within the process's share, or into its overflow key. A
+	 * process end (one per process) is never over a share. */
+	u32 zero = 0;
+	u32 *held = probe == PROBE_PROCESS_END ? 0 :
+		proc_keys.lookup_or_try_init(&tgid, &zero);
+	if (held && *held >= COUNTS_PER_PROC) {
+		health_inc(HEALTH_COUNTS_OVER_SHARE);
+		key.vm_type = vm_type <= VM_TYPE_BUCKET_MAX ? vm_type : VM_TYPE_OTHER;
+		key.verdicts = 0;
+		key.detail = 0;
+		__builtin_memset(key.comm, 0, sizeof(key.comm));
+		__builtin_memcpy(key.comm, "other", 5);
+		held = 0; /* overflow keys are bounded: not against the share */
 		v = counts.lookup(&key);
-		if (!v) {
-			health_inc(HEALTH_COUNTS_DROPPED);
+		if (v) {
+			__sync_fetch_and_add(v, 1);
 			return;
 		}
+	}
+	u64 one = 1;
+	/* BPF_NOEXIST: fails with EEXIST when another CPU inserted the key first
+	 * (then add to it), with E2BIG when the map is full. */
+	if (counts.insert(&key, &one) == 0) {
+		if (held)
+			__sync_fetch_and_add(held, 1);
+		return;
+	}
+	v = counts.lookup(&key);
+	if (!v) {
+		health_inc(HEALTH_COUNTS_DROPPED);
+		return;
 	}
 	__sync_fetch_and_add(v, 1);
 }
@@ -529,8 +568,6 @@ struct exec_args {
 	u32 flags;
 	char args[EXEC_ARGS_BYTES];
 };
-#define BPF_LRU_HASH(_name, _key_type, _leaf_type, _size) \
-	BPF_TABLE("lru_hash", _key_type, _leaf_type, _name, _size)
 BPF_LRU_HASH(exec_args, u32, struct exec_args, EXEC_ARGS_MAX);
 BPF_PERCPU_ARRAY(exec_scratch, struct exec_args, 1);
 

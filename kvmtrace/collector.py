@@ -354,6 +354,9 @@ class KvmtraceCollector(Collector):
             ("events_throttled", "Events left out of the live stream by the per-CPU event "
                                  "budget (counts stay exact)."),
             ("counts_dropped", "Count updates lost because the counts map was full."),
+            ("counts_over_share", "Calls of a process past its share of the counts map "
+                                  "(256 keys), counted under comm=\"other\" without their "
+                                  "VM type above 255, reason or detail (sums stay exact)."),
             ("calls_dropped", "Calls not tracked because the in-flight map was full."),
             ("procs_dropped", "Processes not followed to their end because the map of "
                               "followed processes was full."),

@@ -72,10 +72,12 @@ EXEC_ARGS_MAX = 1024  # command lines kept (LRU over every execve on the host)
 EXEC_ARGS_BYTES = 4096  # bytes of one command line kept
 EXEC_ARG_MAX = 1024  # bytes of one argument kept
 EXEC_ARGV_MAX = 128  # arguments of one command line kept
+PROC_KEYS_MAX = 16384  # processes whose share of the counts map is tracked (LRU)
+COUNTS_PER_PROC = 256  # a process's share of the counts map (loader option's default)
 
 # ---- health: per-CPU counters, index i is HEALTH[i] (kvmtrace_<name>_total) ----
 HEALTH = ("counts_dropped", "events_lost", "calls_dropped", "events_throttled",
-          "procs_dropped", "totals_dropped")
+          "procs_dropped", "totals_dropped", "counts_over_share")
 
 # ---- KVM_CREATE_VM latency: log2(ns) slots per outcome ---------------------------
 LATENCY_OUTCOMES = ("accepted", "rejected")  # outcome = (ret < 0)
@@ -185,6 +187,7 @@ MAPS: dict[str, MapSpec] = {m.name: m for m in (
     MapSpec("create_latency_sum", "BPF_ARRAY", None, "u64", "LATENCY_SUM_ENTRIES", 4, 8),
     MapSpec("exec_args", "BPF_LRU_HASH", "u32", "struct exec_args", "EXEC_ARGS_MAX",
             4, STRUCT_FORMATS["exec_args"].size),
+    MapSpec("proc_keys", "BPF_LRU_HASH", "u32", "u32", "PROC_KEYS_MAX", 4, 4),
 )}
 EVENTS_MAP = "events"  # BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES) or BPF_PERF_OUTPUT(events)
 # Maps that exist only when the plan has their point (kvmtrace.plan: EXEC).
@@ -199,7 +202,8 @@ def firmware_status(tdx: bool, detail: int) -> int:
 READ_MAPS = (*MAPS, EVENTS_MAP)
 
 
-def defines(counts_max: int, calls_max: int, ringbuf_pages: int) -> dict[str, str]:
+def defines(counts_max: int, calls_max: int, ringbuf_pages: int,
+            counts_per_proc: int = COUNTS_PER_PROC) -> dict[str, str]:
     """The contract's ``#define``s for the C (the loader adds host and plan ones)."""
     out = {
         "PROBE_CREATE_VM": str(PROBE_CREATE_VM),
@@ -218,6 +222,8 @@ def defines(counts_max: int, calls_max: int, ringbuf_pages: int) -> dict[str, st
         "EXEC_ARGS_BYTES": str(EXEC_ARGS_BYTES),
         "EXEC_ARG_MAX": str(EXEC_ARG_MAX),
         "EXEC_ARGV_MAX": str(EXEC_ARGV_MAX),
+        "PROC_KEYS_MAX": str(PROC_KEYS_MAX),
+        "COUNTS_PER_PROC": str(counts_per_proc),
         **{f"HEALTH_{name.upper()}": str(i) for i, name in enumerate(HEALTH)},
         "HEALTH_ENTRIES": str(HEALTH_ENTRIES),
         "LATENCY_SLOTS": str(LATENCY_SLOTS),
@@ -234,7 +240,8 @@ def expected_entries(name: str, counts_max: int) -> int:
     """max_entries the kernel must report for one of :data:`MAPS`."""
     return {"counts": counts_max, "totals": TOTALS_MAX, "health": HEALTH_ENTRIES,
             "create_latency": LATENCY_ENTRIES,
-            "create_latency_sum": LATENCY_SUM_ENTRIES, "exec_args": EXEC_ARGS_MAX}[name]
+            "create_latency_sum": LATENCY_SUM_ENTRIES, "exec_args": EXEC_ARGS_MAX,
+            "proc_keys": PROC_KEYS_MAX}[name]
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,9 @@ class Options:
     self_tgid: int = 0  # calls from this process are not counted
     filter_tgid: int = 0  # only emit events of this process (0: all)
     counts_max: int = 10240
+    # A process's share of the counts map: past it, its new keys fold into one
+    # overflow key per (probe, VM type bucket, result) under comm "other".
+    counts_per_process: int = contract.COUNTS_PER_PROC
     calls_max: int = 10240
     ringbuf_pages: int = 64
     use_ringbuf: bool = True
@@ -51,7 +54,8 @@ def build_text(plan: planmod.Plan, opts: Options) -> str:
         "KVM_CAP_VM_TYPES": str(tables.KVM_CAP_VM_TYPES),
         "KVM_MEMORY_ENCRYPT_OP": hex(tables.KVM_MEMORY_ENCRYPT_OP),
         "TDX_VM_TYPE": str(tables.vm_type_number("TDX")),
-        **contract.defines(opts.counts_max, opts.calls_max, opts.ringbuf_pages),
+        **contract.defines(opts.counts_max, opts.calls_max, opts.ringbuf_pages,
+                           opts.counts_per_process),
         "SELF_TGID": str(opts.self_tgid),
         "FILTER_TGID": str(opts.filter_tgid),
         "EVENT_BUDGET": str(opts.event_budget),

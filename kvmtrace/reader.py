@@ -155,6 +155,16 @@ class Reader:
             done += count.value + 1
         for key in keys[done:]:
             self.lib.bpf_map_delete_elem(fd, ct.byref(key))  # ENOENT: already gone
+        self._reset_shares({raw[0] for raw in raws})
+
+    def _reset_shares(self, tgids: set[int]) -> None:
+        """The processes whose keys were folded out of the map get their whole share
+        of it back (bpf: proc_keys). A key inserted meanwhile costs one key of slack."""
+        fd = self._fd("proc_keys")
+        key = ct.c_uint32()
+        for tgid in tgids:
+            key.value = tgid
+            self.lib.bpf_map_delete_elem(fd, ct.byref(key))  # ENOENT: no share taken
 
     def read_totals(self) -> list[contract.RawTotal]:
         """The host-wide totals: (probe, vm_type, result, count), the per-CPU values

@@ -109,3 +109,40 @@ def test_cold_start_scale_and_targets_reported(quick):
         assert word in names
     assert all(isinstance(t["met"], bool) for t in data["targets"])
     assert "| workload |" in md and "## Storm" in md and "## Targets" in md
+
+
+def test_concurrent_scrapes_were_all_answered(quick):
+    """200 scrapes at once, idle and during a storm, with and without the request cap:
+    every one answered (a 200, or a 503 past the cap): none timed out or was refused.
+    The latencies are reported, not asserted."""
+    data, md, _ = quick
+    sp = data["scrapes"]
+    assert sp["clients"] == 200 and set(sp["runs"]) == {"default_cap", "no_cap"}
+    for label, run in sp["runs"].items():
+        for cond in ("idle", "storm"):
+            w = run[cond]
+            assert w["requests"] == 200 * sp["waves"] == w["answered"], (label, cond, w)
+            assert finite(w["p99_ms"]) and w["p50_ms"] <= w["p99_ms"] <= w["max_ms"]
+            assert w["complete_bodies"] == w["statuses"].get("200", 0) > 0, (label, cond)
+        assert run["storm"]["storm_ran_throughout"] is True, label
+    assert run["idle"]["statuses"] == {"200": 200 * sp["waves"]}  # no cap: no 503
+    assert "## Concurrent scrapes" in md
+
+
+def test_hostile_names_leave_totals_exact_and_series_bounded(quick):
+    """Renames through thousands of names while another process creates, then bursts of
+    short-lived names: the host totals equal what the drivers issued after every step,
+    the other process's 300 creates are all exported under its own name, the series
+    stay within --max-series (10,000 series; a few more for comm="other")."""
+    data, md, _ = quick
+    nm = data["names"]
+    assert len(nm["steps"]) >= 5 and nm["steps"][0]["issued_total"] == 0
+    for step in nm["steps"]:
+        assert step["host_total"] == step["issued_total"], step
+        assert step["series"] <= 10_000 + 10, step
+        assert step["rss_kib"]["VmRSS"] > 0
+        if "other_process" in step:
+            assert step["other_process"]["exported"] == 300, step
+            assert step["other_process"]["exact"] is True, step
+    assert nm["totals_exact"] is True and nm["other_process_exact"] is True
+    assert nm["steps"][-1]["issued_total"] > 0 and "## Hostile names" in md
