@@ -17,6 +17,7 @@ from kvmtrace import doctor as doctormod
 from kvmtrace import facts as factsmod
 from kvmtrace import loader as loadermod
 from kvmtrace import plan as planmod
+from kvmtrace import readiness as readinessmod
 from kvmtrace import server as servermod
 from kvmtrace.aggregate import Aggregator, NameBudget
 from kvmtrace.allocator import Allocator
@@ -28,7 +29,11 @@ from kvmtrace.starts import Start
 
 
 class UserError(Exception):
-    """A problem the user can fix: printed as one ERROR line, exit 1."""
+    """A problem the user can fix: printed as one ERROR line, exit ``code`` (1)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
 
 
 class _Parser(argparse.ArgumentParser):
@@ -162,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="can this host be traced? (exit 0 when it can)",
                        epilog=EXAMPLES_DOCTOR, formatter_class=fmt)
     d.add_argument("--json", action="store_true", help="machine-readable report")
+    d.add_argument("--type", action="append", metavar="NAME",
+                   help="only these VM types (DEFAULT, SW_PROTECTED, SEV, SEV_ES, SNP, TDX on "
+                        "x86; repeat or comma-separate): exit 0 when they are usable")
     d.add_argument("--dump-facts", action="store_true",
                    help="print the raw host facts as JSON (attach to bug reports) and exit")
     d.add_argument("--facts", metavar="FILE",
@@ -434,9 +442,10 @@ def _facts(path: str | None) -> factsmod.HostFacts:
     try:
         return factsmod.HostFacts.load(path)
     except OSError as exc:
-        raise UserError(f"cannot read facts file {path}: {exc.strerror}") from None
+        raise UserError(f"cannot read facts file {path}: {exc.strerror}",
+                        doctormod.EXIT_INCOMPLETE) from None
     except (ValueError, TypeError, KeyError) as exc:
-        raise UserError(f"bad facts file {path}: {exc}") from None
+        raise UserError(f"bad facts file {path}: {exc}", doctormod.EXIT_INCOMPLETE) from None
 
 
 def cmd_doctor(args) -> int:
@@ -444,13 +453,19 @@ def cmd_doctor(args) -> int:
     if args.dump_facts:
         print(json.dumps(facts.to_json(), indent=2, sort_keys=True))
         return 0
+    known = readinessmod.type_names(facts.arch)
+    types = [t.strip().upper() for t in ",".join(args.type or []).split(",") if t.strip()]
+    bad = [t for t in types if t not in known]
+    if bad:
+        raise UserError(f"--type {','.join(bad)}: not a VM type of {facts.arch} (one of "
+                        f"{', '.join(known)})", doctormod.EXIT_INCOMPLETE)
     attachments, load_error = (None, None) if args.facts is not None else \
         doctormod.attach_test(facts, _options(0, facts))
-    report = doctormod.report(facts, attachments, load_error)
+    report = doctormod.report(facts, attachments, load_error, types or None)
     print(json.dumps(report, indent=2) if args.json else doctormod.text(report))
     for e in report["errors"]:
         print(f"ERROR: {e}", file=sys.stderr)
-    return 0 if report["ok"] else 1
+    return report["exit_status"]
 
 
 COMMANDS = {"serve": cmd_serve, "trace": cmd_trace, "explain": cmd_explain,
@@ -463,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
-        return 1
+        return exc.code
     except KeyboardInterrupt:
         return 0
     except BrokenPipeError:

@@ -1,8 +1,10 @@
-"""doctor: can this host be traced? The report, from the host facts and an attach test.
+"""doctor: can this host run each VM type, and can it be traced? The report, from the
+host facts (with their readiness evidence) and an attach test.
 
 :func:`report` is pure (facts and attach results in, a JSON-ready dict out), so tests
 hand it the facts of other hosts; :func:`attach_test` really loads and attaches the
 plan in this process and detaches again (doctor exits right after: no loader child).
+The per-type chains are :mod:`kvmtrace.readiness`'s.
 """
 
 from __future__ import annotations
@@ -13,6 +15,12 @@ from kvmtrace import __version__, tables
 from kvmtrace import facts as factsmod
 from kvmtrace import loader as loadermod
 from kvmtrace import plan as planmod
+from kvmtrace import readiness as readinessmod
+
+# Exit statuses: the asked VM types are usable and tracing works; a FAIL (or an asked
+# type that cannot apply here); the run could not decide (a check lacked what it needs,
+# or the facts could not be read).
+EXIT_OK, EXIT_FAIL, EXIT_INCOMPLETE = 0, 1, 2
 
 
 def attach_test(facts: factsmod.HostFacts, opts: loadermod.Options
@@ -31,9 +39,19 @@ def attach_test(facts: factsmod.HostFacts, opts: loadermod.Options
     return attachments, None
 
 
+def asked_types(facts: factsmod.HostFacts, types: Sequence[str] | None) -> list[str]:
+    """The VM types whose readiness decides the exit status: ``types`` (--type), else
+    DEFAULT and every type the host's mask offers (what it claims must hold)."""
+    if types:
+        return list(types)
+    offered = {tables.vm_type_name(t, facts.arch) for t in facts.kvm.supported_types}
+    return [n for n in readinessmod.type_names(facts.arch) if n == "DEFAULT" or n in offered]
+
+
 def report(facts: factsmod.HostFacts, attachments: Sequence[planmod.Attachment] | None,
-                  load_error: str | None) -> dict:
-    """The doctor's verdict from facts and (when root could try) attach results. Pure."""
+           load_error: str | None, types: Sequence[str] | None = None) -> dict:
+    """The doctor's verdict from facts and (when root could try) attach results. Pure.
+    ``types``: the VM types asked for (--type; None: see :func:`asked_types`)."""
     plan = planmod.make_plan(facts)
     errors, warnings = [], []
     if not facts.is_root:
@@ -70,6 +88,16 @@ def report(facts: factsmod.HostFacts, attachments: Sequence[planmod.Attachment] 
     if attachments is None and plan.ioctl_mechanism is None:
         errors.append(f"no mechanism for the ioctl layer: {plan.points[0].reason}")
     kvm = facts.kvm
+    asked = asked_types(facts, types)
+    shown = readinessmod.assess(facts, list(types) if types else None)
+    if facts.evidence is None:
+        warnings.append("these facts have no readiness evidence (written by an older "
+                        "kvmtrace): each type is judged from KVM_CAP_VM_TYPES alone")
+    verdicts = {t.name: t.verdict for t in shown}
+    unusable = [n for n in asked if verdicts.get(n) in (readinessmod.NOT_READY,
+                                                         readinessmod.NOT_APPLICABLE)]
+    undecided = [n for n in asked if verdicts.get(n) == readinessmod.INCOMPLETE]
+    status = EXIT_FAIL if errors or unusable else EXIT_INCOMPLETE if undecided else EXIT_OK
     return {
         "kvmtrace": __version__,
         "kernel": facts.kernel_release,
@@ -96,6 +124,14 @@ def report(facts: factsmod.HostFacts, attachments: Sequence[planmod.Attachment] 
         "warnings": warnings,
         "errors": errors,
         "ok": not errors,
+        "readiness": {
+            "asked": asked, "unusable": unusable, "undecided": undecided,
+            "guest": facts.evidence is not None and "hypervisor" in facts.evidence.cpu_flags,
+            "types": [t.to_json() for t in shown],
+            "capacity": [vars(c) for c in readinessmod.capacities(facts.evidence)],
+            "firmware": [vars(f) for f in readinessmod.firmware(facts.evidence)],
+        },
+        "exit_status": status,
     }
 
 
@@ -125,4 +161,50 @@ def text(r: dict) -> str:
         lines.append(f"  {p['probe']:<40} {p['mechanism']:<10} {state:<12} {p['detail']}")
     lines += [f"WARNING: {w}" for w in r["warnings"]]
     lines.append("verdict: tracing works here" if r["ok"] else "verdict: tracing cannot work here")
+    lines += ["", *readiness_text(r["readiness"])]
     return "\n".join(lines)
+
+
+_VERDICT_WORDS = {readinessmod.READY: "ready", readinessmod.NOT_READY: "NOT READY",
+                  readinessmod.NOT_APPLICABLE: "not applicable",
+                  readinessmod.INCOMPLETE: "not decided"}
+
+
+def readiness_text(rd: dict) -> list[str]:
+    """The per-type chains as a readable tree: a type, then its checks in chain order
+    (each the child of the one before it), evidence after the title, a fix line for
+    what failed."""
+    lines = ["VM types" + (" (this host is a VM: confidential host features do not apply)"
+                           if rd["guest"] else "") + ":"]
+    for t in rd["types"]:
+        mark = "*" if t["name"] in rd["asked"] else " "
+        lines.append(f"{mark} {t['name']} ({t['vm_type']}): {_VERDICT_WORDS[t['verdict']]}"
+                     f" - {t['reason']}")
+        behind: dict[str, list[dict]] = {}
+        for ch in t["checks"]:
+            if ch["blocked_by"]:
+                behind.setdefault(ch["blocked_by"], []).append(ch)
+        for ch in t["checks"]:
+            if ch["blocked_by"]:
+                continue
+            branch = "    "
+            ev = "; ".join(e for e in ch["evidence"] if e)
+            lines.append(f"{branch}{ch['status']:<4} {ch['id']:<22} {ch['title']}"
+                         + (f": {ev}" if ev else ""))
+            if ch["hint"] and ch["status"] in (readinessmod.FAIL, readinessmod.SKIP,
+                                               readinessmod.WARN, readinessmod.NA):
+                lines.append(f"{branch}     {'why' if ch['status'] == 'N/A' else 'fix'}: "
+                             f"{ch['hint']}")
+            after = behind.get(ch["id"])
+            if after:
+                lines.append(f"{branch}  `- {after[0]['status']} after it: "
+                             + ", ".join(a["id"] for a in after))
+        if t["disagreement"]:
+            lines.append(f"    DISAGREEMENT: {t['disagreement']}")
+    for c in rd["capacity"]:
+        lines.append(f"capacity: {c['resource']} {c['used']} of {c['capacity']} in use")
+    for f in rd["firmware"]:
+        lines.append(f"firmware: {f['component']} {f['version']}")
+    lines.append("(* the types that decide the exit status: "
+                 + (", ".join(rd["asked"]) or "none") + ")")
+    return lines

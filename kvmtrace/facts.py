@@ -15,6 +15,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kvmtrace import evidence as evidencemod
 from kvmtrace import kvmdev
 
 # Functions of the seed's call chain, in call order. Any other
@@ -99,6 +100,9 @@ class HostFacts:
     vendor_modules: list[str] = field(default_factory=list)
     bcc_version: str | None = None
     is_root: bool = False
+    # What the host says about each VM type's layers (kvmtrace.readiness); None in
+    # facts files written before it was captured.
+    evidence: evidencemod.Evidence | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -119,6 +123,8 @@ class HostFacts:
             data["headers"] = Headers(**data["headers"])
         if "kvm" in data:
             data["kvm"] = kvmdev.KvmInfo(**data["kvm"])
+        if data.get("evidence") is not None:
+            data["evidence"] = evidencemod.Evidence.from_json(data["evidence"])
         return cls(**data)
 
     @classmethod
@@ -370,4 +376,5 @@ def gather(root: str | os.PathLike = "/", probe_fentry_fn=probe_fentry) -> HostF
         vendor_modules=vendor,
         bcc_version=bcc_version,
         is_root=is_root,
+        evidence=evidencemod.gather(root, release),
     )

@@ -62,15 +62,27 @@ def test_not_root_is_one_clear_line():
 
 
 def test_bad_facts_file(tmp_path):
-    assert_one_line_error(run("doctor", "--facts", "/nonexistent.json"), 1, "cannot read facts")
-    assert_one_line_error(run("doctor", "--facts", str(KERNELS / "README.md")), 1,
+    """A facts file that cannot be read or is not what --dump-facts writes: one line,
+    exit 2 (doctor could not decide anything)."""
+    assert_one_line_error(run("doctor", "--facts", "/nonexistent.json"), 2, "cannot read facts")
+    assert_one_line_error(run("doctor", "--facts", str(KERNELS / "README.md")), 2,
                           "bad facts file")
     # An endless file is read up to the cap (1 MiB), not into memory whole.
-    assert_one_line_error(run("doctor", "--facts", "/dev/zero"), 1, "bad facts file",
+    assert_one_line_error(run("doctor", "--facts", "/dev/zero"), 2, "bad facts file",
                           "larger than 1024 KiB")
     (tmp_path / "list.json").write_text("[1, 2]")
-    assert_one_line_error(run("doctor", "--facts", str(tmp_path / "list.json")), 1,
+    assert_one_line_error(run("doctor", "--facts", str(tmp_path / "list.json")), 2,
                           "not a JSON object")
+    (tmp_path / "ev.json").write_text('{"kernel_release": "6.12", "arch": "x86_64", '
+                                      '"evidence": {"cpu_flags": "sev"}}')
+    assert_one_line_error(run("doctor", "--facts", str(tmp_path / "ev.json")), 2,
+                          "bad facts file", "evidence.cpu_flags")
+    (tmp_path / "ev2.json").write_text('{"kernel_release": "6.12", "arch": "x86_64", '
+                                       '"evidence": {"sev_firmware": "1.55"}}')
+    assert_one_line_error(run("doctor", "--facts", str(tmp_path / "ev2.json")), 2,
+                          "bad facts file", "unknown keys")
+    assert_one_line_error(run("doctor", "--facts", str(KERNELS / "seed-tdx-v12-kprobes.json"),
+                              "--type", "SEV,QUANTUM"), 2, "--type QUANTUM", "SNP")
 
 
 def test_doctor_and_ebpf_without_root_name_what_is_missing():
