@@ -12,7 +12,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from kvmtrace import __version__, kvmdev, views, webconfig
+from kvmtrace import __version__, kvmdev, notify, privileges, views, webconfig
 from kvmtrace import doctor as doctormod
 from kvmtrace import facts as factsmod
 from kvmtrace import loader as loadermod
@@ -45,6 +45,7 @@ EXAMPLES_SERVE = """examples:
   kvmtrace serve                              # exporter on :9929, live view on stdout
   kvmtrace serve --web.listen-address 127.0.0.1:9929 -q
   kvmtrace serve --pid-label                  # add a pid label (unbounded over time)
+  kvmtrace serve --web.telemetry-path /kvmtrace/metrics
   curl -s localhost:9929/metrics | grep kvmtrace_vm_create"""
 
 EXAMPLES_TRACE = """examples:
@@ -95,6 +96,14 @@ def _pid(text: str) -> int:
     return value
 
 
+def _telemetry_path(text: str) -> str:
+    if not text.startswith("/") or any(c in text for c in "?#") or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"not an absolute URL path: {text!r}")
+    if text.rstrip("/") in ("", "/api"):
+        raise argparse.ArgumentTypeError(f"taken by the landing page or the APIs: {text!r}")
+    return text
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -118,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--web.listen-address", dest="listen", default=servermod.DEFAULT_ADDRESS,
                    metavar="HOST:PORT",
                    help=f"address for /metrics (default {servermod.DEFAULT_ADDRESS})")
+    s.add_argument("--web.telemetry-path", dest="telemetry_path", type=_telemetry_path,
+                   default="/metrics", metavar="PATH",
+                   help="path under which to expose metrics (default /metrics)")
     s.add_argument("--web.config.file", dest="web_config", metavar="FILE",
                    help="TLS and basic auth, in the Prometheus exporter-toolkit format")
     s.add_argument("--web.max-requests", dest="max_requests", type=_count, default=40,
@@ -179,9 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- shared start-up -------------------------------------------------------
 
-def _require_root() -> None:
-    if os.geteuid() != 0:
-        raise UserError("kvmtrace loads BPF programs and must run as root (try: sudo kvmtrace ...)")
+def _require_privileges() -> privileges.Access:
+    """What loading, attaching and serving need (capabilities, tracefs, /dev/kvm,
+    headers), not "root": one ERROR line per missing piece."""
+    try:
+        return privileges.check()
+    except privileges.PrivilegeError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _options(filter_pid: int = 0, facts: factsmod.HostFacts | None = None) -> loadermod.Options:
@@ -191,12 +207,17 @@ def _options(filter_pid: int = 0, facts: factsmod.HostFacts | None = None) -> lo
 
 
 def _start(strict: bool, filter_pid: int = 0, **kw) -> Live:
-    _require_root()
+    _require_privileges()
     stop = Stop()
     try:
         return Live.start(strict, filter_pid, stop, **kw)
     except LiveError as exc:
         raise UserError(str(exc)) from None
+
+
+def _notify(problem: str | None) -> None:
+    if problem:
+        print(f"WARNING: {problem}", file=sys.stderr)
 
 
 def _wanted(args, pid: int, comm: str) -> bool:
@@ -218,7 +239,7 @@ def cmd_serve(args) -> int:
             raise UserError(f"--web.config.file {exc}") from None
     contexts = webconfig.Contexts(web.tls, lambda m: print(f"WARNING: {m}", file=sys.stderr)) \
         if web.tls else None
-    _require_root()
+    access = _require_privileges()
     holder: dict = {}
     try:
         httpd = servermod.bind(lambda e, s: holder["app"](e, s), host, port,
@@ -227,8 +248,18 @@ def cmd_serve(args) -> int:
         raise UserError(f"cannot listen on {args.listen}: {exc.strerror or exc} "
                         "(choose another with --web.listen-address)") from None
     allocator = Allocator()
+    _notify(notify.status("compiling and attaching the BPF programs (loader child)"))
     live = _start(args.strict, aggregator=Aggregator(NameBudget(args.max_series)),
                   series_ttl=args.series_ttl, recent_starts=args.rejections)
+    # Only fds from here on: keep what the kernel still checks, before any thread starts.
+    keep, why = privileges.keep_after_attach(access)
+    try:
+        privileges.drop(keep)
+    except privileges.PrivilegeError as exc:
+        live.close()
+        raise UserError(str(exc)) from None
+    print("capabilities after attach: "
+          + (", ".join(privileges.names(keep)) + f" ({why})" if keep else "none"), flush=True)
     from prometheus_client import CollectorRegistry
 
     from kvmtrace.collector import KvmtraceCollector
@@ -250,8 +281,8 @@ def cmd_serve(args) -> int:
         lambda: [*(st.to_json() for st in reversed(runtime.recent_starts)),
                  *({"kind": "attempt", **a.to_json()}
                    for a in sorted(rejections, key=lambda a: a.end_ns, reverse=True))],
-        exposition=collector.exposition),  # /metrics body: the registry holds only it
-        args.max_requests)
+        exposition=collector.exposition,  # /metrics body: the registry holds only it
+        telemetry_path=args.telemetry_path), args.max_requests)
     if web.users:
         holder["app"] = webconfig.basic_auth(holder["app"], web.users)
     if web.headers:
@@ -259,8 +290,8 @@ def cmd_serve(args) -> int:
     thread = threading.Thread(target=httpd.serve_forever, name="http", daemon=True)
     thread.start()
     print(views.plan_table(live.attachments))
-    print(f"kvmtrace {__version__}: serving http{'s' if contexts else ''}://{host}:{port}/metrics "
-          "(Ctrl-C to stop)", flush=True)
+    url = f"http{'s' if contexts else ''}://{host}:{port}{args.telemetry_path}"
+    print(f"kvmtrace {__version__}: serving {url} (Ctrl-C to stop)", flush=True)
 
     def on_attempt(a: Attempt) -> None:
         if a.rejected:
@@ -295,9 +326,12 @@ def cmd_serve(args) -> int:
     live.open_events(on_event)
     if not args.quiet:
         sink.write(views.event_header(show_time=True))
+    attached = sum(a.attached for a in live.attachments)
+    _notify(notify.ready(f"{attached} probe points attached; serving {url}"))
     try:
         live.run(200, on_attempt, tick=retire, drain=False)
     finally:
+        _notify(notify.stopping())
         httpd.shutdown()
         httpd.server_close()
         live.close()

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 
 from kvmtrace import facts as factsmod
 from kvmtrace import plan as planmod
+from kvmtrace import privileges
 from kvmtrace.loader import LoadError, Options
 from kvmtrace.reader import Reader, ReadError
 
@@ -72,7 +73,14 @@ def child(sock: socket.socket) -> int:
 
     size = _LEN.unpack(sock.recv(_LEN.size, socket.MSG_WAITALL))[0]
     req = json.loads(sock.recv(size, socket.MSG_WAITALL))
+    # What this process really has (a new program: ambient capabilities only), checked
+    # before bcc turns a missing one into "Failed to compile BPF module".
+    lacking = privileges.missing(privileges.gather())
     facts = factsmod.gather()
+    if lacking:
+        _send(sock, {"error": str(privileges.PrivilegeError(lacking)),
+                     "facts": facts.to_json()})
+        return 0
     plan = planmod.make_plan(facts)
     problem = loader.preflight(facts, plan)
     if problem:
@@ -166,7 +174,13 @@ def main(argv: Sequence[str]) -> int:
         print("usage: python -m kvmtrace.handoff FD (run by kvmtrace itself)", file=sys.stderr)
         return 2
     with socket.socket(fileno=int(argv[0])) as sock:
-        child(sock)
+        try:
+            child(sock)
+        except Exception as exc:  # never a traceback: the parent reports this line
+            print(f"ERROR: the loader child failed: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(1)
     sys.stdout.flush()
     sys.stderr.flush()
     # Skip bcc's atexit cleanup: it would detach what this side now holds.

@@ -55,7 +55,8 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def _landing(title: str, plan_rows: list[list[str]], processes: list[dict]) -> bytes:
+def _landing(title: str, plan_rows: list[list[str]], processes: list[dict],
+             telemetry_path: str = "/metrics") -> bytes:
     def table(head: list[str], rows: list[list[str]]) -> str:
         th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
         trs = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
@@ -70,7 +71,8 @@ def _landing(title: str, plan_rows: list[list[str]], processes: list[dict]) -> b
     body = (
         f"<html><head><title>{html.escape(title)}</title></head><body>"
         f"<h1>{html.escape(title)}</h1>"
-        "<p><a href='/metrics'>Metrics</a> · <a href='/api/processes'>/api/processes</a> · "
+        f"<p><a href='{html.escape(telemetry_path)}'>Metrics</a> · "
+        "<a href='/api/processes'>/api/processes</a> · "
         "<a href='/api/plan'>/api/plan</a> · <a href='/api/rejections'>/api/rejections</a></p>"
         "<h2>Probe points</h2>"
         + table(["probe", "mechanism", "attached", "detail"], plan_rows)
@@ -179,12 +181,15 @@ def make_app(registry: CollectorRegistry, title: str,
              plan_rows: Callable[[], list[list[str]]],
              processes: Callable[[], list[dict]],
              rejections: Callable[[], list[dict]],
-             exposition: Exposition | None = None) -> Callable:
+             exposition: Exposition | None = None,
+             telemetry_path: str = "/metrics") -> Callable:
+    """The exporter's routes: metrics at ``telemetry_path`` (--web.telemetry-path), the
+    landing page at /, the JSON APIs under /api/."""
     metrics = metrics_app(registry, exposition)
 
     def app(environ, start_response):
         path = environ.get("PATH_INFO", "/")
-        if path == "/metrics":
+        if path == telemetry_path:
             return metrics(environ, start_response)
         if path == "/api/processes":
             data = json.dumps(processes(), indent=1).encode()
@@ -201,7 +206,7 @@ def make_app(registry: CollectorRegistry, title: str,
             return [data]
         if path == "/":
             start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
-            return [_landing(title, plan_rows(), processes())]
+            return [_landing(title, plan_rows(), processes(), telemetry_path)]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found\n"]
 

@@ -1,0 +1,448 @@
+"""What kvmtrace really needs from the host's access control, instead of "be root".
+
+Measured on a 6.18 kernel as a non-root uid with ambient capabilities (README, "Running
+as a service"):
+
+- CAP_BPF + CAP_PERFMON load and attach the programs (CAP_SYS_ADMIN stands in for both,
+  and is the only way before 5.8, which has neither);
+- tracefs (at /sys/kernel/debug/tracing or /sys/kernel/tracing) is mode 0700 root: bcc
+  reads the tracepoints' ids there, so CAP_DAC_READ_SEARCH (or root) is needed;
+- /dev/kvm (0660 root:kvm) is asked for the host's VM types at each scrape: the kvm group
+  (or CAP_DAC_OVERRIDE);
+- the kernel headers (bcc compiles at run time) and /proc/kallsyms (names only: no
+  CAP_SYSLOG) must be readable.
+
+The loader child (kvmtrace.handoff) is a new program: a non-root process passes it only
+its *ambient* capabilities (and the python binary's file capabilities), so they are what
+is judged here. After the hand-over the exporter holds only fds and drops every
+capability the kernel does not still want (:func:`drop`): before 6.5 with
+kernel.unprivileged_bpf_disabled set, map reads on held fds still need CAP_BPF.
+
+:func:`gather` reads this process's facts; everything else is pure, so tests hand in other
+hosts' values. :func:`requirements` is what ``kvmtrace doctor`` reports.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import grp
+import os
+import stat
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+# include/uapi/linux/capability.h
+CAPS = {
+    "CAP_DAC_OVERRIDE": 1,
+    "CAP_DAC_READ_SEARCH": 2,
+    "CAP_SETPCAP": 8,
+    "CAP_NET_BIND_SERVICE": 10,
+    "CAP_SYS_ADMIN": 21,
+    "CAP_SYSLOG": 34,
+    "CAP_PERFMON": 38,
+    "CAP_BPF": 39,
+}
+CAP_NAMES = {v: k for k, v in CAPS.items()}
+# CAP_BPF and CAP_PERFMON exist from 5.8 (commits a17b53c4a4b5, 980737282232).
+SPLIT_CAPS_KERNEL = (5, 8)
+# 6.5 moved the bpf() permission checks to the commands (commit "bpf: Centralize
+# permissions checks for all BPF map types"): map operations on an fd one already holds
+# need no capability since, whatever unprivileged_bpf_disabled says.
+FD_MAP_OPS_FREE_KERNEL = (6, 5)
+TRACEFS_PATHS = ("/sys/kernel/debug/tracing", "/sys/kernel/tracing")  # bcc's order
+# The documented set for a non-root service (deploy/systemd, deploy/kubernetes).
+SERVICE_CAPS = ("CAP_BPF", "CAP_PERFMON", "CAP_DAC_READ_SEARCH")
+SERVICE_GROUP = "kvm"
+
+# prctl(2) and capset(2) (include/uapi/linux/prctl.h, capability.h)
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+VFS_CAP_FLAGS_EFFECTIVE = 0x000001
+
+
+class PrivilegeError(Exception):
+    """Something this process lacks; ``lines`` has one line per missing piece."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\nERROR: ".join(lines))  # printed after "ERROR: ", one a line
+        self.lines = lines
+
+
+class Requirement(NamedTuple):
+    """One requirement: ``ok`` True (met), False (missing: ``detail`` is the one-line
+    error naming the capability or group and the fix) or None (does not apply here,
+    e.g. no /dev/kvm at all: ``detail`` says why)."""
+
+    name: str
+    ok: bool | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class Access:
+    """The facts the requirements are judged on (this process's, or another host's)."""
+
+    kernel: tuple[int, int]
+    euid: int
+    effective: int  # CapEff
+    ambient: int = 0  # CapAmb: what a non-root loader child gets...
+    file_caps: int = 0  # ...plus the python binary's file capabilities (effective ones)
+    bounding: int = (1 << 41) - 1
+    groups: tuple[int, ...] = ()  # real + supplementary gids
+    unprivileged_bpf_disabled: int | None = None  # None: unknown
+    # tracefs candidates that exist: (path, None when its events/ can be read, else why)
+    tracefs: tuple[tuple[str, str | None], ...] = ()
+    kvm_path: str = "/dev/kvm"
+    kvm_exists: bool = True
+    kvm_error: str | None = None  # os.open(O_RDWR)'s refusal, None: opened
+    kvm_mode: int = 0o660
+    kvm_uid: int = 0
+    kvm_gid: int = 0
+    kvm_group: str | None = "kvm"  # the name of kvm_gid, None when it has none
+    headers_path: str = ""
+    headers_error: str | None = None
+    kallsyms_error: str | None = None
+
+    def has(self, cap: str) -> bool:
+        return bool(self.effective >> CAPS[cap] & 1)
+
+    def child_has(self, cap: str) -> bool:
+        """Whether the loader child (a new execve) will have ``cap``."""
+        bit = 1 << CAPS[cap]
+        if self.euid == 0:  # root's execve gets the bounding set (no SECBIT_NOROOT here)
+            return bool(self.bounding & bit)
+        return bool((self.ambient | (self.file_caps & self.bounding)) & bit)
+
+
+def names(mask: int) -> list[str]:
+    """Capability names of a mask (unknown bits as cap_N)."""
+    return [CAP_NAMES.get(b, f"cap_{b}") for b in range(64) if mask >> b & 1]
+
+
+def mask_of(caps) -> int:
+    out = 0
+    for c in caps:
+        out |= 1 << CAPS[c]
+    return out
+
+
+def parse_status(text: str) -> dict[str, int]:
+    """/proc/PID/status → {"CapEff": mask, ..., "NoNewPrivs": 0|1} (the lines present)."""
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        value = value.strip()
+        if key.startswith("Cap"):
+            out[key] = int(value, 16)
+        elif key == "NoNewPrivs":
+            out[key] = int(value)
+    return out
+
+
+def parse_file_caps(raw: bytes | None) -> int:
+    """The effective file capabilities in a ``security.capability`` xattr (struct
+    vfs_cap_data, include/uapi/linux/capability.h): the permitted set when its effective
+    flag is set, else 0 (a binary that is not capability-aware raises none)."""
+    if not raw or len(raw) < 12:
+        return 0
+    magic, lo = struct.unpack_from("<II", raw)
+    hi = struct.unpack_from("<I", raw, 12)[0] if len(raw) >= 20 else 0
+    return (lo | hi << 32) if magic & VFS_CAP_FLAGS_EFFECTIVE else 0
+
+
+def _dac_allows(mode: int, uid: int, gid: int, euid: int, groups: tuple[int, ...],
+                want: int = 0o6) -> bool:
+    """Whether the mode bits alone grant ``want`` (rw = 6) to euid/groups."""
+    if euid == uid:
+        bits = mode >> 6
+    elif gid in groups:
+        bits = mode >> 3
+    else:
+        bits = mode
+    return bits & want == want
+
+
+def _kernel_text(k: tuple[int, int]) -> str:
+    return f"{k[0]}.{k[1]}"
+
+
+def requirements(a: Access) -> list[Requirement]:
+    """Every requirement of loading, attaching and serving, judged on ``a``.
+
+    Pure. The capability requirements are judged on what the loader child will have."""
+    out: list[Requirement] = []
+    child = "the loader child"
+    ambient_hint = ("as an ambient capability (systemd AmbientCapabilities=, "
+                    "setpriv --ambient-caps, Kubernetes capabilities.add)")
+
+    def cap_line(cap: str, why: str) -> str:
+        if a.has(cap) and not a.child_has(cap):
+            return (f"{cap} ({why}) is effective here but not ambient, so {child} (a new "
+                    f"program) would not have it: grant it {ambient_hint}")
+        return f"missing capability {cap} ({why}): grant it {ambient_hint}, or run as root"
+
+    admin = a.child_has("CAP_SYS_ADMIN")
+    if a.kernel >= SPLIT_CAPS_KERNEL:
+        for cap, why in (("CAP_BPF", "load BPF programs and create maps"),
+                         ("CAP_PERFMON", "attach tracepoints and kprobes")):
+            if a.child_has(cap):
+                out.append(Requirement(cap, True, f"{cap}: held"))
+            elif admin:
+                out.append(Requirement(cap, True, f"{cap}: CAP_SYS_ADMIN stands in for it"))
+            else:
+                out.append(Requirement(cap, False, cap_line(cap, why)))
+    else:
+        why = (f"load and attach BPF programs; kernel {_kernel_text(a.kernel)} predates "
+               "CAP_BPF and CAP_PERFMON (5.8)")
+        out.append(Requirement("CAP_SYS_ADMIN", admin, "CAP_SYS_ADMIN: held" if admin
+                               else cap_line("CAP_SYS_ADMIN", why)))
+
+    if not a.tracefs:
+        out.append(Requirement("tracefs", None, "tracefs is not mounted (tracepoints "
+                               "cannot attach; kprobes through the kprobe PMU can): "
+                               "mount -t tracefs nodev /sys/kernel/tracing"))
+    elif any(err is None for _, err in a.tracefs):
+        path = next(p for p, err in a.tracefs if err is None)
+        out.append(Requirement("tracefs", True, f"{path}: readable"))
+    else:
+        path, err = a.tracefs[0]
+        fix = ("grant CAP_DAC_READ_SEARCH (tracefs is mode 0700, owner root)"
+               if not a.child_has("CAP_DAC_READ_SEARCH") and not a.child_has(
+                   "CAP_DAC_OVERRIDE") and a.euid != 0
+               else "check its mount and the service's sandbox (it must not be hidden)")
+        out.append(Requirement("tracefs", False,
+                               f"tracefs at {path} is not readable ({err}): {fix}"))
+
+    if not a.kvm_exists:
+        out.append(Requirement("/dev/kvm", None, f"{a.kvm_path} does not exist (KVM not "
+                               "loaded): nothing to open"))
+    elif a.kvm_error is None:
+        out.append(Requirement("/dev/kvm", True, f"{a.kvm_path}: opened read-write"))
+    else:
+        group = a.kvm_group or str(a.kvm_gid)
+        mode = stat.filemode(stat.S_IFCHR | a.kvm_mode)
+        if not _dac_allows(a.kvm_mode, a.kvm_uid, a.kvm_gid, a.euid, a.groups) \
+                and not a.has("CAP_DAC_OVERRIDE"):
+            fix = (f"add the user to group {group} (gid {a.kvm_gid}; systemd "
+                   f"SupplementaryGroups={group}, Kubernetes supplementalGroups: "
+                   f"[{a.kvm_gid}]), or grant CAP_DAC_OVERRIDE")
+        else:
+            fix = "the mode bits allow it: check ACLs, the LSM and the device cgroup"
+        out.append(Requirement("/dev/kvm", False,
+                               f"cannot open {a.kvm_path} ({mode} uid {a.kvm_uid} "
+                               f"gid {a.kvm_gid}): {a.kvm_error}: {fix}"))
+
+    if a.headers_error is None:
+        out.append(Requirement("kernel headers", True, f"{a.headers_path}: readable"))
+    else:
+        out.append(Requirement("kernel headers", False,
+                               f"kernel headers {a.headers_error}: install them (make setup) "
+                               "and do not hide /lib/modules or /usr/src from the service "
+                               "(systemd ProtectKernelModules=)"))
+
+    if a.kallsyms_error is None:
+        out.append(Requirement("/proc/kallsyms", True, "/proc/kallsyms: readable"))
+    else:
+        out.append(Requirement("/proc/kallsyms", False,
+                               f"cannot read /proc/kallsyms ({a.kallsyms_error}): do not hide "
+                               "it from the service (systemd ProtectKernelTunables=, "
+                               "ProcSubset=pid)"))
+    return out
+
+
+def missing(a: Access) -> list[str]:
+    """One line per requirement that is not met (empty: everything is there)."""
+    return [r.detail for r in requirements(a) if r.ok is False]
+
+
+def keep_after_attach(a: Access) -> tuple[int, str]:
+    """(the capability mask the exporter still needs once it holds the fds, why).
+
+    Pure. Map reads on held fds need CAP_BPF (CAP_SYS_ADMIN before 5.8) on kernels before
+    6.5 when kernel.unprivileged_bpf_disabled is set (or unknown); /dev/kvm opened only
+    thanks to CAP_DAC_OVERRIDE keeps it (the exporter asks it at every scrape)."""
+    keep, why = 0, []
+    if a.kernel < FD_MAP_OPS_FREE_KERNEL and a.unprivileged_bpf_disabled != 0:
+        cap = next((c for c in ("CAP_BPF", "CAP_SYS_ADMIN")
+                    if a.has(c) and (c != "CAP_BPF" or a.kernel >= SPLIT_CAPS_KERNEL)), None)
+        if cap:
+            keep |= mask_of([cap])
+            setting = ("unknown" if a.unprivileged_bpf_disabled is None
+                       else str(a.unprivileged_bpf_disabled))
+            why.append(f"{cap}: kernel {_kernel_text(a.kernel)} < 6.5 with "
+                       f"unprivileged_bpf_disabled={setting} checks it on every map read")
+    if (a.kvm_exists and a.kvm_error is None and a.has("CAP_DAC_OVERRIDE")
+            and not _dac_allows(a.kvm_mode, a.kvm_uid, a.kvm_gid, a.euid, a.groups)):
+        keep |= mask_of(["CAP_DAC_OVERRIDE"])
+        why.append(f"CAP_DAC_OVERRIDE: {a.kvm_path} is opened with it (no {SERVICE_GROUP} "
+                   "group)")
+    return keep, "; ".join(why)
+
+
+# ---- this process -------------------------------------------------------------------
+
+def _read(path: str | Path) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def _kernel(release: str) -> tuple[int, int]:
+    parts = release.split(".")
+    try:
+        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return 0, 0
+
+
+def _tracefs(root: Path) -> tuple[tuple[str, str | None], ...]:
+    out = []
+    for p in TRACEFS_PATHS:
+        base = root / p.lstrip("/")
+        try:
+            os.listdir(base / "events")
+            out.append((p, None))
+        except FileNotFoundError:
+            continue  # not mounted there
+        except PermissionError:
+            # which directory refused: /sys/kernel/debug itself is 0700 too
+            where = next((q for q in (base.parent, base) if not os.access(q, os.X_OK)), base)
+            out.append((p, f"permission denied on {'/' / where.relative_to(root)}"))
+        except OSError as exc:
+            out.append((p, exc.strerror or str(exc)))
+    return tuple(out)
+
+
+def _headers(root: Path, release: str) -> tuple[str, str | None]:
+    src = os.environ.get("BCC_KERNEL_SOURCE")
+    build = Path(src) if src else root / "lib/modules" / release / "build"
+    try:
+        resolved = build.resolve()
+        if not resolved.is_dir():
+            return str(build), f"are not at {build}"
+        os.listdir(resolved / "include")
+    except PermissionError:
+        return str(build), f"at {build} are not readable (permission denied)"
+    except OSError as exc:
+        return str(build), f"at {build} cannot be read ({exc.strerror or exc})"
+    return str(resolved), None
+
+
+def _kvm(path: str) -> dict:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return {"kvm_exists": False}
+    except OSError as exc:
+        return {"kvm_error": exc.strerror or str(exc)}
+    try:
+        group: str | None = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = None
+    error = None
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+    except OSError as exc:
+        error = exc.strerror or str(exc)
+    return {"kvm_error": error, "kvm_mode": stat.S_IMODE(st.st_mode), "kvm_uid": st.st_uid,
+            "kvm_gid": st.st_gid, "kvm_group": group}
+
+
+def gather(root: str | os.PathLike = "/", kvm_path: str = "/dev/kvm") -> Access:
+    """This process's facts (``root``: a fixture tree for tests)."""
+    root = Path(root)
+    release = (_read(root / "proc/sys/kernel/osrelease") or os.uname().release).strip()
+    status = parse_status(_read("/proc/self/status") or "")
+    try:
+        raw = os.getxattr(os.path.realpath(sys.executable), "security.capability")
+    except OSError:
+        raw = None
+    ubd = _read(root / "proc/sys/kernel/unprivileged_bpf_disabled")
+    headers_path, headers_error = _headers(root, release)
+    try:
+        with open(root / "proc/kallsyms", "rb") as f:
+            f.read(1)
+        kallsyms_error = None
+    except OSError as exc:
+        kallsyms_error = exc.strerror or str(exc)
+    return Access(
+        kernel=_kernel(release), euid=os.geteuid(), effective=status.get("CapEff", 0),
+        ambient=status.get("CapAmb", 0), file_caps=parse_file_caps(raw),
+        bounding=status.get("CapBnd", 0), groups=tuple({os.getegid(), *os.getgroups()}),
+        unprivileged_bpf_disabled=int(ubd) if ubd and ubd.strip().isdigit() else None,
+        tracefs=_tracefs(root), kvm_path=kvm_path, **_kvm(kvm_path),
+        headers_path=headers_path, headers_error=headers_error,
+        kallsyms_error=kallsyms_error)
+
+
+def check(root: str | os.PathLike = "/") -> Access:
+    """Raise PrivilegeError (one line per missing piece) unless everything is there."""
+    a = gather(root)
+    lines = missing(a)
+    if lines:
+        raise PrivilegeError(lines)
+    return a
+
+
+def _threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def drop(keep: int) -> dict[str, int]:
+    """Keep only the capabilities in ``keep``: clear the ambient set, drop the bounding
+    set when CAP_SETPCAP allows it, capset() effective = permitted = ``keep`` (inheritable
+    empty) and set no_new_privs. capset() changes the calling thread only, so this must
+    run before any other thread starts (checked). Returns /proc/self/status's view after
+    (CapEff, CapPrm, CapAmb, CapBnd, NoNewPrivs); raises PrivilegeError on a refusal."""
+    threads = _threads()
+    if threads != 1:
+        raise PrivilegeError([f"cannot drop capabilities: {threads} threads are running "
+                              "(capset changes one thread only; drop before starting any)"])
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def prctl(*args: int) -> None:
+        if libc.prctl(*(ctypes.c_ulong(x) for x in args)) != 0:
+            err = ctypes.get_errno()
+            raise PrivilegeError([f"prctl({args[0]}) failed: {os.strerror(err)}"])
+
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    before = parse_status(_read("/proc/self/status") or "")
+    if before.get("CapEff", 0) >> CAPS["CAP_SETPCAP"] & 1:
+        last = int((_read("/proc/sys/kernel/cap_last_cap") or "40").strip())
+        for cap in range(last + 1):
+            if not keep >> cap & 1 and before.get("CapBnd", 0) >> cap & 1:
+                prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for i in (0, 1):
+        word = keep >> (32 * i) & 0xFFFFFFFF
+        data[i].effective = data[i].permitted = word
+        data[i].inheritable = 0
+    if libc.capset(ctypes.byref(header), data) != 0:
+        err = ctypes.get_errno()
+        raise PrivilegeError([f"capset({', '.join(names(keep)) or 'nothing'}) failed: "
+                              f"{os.strerror(err)}"])
+    prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    after = parse_status(_read("/proc/self/status") or "")
+    if after.get("CapEff") != keep or after.get("CapAmb") or after.get("NoNewPrivs") != 1:
+        raise PrivilegeError([f"capabilities not dropped as asked: {after}"])
+    return after
