@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from kvmtrace import __version__, kvmdev, notify, privileges, views, webconfig
 from kvmtrace import doctor as doctormod
+from kvmtrace import evidence as evidencemod
 from kvmtrace import facts as factsmod
 from kvmtrace import loader as loadermod
 from kvmtrace import plan as planmod
@@ -272,7 +273,8 @@ def cmd_serve(args) -> int:
     sink = LineSink(sys.stdout)
     collector = KvmtraceCollector(runtime, live.attachments, kvmdev.query, facts.arch,
                                   build, with_pid=args.pid_label,
-                                  extra_health=lambda: {"live_lines_dropped": sink.dropped})
+                                  extra_health=lambda: {"live_lines_dropped": sink.dropped},
+                                  evidence_query=evidencemod.Refresher(facts.evidence).get)
     registry.register(collector)
     rejections: deque[Attempt] = deque(maxlen=args.rejections)
     holder["app"] = servermod.limit_requests(servermod.make_app(

@@ -31,10 +31,12 @@ from prometheus_client.registry import Collector
 
 from kvmtrace import attempts as attemptsmod
 from kvmtrace import plan as planmod
+from kvmtrace import readiness as readinessmod
 from kvmtrace import tables
 from kvmtrace.aggregate import OTHER, NameBudget, SlotSums
 from kvmtrace.contract import LATENCY_OUTCOMES, RAW_KEY_LEN, RawCount, firmware_status
 from kvmtrace.decode import Key, vm_type_label
+from kvmtrace.evidence import Evidence
 from kvmtrace.kvmdev import KvmInfo
 from kvmtrace.plan import Attachment
 from kvmtrace.render import FixedFamilies, Renderer
@@ -111,8 +113,10 @@ class KvmtraceCollector(Collector):
     def __init__(self, runtime: Runtime, attachments: Sequence[Attachment],
                  kvm_query: Callable[[], KvmInfo], arch: str,
                  build_info: dict[str, str], with_pid: bool = False,
-                 extra_health: Callable[[], dict[str, int]] = dict):
+                 extra_health: Callable[[], dict[str, int]] = dict,
+                 evidence_query: Callable[[], Evidence | None] = lambda: None):
         self._rt = runtime
+        self._evidence_query = evidence_query  # readiness evidence (kvmtrace.evidence)
         self._attachments = attachments
         self._kvm_query = kvm_query
         self._arch = arch
@@ -138,6 +142,7 @@ class KvmtraceCollector(Collector):
         self._exported = 0  # samples exported at the last scrape that read the maps
         self._renderer = Renderer(self._per_series_families, self._labelnames)
         self._scrape_errors: dict[str, int] = {}  # exception kind -> failed map reads
+        self._evidence: Evidence | None = None  # as read at the last scrape
 
     # ---- the scrape, shared by both outputs ---------------------------------
 
@@ -145,6 +150,7 @@ class KvmtraceCollector(Collector):
         """Read everything once; update the samples. Caller holds _lock."""
         ok = 1
         kvm = self._kvm_query()
+        self._evidence = self._evidence_query()
         try:
             raws, exited, counts = self._rt.raw_counts()
             health = {**self._rt.health(), **self._extra_health(),
@@ -270,6 +276,40 @@ class KvmtraceCollector(Collector):
 
     # ---- output 1: prometheus_client families -------------------------------
 
+    def _readiness_families(self, kvm: KvmInfo) -> list[Metric]:
+        """Per VM type: ready 1/0 with its verdict and the check that failed, from the
+        same chains as doctor (kvmtrace.readiness); ASID/KeyID capacity and use; the
+        firmware and TDX module versions the kernel log states."""
+        ev = self._evidence
+        ready = GaugeMetricFamily(
+            f"{NS}_vm_type_ready",
+            "1 when the VM type is usable here (offered by KVM_CAP_VM_TYPES, no layer "
+            "failed, capacity left), else 0; verdict ready, not_ready, not_applicable or "
+            "incomplete, and the id of the check that decided it (as kvmtrace doctor).",
+            labels=["vm_type", "vm_type_name", "verdict", "failed_check"])
+        capacity = GaugeMetricFamily(
+            f"{NS}_host_encryption_ids",
+            "ASIDs (sev, sev_es: SNP uses SEV-ES's) or TDX KeyIDs (tdx) the host has, "
+            "from the misc cgroup's misc.capacity.", labels=["resource"])
+        used = GaugeMetricFamily(
+            f"{NS}_host_encryption_ids_used",
+            "Of those, in use by running VMs (misc.current).", labels=["resource"])
+        firmware = GaugeMetricFamily(
+            f"{NS}_host_firmware_info",
+            "1 for each firmware or TDX module version the kernel log states.",
+            labels=["component", "version"])
+        if kvm.present or ev is not None:
+            for t in readinessmod.assess_parts(self._arch, kvm, ev):
+                ready.add_metric([str(t.vm_type), t.name, t.verdict, t.failed_check or ""],
+                                 1 if t.verdict == readinessmod.READY else 0)
+        for c in readinessmod.capacities(ev):
+            capacity.add_metric([c.resource], c.capacity)
+            if c.used is not None:
+                used.add_metric([c.resource], c.used)
+        for f in readinessmod.firmware(ev):
+            firmware.add_metric([f.component, f.version], 1)
+        return [ready, capacity, used, firmware]
+
     def describe(self) -> Iterator[Metric]:
         """The families this collector serves, without their samples and without
         reading anything: what the registry maps names to (``/metrics?name[]=``)."""
@@ -342,6 +382,7 @@ class KvmtraceCollector(Collector):
                 supported.add_metric([str(t), tables.vm_type_name(t, self._arch)],
                                      1 if t in kvm.supported_types else 0)
         out.append(supported)
+        out += self._readiness_families(kvm)
 
         attached = GaugeMetricFamily(
             f"{NS}_probe_attached", "1 for each planned probe point that is attached, else 0.",

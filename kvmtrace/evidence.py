@@ -16,7 +16,10 @@ import errno
 import gzip
 import os
 import re
-from dataclasses import asdict, dataclass, field
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 # cpuinfo flags the chains read (the rest of the line is left out of the facts).
@@ -298,3 +301,42 @@ def gather(root: str | os.PathLike = "/", release: str | None = None) -> Evidenc
         cmdline=" ".join(p for p in cmdline.split() if CMDLINE_PARAM.match(p))[:4096]
         if cmdline is not None else None,
         dmesg=dmesg, dmesg_error=dmesg_error)
+
+
+class Refresher:
+    """Evidence re-read at most every ``ttl`` seconds (serve: the readiness metrics).
+    What a re-read cannot see any more (the kernel log or CPUID once the exporter
+    dropped its capabilities) is kept from the last read that could."""
+
+    def __init__(self, first: Evidence | None, ttl: float = 60.0,
+                 read: Callable[[], Evidence] = gather,
+                 clock: Callable[[], float] = time.monotonic):
+        self._ev = first
+        self._ttl = ttl
+        self._read = read
+        self._clock = clock
+        self._at = clock() if first is not None else None
+        self._lock = threading.Lock()
+
+    def get(self) -> Evidence | None:
+        with self._lock:
+            now = self._clock()
+            if self._at is not None and now - self._at < self._ttl:
+                return self._ev
+            self._at = now
+            try:
+                new = self._read()
+            except Exception:  # whatever a read raised: keep the last evidence
+                return self._ev
+            old = self._ev
+            if old is not None:
+                keep = {}
+                if new.dmesg is None and old.dmesg is not None:
+                    keep.update(dmesg=old.dmesg, dmesg_error=None)
+                if new.cpuid_8000001f is None and old.cpuid_8000001f is not None:
+                    keep.update(cpuid_8000001f=old.cpuid_8000001f, cpuid_error=None)
+                if keep:
+                    new = replace(new, **keep)
+            self._ev = new
+            return new
+

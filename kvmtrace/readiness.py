@@ -528,9 +528,14 @@ def _verdict(vm_type: int, name: str, checks: list[Check], blocked: Check | None
 
 def assess(facts, types: list[str] | None = None) -> list[TypeReadiness]:
     """The readiness of each VM type of ``facts.arch`` (or of ``types``, by name)."""
-    ev = facts.evidence
-    kvm = facts.kvm
-    table = tables.VM_TYPE_TABLES.get(facts.arch, {0: "DEFAULT"})
+    return assess_parts(facts.arch, facts.kvm, facts.evidence, types)
+
+
+def assess_parts(arch: str, kvm, ev: Evidence | None,
+                 types: list[str] | None = None) -> list[TypeReadiness]:
+    """:func:`assess` from its parts: the architecture, /dev/kvm's answer
+    (kvmtrace.kvmdev.KvmInfo) and the evidence (None: judged from the mask alone)."""
+    table = tables.VM_TYPE_TABLES.get(arch, {0: "DEFAULT"})
     if ev is None:
         ev = Evidence()
         missing = True
@@ -541,7 +546,7 @@ def assess(facts, types: list[str] | None = None) -> list[TypeReadiness]:
     for vm_type, name in sorted(table.items()):
         if types is not None and name not in types:
             continue
-        if facts.arch == "x86_64" and name in X86_CHAINS and not missing:
+        if arch == "x86_64" and name in X86_CHAINS and not missing:
             specs = X86_CHAINS[name]
         else:
             specs = []  # other architectures (and facts without evidence): the mask only

@@ -58,7 +58,7 @@ RECORDED_RAWS = [
 
 
 def _recorded_collector(kernel_facts, raws=RECORDED_RAWS, kvm=None, fail=False, with_pid=False,
-                        live=None):
+                        live=None, evidence=None):
     plan = planmod.make_plan(kernel_facts("seed-tdx-v12-kprobes"))
     source = RecordedSource(raws, fail=fail)
     rt = Runtime(source, Decoder(plan, "x86_64"),
@@ -67,7 +67,8 @@ def _recorded_collector(kernel_facts, raws=RECORDED_RAWS, kvm=None, fail=False, 
     reg = CollectorRegistry()
     reg.register(KvmtraceCollector(
         rt, attachments, lambda: kvm or KvmInfo(True, 12, 0x1), "x86_64",
-        {"version": "t", "bcc_version": "0.26.0", "kernel": "6.3"}, with_pid=with_pid))
+        {"version": "t", "bcc_version": "0.26.0", "kernel": "6.3"}, with_pid=with_pid,
+        evidence_query=lambda: evidence))
     return reg, rt, source
 
 

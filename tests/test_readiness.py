@@ -254,3 +254,51 @@ def test_evidence_from_a_fixture_tree(tmp_path):
     assert ev.dmesg is None and "dev/kmsg" in ev.dmesg_error
     assert ev.kernel_config is None and "config-6.16.0" in ev.kernel_config_error
     assert evidence.Evidence.from_json(ev.to_json()) == ev
+
+
+def test_serve_exports_readiness_from_the_same_chains(recorded_collector):
+    """kvmtrace_vm_type_ready per type with its verdict and failing check, ASID
+    capacity and use, firmware versions: the doctor's answers, as metrics, parsed."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    f = load("constructed-amd-asids-exhausted")
+    reg, _, _ = recorded_collector(kvm=f.kvm, evidence=f.evidence)
+    fams = {m.name: m for m in text_string_to_metric_families(generate_latest(reg).decode())}
+    ready = {s.labels["vm_type_name"]: (s.value, s.labels["verdict"], s.labels["failed_check"])
+             for s in fams["kvmtrace_vm_type_ready"].samples}
+    assert ready == {
+        "DEFAULT": (1, R, ""), "SW_PROTECTED": (0, NR, "sw_protected.config"),
+        "SEV": (0, NR, "sev.asids"), "SEV_ES": (0, NR, "sev_es.asids"),
+        "SNP": (0, NR, "snp.asids"), "TDX": (0, NA, "tdx.platform")}
+    assert {s.labels["resource"]: s.value for s in fams["kvmtrace_host_encryption_ids"].samples
+            } == {"sev": 907, "sev_es": 99}
+    assert {s.labels["resource"]: s.value
+            for s in fams["kvmtrace_host_encryption_ids_used"].samples} == {"sev": 907,
+                                                                          "sev_es": 99}
+    assert {(s.labels["component"], s.labels["version"])
+            for s in fams["kvmtrace_host_firmware_info"].samples} == {("sev", "1.55"),
+                                                                      ("sev_snp", "1.55")}
+
+
+def test_the_refresher_rereads_and_keeps_what_it_can_no_longer_see():
+    """serve re-reads the evidence at most every ttl seconds; once the exporter has
+    dropped its capabilities the kernel log and CPUID are kept from the first read."""
+    first = load("constructed-amd-snp-ready").evidence
+    later = evidence.Evidence(**{**first.to_json(), "dmesg": None, "dmesg_error": "EPERM",
+                                 "cpuid_8000001f": None, "misc_current": {"sev": 9}})
+    now = [0.0]
+    reads = []
+
+    def read():
+        reads.append(now[0])
+        return later
+
+    r = evidence.Refresher(first, ttl=60, read=read, clock=lambda: now[0])
+    assert r.get() is first and not reads
+    now[0] = 61
+    got = r.get()
+    assert reads == [61] and got.misc_current == {"sev": 9}
+    assert got.dmesg == first.dmesg and got.cpuid_8000001f == first.cpuid_8000001f
+    now[0] = 100
+    assert r.get() is got and reads == [61]

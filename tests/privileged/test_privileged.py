@@ -99,6 +99,10 @@ def test_health_and_host_support(served):
     assert samples(text, "kvmtrace_host_kvm_up")[one] == 1
     sup = samples(text, "kvmtrace_host_vm_type_supported")
     assert sup[frozenset({("vm_type", "0"), ("vm_type_name", "DEFAULT")})] == 1
+    ready = samples(text, "kvmtrace_vm_type_ready")  # doctor's chains, as a metric
+    assert ready[frozenset({("vm_type", "0"), ("vm_type_name", "DEFAULT"),
+                            ("verdict", "ready"), ("failed_check", "")})] == 1
+    assert len(ready) == 6  # every x86 type, ready or not
     attached = samples(text, "kvmtrace_probe_attached")
     mech = "kprobe" if host_has_kprobes() else "tracepoint"
     assert attached[frozenset({("probe", "KVM_CREATE_VM"), ("mechanism", mech)})] == 1

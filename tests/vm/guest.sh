@@ -34,6 +34,9 @@ fail() {
     || fail "the guest's loopback is down (no iproute2 in the guest root?)"
 modprobe kvm_amd || fail "modprobe kvm_amd failed on $(uname -r) (is svm in the guest's cpu flags?)"
 [ -c /dev/kvm ] || fail "/dev/kvm missing after modprobe kvm_amd"
+# CPUID through /dev/cpu/N/cpuid, as an operator would load it for doctor (its SEV
+# checks read leaf 0x8000001F there; without it they are SKIP with the reason).
+modprobe cpuid || echo "guest: modprobe cpuid failed (doctor's CPUID checks will SKIP)"
 mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing \
     || fail "cannot mount tracefs"
 mountpoint -q /sys/kernel/debug || mount -t debugfs nodev /sys/kernel/debug \

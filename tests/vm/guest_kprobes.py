@@ -127,6 +127,40 @@ def test_doctor_attaches_kprobes_on_every_point(doctor):
             ("kprobe", name, True), pts[name]
 
 
+def test_doctor_names_the_layer_that_says_no_to_sev(doctor):
+    """TCG guest, kvm_amd loaded, no SEV: DEFAULT is ready from the mask; SEV, SEV-ES and
+    SNP are not applicable (a guest: the hypervisor flag) and their first check names
+    what the layers read: the cpuinfo flag absent and kvm_amd's parameter off. TDX is
+    Intel's. The facts dumped carry that evidence (CPUID read through the cpuid module)."""
+    types = {t["name"]: t for t in doctor["readiness"]["types"]}
+    assert types["DEFAULT"]["verdict"] == "ready", types["DEFAULT"]
+    for name, flag, param in (("SEV", "sev", "sev"), ("SEV_ES", "sev_es", "sev_es"),
+                              ("SNP", "sev_snp", "sev_snp")):
+        t = types[name]
+        assert (t["verdict"], t["failed_check"]) == ("not_applicable",
+                                                     f"{name.lower()}.platform"), t
+        ev = t["checks"][0]["evidence"]
+        assert "cpuinfo: hypervisor flag (running as a guest)" in ev, ev
+        assert f"cpuinfo: no {flag} flag" in ev, ev
+        assert any(e.startswith(f"/sys/module/kvm_amd/parameters/{param}") for e in ev), ev
+        params = doctor_facts()["evidence"]["params"]
+        if f"kvm_amd.{param}" in params:  # absent when the kernel has no SEV support built
+            assert f"/sys/module/kvm_amd/parameters/{param} = N" in ev, ev
+    assert types["TDX"]["failed_check"] == "tdx.platform"
+    facts = doctor_facts()["evidence"]
+    assert facts["cpu_vendor"] == "AuthenticAMD" and "svm" in facts["cpu_flags"]
+    assert facts["cpuid_8000001f"] is not None, facts["cpuid_error"]  # modprobe cpuid
+    assert facts["cpuid_8000001f"] & 0b11010 == 0  # TCG emulates no SEV, SEV-ES, SNP
+    assert facts["modules"] and "kvm_amd" in facts["modules"]
+
+
+def doctor_facts() -> dict:
+    p = subprocess.run([*KVMTRACE, "doctor", "--dump-facts"], capture_output=True, text=True,
+                       timeout=START_TIMEOUT, check=False)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
 def test_doctor_sees_this_kernels_own_headers(doctor):
     """bcc compiles against the unpacked headers of exactly this kernel; doctor must say so."""
     release = os.uname().release
