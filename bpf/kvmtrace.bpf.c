@@ -310,6 +310,9 @@ static __always_inline void count(u32 tgid, u32 probe, u64 vm_type, s64 result,
 	/* BPF_NOEXIST: fails with EEXIST when another CPU inserted the key first
 	 * (then add to it), with E2BIG when the map is full. */
 	if (counts.insert(&key, &one) == 0) {
+		/* The exporter's estimate of the map's fill (it subtracts what it
+		 * deletes): a pass folds entries out before the map is full. */
+		health_inc(HEALTH_COUNTS_INSERTED);
 		if (held)
 			__sync_fetch_and_add(held, 1);
 		return;

@@ -319,7 +319,7 @@ def cmd_serve(args) -> int:
 
     def retire() -> None:
         nonlocal next_retire
-        if time.monotonic() >= next_retire:
+        if time.monotonic() >= next_retire or runtime.filling():
             if runtime.retire_exited():
                 allocator.trim()
             live.stitcher.host_mask = kvmdev.query().vm_types_mask
@@ -350,7 +350,7 @@ def _retirer(live: Live, every: float = 1.0):
 
     def tick() -> None:
         nonlocal due
-        if time.monotonic() >= due:
+        if time.monotonic() >= due or live.runtime.filling():
             live.runtime.retire_exited()
             due = time.monotonic() + every
 

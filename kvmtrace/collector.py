@@ -398,6 +398,8 @@ class KvmtraceCollector(Collector):
             ("counts_over_share", "Calls of a process past its share of the counts map "
                                   "(256 keys), counted under comm=\"other\" without their "
                                   "VM type above 255, reason or detail (sums stay exact)."),
+            ("counts_inserted", "Keys inserted into the kernel's counts map (its fill is "
+                                "this less what the retirement passes folded out)."),
             ("calls_dropped", "Calls not tracked because the in-flight map was full."),
             ("procs_dropped", "Processes not followed to their end because the map of "
                               "followed processes was full."),

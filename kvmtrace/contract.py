@@ -77,7 +77,7 @@ COUNTS_PER_PROC = 256  # a process's share of the counts map (loader option's de
 
 # ---- health: per-CPU counters, index i is HEALTH[i] (kvmtrace_<name>_total) ----
 HEALTH = ("counts_dropped", "events_lost", "calls_dropped", "events_throttled",
-          "procs_dropped", "totals_dropped", "counts_over_share")
+          "procs_dropped", "totals_dropped", "counts_over_share", "counts_inserted")
 
 # ---- KVM_CREATE_VM latency: log2(ns) slots per outcome ---------------------------
 LATENCY_OUTCOMES = ("accepted", "rejected")  # outcome = (ret < 0)

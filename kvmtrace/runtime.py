@@ -89,6 +89,9 @@ class Runtime:
         self._lock = threading.Lock()
         self.decode_errors = 0
         self.retire_errors = 0  # retirement passes skipped: /proc could not be listed
+        # The kernel counts its inserts into the counts map (health counts_inserted);
+        # inserts less this are the map's fill, re-based at every pass (filling()).
+        self._not_in_map = 0
 
     def _records(self) -> list[tuple[tuple, CountRecord]]:
         return [(raw, self.decoder.count(raw)) for raw in self.source.read_counts()]
@@ -110,6 +113,7 @@ class Runtime:
                 self.retire_errors += 1
                 return 0
             now = self._clock()
+            inserted = self.source.health().get("counts_inserted")
             read = self.source.read_counts()
             self._see(read)
             # A map filling up (a storm of names or processes): fold the entries of live
@@ -122,11 +126,24 @@ class Runtime:
             self._stitch([r for _, r in pairs if r.pid not in live])
             dead = self.aggregator.retire([r for _, r in pairs], live, now, fold_live)
             dead_ids = {id(r) for r in dead}
-            self.source.delete_counts([raw for raw, r in pairs if id(r) in dead_ids])
+            gone = [raw for raw, r in pairs if id(r) in dead_ids]
+            self.source.delete_counts(gone)
+            if inserted is not None:  # what stays in the map: the read less what went
+                self._not_in_map = inserted - (len(read) - len(gone))
             live_comms = {self.decoder.count_labels(raw[:RAW_KEY_LEN]).comm for raw in read
                           if raw[0] in live}
             self.aggregator.expire(now, self._series_ttl, live_comms)
             return len(dead)
+
+    def filling(self) -> bool:
+        """The counts map is as full as the point where a pass folds live entries too
+        (the kernel's inserts less what passes took out): time for a pass before the
+        next one is due, so a burst of short-lived processes does not fill it."""
+        capacity = getattr(self.source, "counts_capacity", 0)
+        inserted = self.source.health().get("counts_inserted")
+        if not capacity or inserted is None:
+            return False
+        return inserted - self._not_in_map >= capacity * self._fold_live_at
 
     def _see(self, read: list[RawCount]) -> None:
         """Look up what each newly seen followed process asked for (once per pid)."""

@@ -87,11 +87,52 @@ def test_any_facts_file_is_facts_or_a_clear_error(tmp_path_factory, data):
     planmod.make_plan(facts)
 
 
+EVIDENCE = json.loads((KERNELS.parent / "hosts" / "constructed-amd-snp-ready.json"
+                       ).read_text())["evidence"]
+
+
+@settings(max_examples=300)
+@given(st.one_of(JSON, st.fixed_dictionaries({}, optional={k: JSON for k in EVIDENCE}),
+                 st.fixed_dictionaries({}, optional={
+                     "cpu_vendor": st.sampled_from(["AuthenticAMD", "GenuineIntel", "x"]),
+                     "cpu_flags": st.lists(st.sampled_from(
+                         ["svm", "vmx", "hypervisor", "sev", "sev_es", "sev_snp",
+                          "tdx_host_platform"])),
+                     "cpuid_8000001f": st.none() | U32,
+                     "modules": st.lists(st.sampled_from(["kvm", "kvm_amd", "kvm_intel"])),
+                     "params": st.dictionaries(st.sampled_from(
+                         ["kvm_amd.sev", "kvm_amd.sev_snp", "kvm_intel.tdx", "kvm.tdp_mmu"]),
+                         st.sampled_from(["Y", "N", "1", "0", ""])),
+                     "misc_capacity": st.none() | st.dictionaries(
+                         st.sampled_from(["sev", "sev_es", "tdx"]), st.integers(0, 2000)),
+                     "misc_current": st.none() | st.dictionaries(
+                         st.sampled_from(["sev", "sev_es", "tdx"]), st.integers(0, 2000)),
+                     "dmesg": st.none() | st.lists(st.text(max_size=80), max_size=5),
+                     "cmdline": st.none() | st.text(max_size=40)})),
+       st.none() | U64, st.sampled_from(ARCHES))
+def test_any_evidence_is_judged_or_a_clear_error(evidence, mask, arch):
+    """The readiness evidence of a facts file: a clear ValueError, or every type of the
+    architecture gets a verdict (no exception), whatever the values and the mask."""
+    from kvmtrace import readiness
+
+    facts = {**REAL_FACTS, "arch": arch, "evidence": evidence,
+             "kvm": {"present": True, "api_version": 12, "vm_types_mask": mask, "error": None}}
+    try:
+        f = HostFacts.from_json(facts)
+    except (ValueError, TypeError, KeyError):
+        return
+    got = readiness.assess(f)
+    assert [t.name for t in got] == readiness.type_names(arch)
+    assert all(t.verdict in (readiness.READY, readiness.NOT_READY, readiness.NOT_APPLICABLE,
+                             readiness.INCOMPLETE) for t in got)
+
+
 @given(st.lists(st.sampled_from(
     ["serve", "trace", "explain", "doctor", "-p", "-n", "-x", "-T", "--json", "--duration",
      "--retire-interval", "--rejections", "--web.listen-address", "--web.max-requests",
      "--facts", "--strict", "0", "-1", "1", "inf", "nan", "1e9", "4294967297", ":9929",
-     "x", "--ebpf", "--dump-facts", "--pid-label", "-q"]), max_size=6))
+     "x", "--ebpf", "--dump-facts", "--pid-label", "-q", "--type", "SNP", "tdx,sev",
+     "--web.telemetry-path", "/metrics", "?"]), max_size=6))
 def test_any_command_line_parses_or_is_a_usage_error(argv):
     try:
         build_parser().parse_args(argv)

@@ -176,3 +176,30 @@ def test_the_end_records_bits_decide_when_the_records_were_folded_early(decode):
     recs = decode([end(16, 0, 1 << 8, PROC_CREATED | PROC_LAUNCH_FAILED | PROC_EXIT_CODE)])
     (s,) = starts.stitch(recs, vmm.NOT_KNOWN)
     assert (s.stage, s.reason) == ("during_launch", "launch_failed")
+
+
+def test_a_filling_map_asks_for_a_pass_before_the_interval(kernel_facts):
+    """Hand-built: the kernel counts its inserts (health counts_inserted); a burst of
+    short-lived processes that half fills the map makes filling() true before the next
+    pass is due, the pass re-bases the estimate on what it left in the map."""
+    from kvmtrace.runtime import Runtime
+    from tests.recorded import RecordedSource
+
+    raws = [(40 + i, C.PROBE_CREATE_VM, 2, -22, 0, 0, b"burst", 1) for i in range(5)]
+    source = RecordedSource(raws[:1], health={"counts_inserted": 1})
+    source.counts_capacity = 10
+    d = Decoder(planmod.make_plan(kernel_facts("firecracker-6.18-no-kprobes")), "x86_64")
+    rt = Runtime(source, d, live_pids=lambda: {40, 41, 42, 43, 44},
+                 request=lambda pid: vmm.NOT_KNOWN)
+    assert not rt.filling()  # 1 of 10
+    source.raws, source._health["counts_inserted"] = list(raws), 5
+    assert rt.filling()  # 5 of 10: half
+    assert rt.retire_exited() == 5 and source.raws == []  # all folded (live, half full)
+    assert not rt.filling()  # 5 inserted, 5 taken out
+    source.raws, source._health["counts_inserted"] = raws[:2], 7
+    assert not rt.filling()  # 2 in the map
+    assert rt.retire_exited() == 0  # below half: live entries stay
+    source._health["counts_inserted"] = 10  # 3 more arrived since: 5 in the map
+    assert rt.filling()
+    del source._health["counts_inserted"]  # a source that does not count inserts
+    assert not rt.filling()
