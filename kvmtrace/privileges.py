@@ -368,8 +368,10 @@ def gather(root: str | os.PathLike = "/", kvm_path: str = "/dev/kvm") -> Access:
     headers_path, headers_error = _headers(root, release)
     try:
         with open(root / "proc/kallsyms", "rb") as f:
-            f.read(1)
-        kallsyms_error = None
+            # An inaccessible node bound over it (systemd InaccessiblePaths=) reads as
+            # empty where CAP_DAC_READ_SEARCH lets it be opened at all.
+            kallsyms_error = None if f.readline().strip() else "it is empty: hidden"
+
     except OSError as exc:
         kallsyms_error = exc.strerror or str(exc)
     return Access(

@@ -1,0 +1,328 @@
+"""kvmtrace serve as a service: an unprivileged uid with exactly the documented
+capabilities (setpriv, util-linux), the systemd unit's ExecStart under the unit's
+credentials, sd_notify, the capability drop, and one test per missing piece.
+
+Needs root to hand out capabilities (CI runs as root): fails, never skips."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from kvmtrace import privileges
+from tests.conftest import HERE, free_port, unique_comm
+from tests.privileged.conftest import START_TIMEOUT, VMMAKER, samples
+
+pytestmark = pytest.mark.privileged
+
+REPO = HERE.parent
+PYTHON = str(REPO / ".venv" / "bin" / "python")
+UNIT = REPO / "deploy" / "systemd" / "kvmtrace.service"
+ENV_FILE = REPO / "deploy" / "systemd" / "kvmtrace.env"
+UID = 65534  # nobody
+DYNAMIC_UID = 61184  # the first uid systemd's DynamicUser= hands out
+TYPES = {0: "DEFAULT", 2: "SEV", 99: "unknown:99"}
+REPEAT = 3
+
+
+def kvm_gid() -> int:
+    return os.stat("/dev/kvm").st_gid
+
+
+def setpriv(caps, groups, uid: int = UID, nnp: bool = True) -> list[str]:
+    tool = shutil.which("setpriv")
+    if tool is None:
+        pytest.fail("setpriv (util-linux) is not installed")
+    spec = ",".join(["-all", *(f"+{c.removeprefix('CAP_').lower()}" for c in caps)])
+    cmd = [tool, f"--reuid={uid}", f"--regid={uid}",
+           f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups",
+           f"--inh-caps={spec}", f"--ambient-caps={spec}", f"--bounding-set={spec}"]
+    return [*cmd, "--no-new-privs"] if nnp else cmd
+
+
+@pytest.fixture(scope="module", autouse=True)
+def reachable_by_the_uid():
+    """The venv and the checkout must be readable by an unprivileged uid."""
+    proc = subprocess.run([*setpriv([], [], nnp=False), PYTHON, "-c", "import kvmtrace"],
+                          capture_output=True, text=True, timeout=30, check=False, cwd="/")
+    if proc.returncode != 0:
+        pytest.fail(f"uid {UID} cannot import kvmtrace from {REPO}: {proc.stderr.strip()} "
+                    "(the checkout must be world-readable for this tier)")
+
+
+class Notify:
+    """A $NOTIFY_SOCKET the unprivileged service can write to."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="kvmtrace-notify-")
+        os.chmod(self.dir, 0o755)
+        self.path = os.path.join(self.dir, "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        os.chmod(self.path, 0o666)
+        self.messages: list[list[str]] = []
+
+    def wait_for(self, line: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(line in m for m in self.messages):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pytest.fail(f"no {line} within {timeout:.0f} s; got {self.messages}")
+            self.sock.settimeout(left)
+            try:
+                self.messages.append(self.sock.recv(4096).decode().split("\n"))
+            except TimeoutError:
+                continue
+
+    def close(self) -> None:
+        self.sock.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Service:
+    """``cmd`` (a kvmtrace serve) started with NOTIFY_SOCKET, ready at READY=1."""
+
+    def __init__(self, cmd: list[str], port: int, path: str = "/metrics", env=None):
+        self.port, self.path = port, path
+        self.notify = Notify()
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",
+            env={**os.environ, **(env or {}), "NOTIFY_SOCKET": self.notify.path})
+        try:
+            self.notify.wait_for("READY=1", START_TIMEOUT)
+        except BaseException:
+            self.proc.kill()
+            out, err = self.proc.communicate(timeout=30)
+            print(out, err, file=sys.stderr)
+            raise
+
+    def get(self, path: str) -> str:
+        url = f"http://127.0.0.1:{self.port}{path}"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.read().decode()
+
+    def status(self) -> dict[str, int]:
+        return privileges.parse_status(Path(f"/proc/{self.proc.pid}/status").read_text())
+
+    def stop(self) -> tuple[int, str, str]:
+        self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=30)
+        self.notify.wait_for("STOPPING=1", 5)
+        self.notify.close()
+        return self.proc.returncode, out, err
+
+
+def make_vms(comm: str) -> None:
+    subprocess.run([*VMMAKER, "--name", comm, "--types", ",".join(map(str, TYPES)),
+                    "--repeat", str(REPEAT), "--queries", "2"],
+                   capture_output=True, text=True, check=True, timeout=60)
+
+
+def assert_exact_counts(text: str, comm: str) -> None:
+    attempts = samples(text, "kvmtrace_vm_create_attempts_total")
+    rejected = samples(text, "kvmtrace_vm_create_rejected_total")
+    for t, name in TYPES.items():
+        labels = {"comm": comm, "vm_type": str(t), "vm_type_name": name}
+        assert attempts.get(frozenset(labels.items())) == REPEAT, (t, attempts)
+        mine = {k: v for k, v in rejected.items() if ("comm", comm) in k
+                and ("vm_type", str(t)) in k}
+        assert sum(mine.values()) == (0 if t == 0 else REPEAT), (t, mine)
+        if t:  # reasons need /dev/kvm's mask: the kvm group is what gives it
+            assert mine == {frozenset({**labels, "errno": "EINVAL",
+                                       "reason": "type_unsupported"}.items()): REPEAT}
+    queries = samples(text, "kvmtrace_vm_types_queries_total")
+    assert queries.get(frozenset({("comm", comm)})) == 2, queries
+    assert samples(text, "kvmtrace_host_kvm_up") == {frozenset(): 1.0}
+
+
+@pytest.fixture(scope="module")
+def documented():
+    """serve as uid 65534 with CAP_BPF CAP_PERFMON CAP_DAC_READ_SEARCH and the kvm
+    group, nothing else (bounding set too, no_new_privs), on a non-default path."""
+    port = free_port()
+    cmd = [*setpriv(privileges.SERVICE_CAPS, [kvm_gid()]), PYTHON, "-m", "kvmtrace",
+           "serve", "--web.listen-address", f"127.0.0.1:{port}", "-q",
+           "--retire-interval", "0.5", "--web.telemetry-path", "/kvm/metrics"]
+    svc = Service(cmd, port, "/kvm/metrics")
+    status = svc.status()
+    comm = unique_comm("kvms")
+    make_vms(comm)
+    time.sleep(1.5)  # one retirement pass folds the exited vmmaker
+    text = svc.get("/kvm/metrics")
+    yield svc, status, comm, text
+    if svc.proc.poll() is None:
+        svc.stop()
+
+
+def test_documented_set_serves_exact_counts(documented):
+    _, _, comm, text = documented
+    assert_exact_counts(text, comm)
+
+
+def test_capabilities_are_dropped_after_attach(documented):
+    svc, status, _, _ = documented
+    assert (status["CapEff"], status["CapPrm"], status["CapAmb"], status["NoNewPrivs"]) \
+        == (0, 0, 0, 1), status
+    assert Path(f"/proc/{svc.proc.pid}").stat().st_uid == UID
+
+
+def test_sd_notify_status_then_ready(documented):
+    svc, _, _, _ = documented
+    first, *_ = svc.notify.messages
+    assert first[0].startswith("STATUS=compiling") and "READY=1" not in first
+    (ready,) = [m for m in svc.notify.messages if "READY=1" in m]
+    assert f"MAINPID={svc.proc.pid}" in ready
+    assert any(x.startswith("STATUS=") and "probe points attached" in x for x in ready)
+
+
+def test_telemetry_path_is_the_only_metrics_path(documented):
+    svc, _, _, _ = documented
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        svc.get("/metrics")
+    assert exc.value.code == 404
+    assert "href='/kvm/metrics'" in svc.get("/")
+
+
+def test_stop_notifies_and_exits_cleanly(documented):
+    svc, _, _, _ = documented
+    code, out, err = svc.stop()
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert "capabilities after attach: none" in out
+
+
+def unit_settings() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def test_unit_execstart_under_the_units_credentials():
+    """What systemd would run (no systemd as PID 1 here: systemd-run cannot): the unit's
+    ExecStart with $KVMTRACE_ARGS from kvmtrace.env, as a DynamicUser-range uid with the
+    unit's AmbientCapabilities, CapabilityBoundingSet, SupplementaryGroups and
+    NoNewPrivileges. Only the listen address is added (a free port)."""
+    unit = unit_settings()
+    caps = unit["AmbientCapabilities"][0].split()
+    assert unit["CapabilityBoundingSet"][0].split() == caps
+    groups = []
+    for g in unit["SupplementaryGroups"][0].split():
+        try:
+            groups.append(grp.getgrnam(g).gr_gid)
+        except KeyError:  # this machine's /dev/kvm group has no name (README)
+            assert g == privileges.SERVICE_GROUP
+            groups.append(kvm_gid())
+    env_args = next(ln.partition("=")[2] for ln in ENV_FILE.read_text().splitlines()
+                if ln.startswith("KVMTRACE_ARGS="))
+    exec_start = shlex.split(unit["ExecStart"][0].replace("$KVMTRACE_ARGS", env_args))
+    assert exec_start[0] == "/opt/kvmtrace/.venv/bin/kvmtrace"
+    exec_start[0] = str(REPO / ".venv" / "bin" / "kvmtrace")
+    port = free_port()
+    cmd = [*setpriv(caps, groups, DYNAMIC_UID, nnp=unit["NoNewPrivileges"] == ["yes"]),
+           *exec_start, "--web.listen-address", f"127.0.0.1:{port}", "--retire-interval",
+           "0.5"]
+    svc = Service(cmd, port)
+    try:
+        comm = unique_comm("kvmu")
+        make_vms(comm)
+        time.sleep(1.5)
+        assert_exact_counts(svc.get("/metrics"), comm)
+        assert svc.status()["CapEff"] == 0
+    finally:
+        code, _, err = svc.stop()
+    assert code == 0 and "Traceback" not in err, err
+
+
+KALLSYMS_HIDDEN = "mount --bind {noread} /proc/kallsyms && exec \"$@\""
+
+
+@pytest.mark.parametrize(("piece", "needle"), [
+    ("CAP_BPF", "missing capability CAP_BPF (load BPF programs and create maps)"),
+    ("CAP_PERFMON", "missing capability CAP_PERFMON (attach tracepoints and kprobes)"),
+    ("CAP_DAC_READ_SEARCH", "tracefs at /sys/kernel/debug/tracing is not readable"),
+    ("kvm group", "cannot open /dev/kvm"),
+    ("headers", "kernel headers are not at /nonexistent/headers"),
+    ("kallsyms", "cannot read /proc/kallsyms (it is empty: hidden)"),
+])
+@pytest.mark.parametrize("command", ["serve", "trace"])
+def test_each_missing_piece_is_one_error_line(piece, needle, command, tmp_path):
+    caps = [c for c in privileges.SERVICE_CAPS if c != piece]
+    groups = [] if piece == "kvm group" else [kvm_gid()]
+    env = dict(os.environ)
+    if piece == "headers":
+        env["BCC_KERNEL_SOURCE"] = "/nonexistent/headers"
+    prefix: list[str] = []
+    if piece == "kallsyms":  # as ProtectKernelTunables= does: an unreadable node over it
+        noread = tmp_path / "noread"
+        noread.touch(mode=0)
+        prefix = [shutil.which("unshare") or "unshare", "-m", "sh", "-c",
+                  KALLSYMS_HIDDEN.format(noread=shlex.quote(str(noread))), "sh"]
+    args = ["--web.listen-address", f"127.0.0.1:{free_port()}"] if command == "serve" else []
+    proc = subprocess.run([*prefix, *setpriv(caps, groups), PYTHON, "-m", "kvmtrace",
+                           command, *args], capture_output=True, text=True, timeout=120,
+                          env=env, cwd="/", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, proc
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("ERROR: "), proc.stderr
+    assert needle in lines[0], lines[0]
+
+
+CHILD = """
+import json, socket, struct, subprocess, sys
+ours, theirs = socket.socketpair()
+proc = subprocess.Popen([sys.executable, "-m", "kvmtrace.handoff", str(theirs.fileno())],
+                        pass_fds=(theirs.fileno(),), stderr=subprocess.PIPE, text=True)
+theirs.close()
+req = sys.argv[1].encode()
+ours.sendall(struct.pack("<I", len(req)) + req)
+head = ours.recv(4, socket.MSG_WAITALL)
+reply = json.loads(ours.recv(struct.unpack("<I", head)[0], socket.MSG_WAITALL)) \\
+    if len(head) == 4 else None
+err = proc.stderr.read()
+print(json.dumps({"rc": proc.wait(), "stderr": err,
+                  "error": reply and reply.get("error")}))
+"""
+
+
+def run_child(prefix: list[str], request: str) -> dict:
+    proc = subprocess.run([*prefix, PYTHON, "-c", CHILD, request], capture_output=True,
+                          text=True, timeout=120, cwd="/", check=False)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_loader_child_names_a_missing_capability_in_one_line():
+    """The loader child run on its own (as kvmtrace.handoff starts it) without CAP_BPF:
+    its reply is the one line, not bcc's "Failed to compile BPF module"."""
+    caps = [c for c in privileges.SERVICE_CAPS if c != "CAP_BPF"]
+    got = run_child(setpriv(caps, [kvm_gid()]), '{"self_tgid": 0, "filter_tgid": 0}')
+    assert got["rc"] == 0 and "Traceback" not in got["stderr"], got
+    assert got["error"].startswith("missing capability CAP_BPF ("), got
+    assert "\n" not in got["error"]
+
+
+def test_loader_child_never_prints_a_traceback():
+    got = run_child([], '{"self_tgid": "not a pid"')  # a request that is not JSON
+    assert got["rc"] == 1 and got["error"] is None, got
+    lines = got["stderr"].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ERROR: the loader child failed: "), got
+    assert "Traceback" not in got["stderr"]
