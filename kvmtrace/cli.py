@@ -497,7 +497,8 @@ def cmd_doctor(args) -> int:
                         f"{', '.join(known)})", doctormod.EXIT_INCOMPLETE)
     attachments, load_error = (None, None) if args.facts is not None else \
         doctormod.attach_test(facts, _options(0, facts))
-    report = doctormod.report(facts, attachments, load_error, types or None)
+    needs = None if args.facts is not None else privileges.requirements(privileges.gather())
+    report = doctormod.report(facts, attachments, load_error, types or None, needs)
     print(json.dumps(report, indent=2) if args.json else doctormod.text(report))
     for e in report["errors"]:
         print(f"ERROR: {e}", file=sys.stderr)

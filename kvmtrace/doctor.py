@@ -49,13 +49,17 @@ def asked_types(facts: factsmod.HostFacts, types: Sequence[str] | None) -> list[
 
 
 def report(facts: factsmod.HostFacts, attachments: Sequence[planmod.Attachment] | None,
-           load_error: str | None, types: Sequence[str] | None = None) -> dict:
+           load_error: str | None, types: Sequence[str] | None = None,
+           requirements: Sequence[tuple[str, bool | None, str]] | None = None) -> dict:
     """The doctor's verdict from facts and (when root could try) attach results. Pure.
-    ``types``: the VM types asked for (--type; None: see :func:`asked_types`)."""
+    ``types``: the VM types asked for (--type; None: see :func:`asked_types`);
+    ``requirements``: what tracing needs of this process (kvmtrace.privileges: name,
+    met or not or not applicable, one line), None for another host's facts."""
     plan = planmod.make_plan(facts)
     errors, warnings = [], []
     if not facts.is_root:
-        errors.append("not root: kvmtrace loads BPF programs (run as root)")
+        errors.append("not root: doctor's attach test loads BPF programs (run it as root)")
+    errors += [detail for _, ok, detail in requirements or () if ok is False]
     if facts.bcc_version is None:
         errors.append("bcc not importable: install python3-bpfcc, use the .venv (make setup)")
     if facts.headers.path is None:
@@ -119,6 +123,8 @@ def report(facts: factsmod.HostFacts, attachments: Sequence[planmod.Attachment] 
         "task_storage": facts.task_storage,
         "headers": {"path": facts.headers.path, "release": facts.headers.release,
                     "matches_kernel": facts.headers.release == facts.kernel_release},
+        "requirements": None if requirements is None else [
+            {"name": n, "ok": ok, "detail": d} for n, ok, d in requirements],
         "attach_tested": attachments is not None,
         "points": points,
         "warnings": warnings,
@@ -152,6 +158,12 @@ def text(r: dict) -> str:
         f"BTF: {'yes' if r['btf'] else 'no'}; tracefs: {r['tracefs'] or 'NOT MOUNTED'}; "
         f"ring buffer: {'yes' if r['ringbuf'] else 'no (perf buffer)'}",
         f"headers: {r['headers']['path'] or 'MISSING'} ({r['headers']['release']})",
+    ]
+    if r["requirements"] is not None:
+        lines.append("what tracing needs of this process:")
+        lines += [f"  {_MET[q['ok']]:<7} {q['name']:<16} {q['detail']}"
+                  for q in r["requirements"]]
+    lines += [
         "",
         "probe points" + ("" if r["attach_tested"] else " (planned; attach not tested)") + ":",
     ]
@@ -164,6 +176,8 @@ def text(r: dict) -> str:
     lines += ["", *readiness_text(r["readiness"])]
     return "\n".join(lines)
 
+
+_MET = {True: "ok", False: "MISSING", None: "n/a"}
 
 _VERDICT_WORDS = {readinessmod.READY: "ready", readinessmod.NOT_READY: "NOT READY",
                   readinessmod.NOT_APPLICABLE: "not applicable",

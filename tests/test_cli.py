@@ -98,6 +98,10 @@ def test_doctor_and_ebpf_without_root_name_what_is_missing():
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR: ")]
     assert errors and errors[0].startswith("ERROR: not root"), proc.stderr
+    if os.geteuid() == 0:  # each missing requirement named, as serve would say it
+        for need in ("CAP_BPF", "CAP_PERFMON", "tracefs"):
+            assert any(need in e for e in errors[1:]), proc.stderr
+        assert "MISSING CAP_BPF" in proc.stdout
     if os.geteuid() == 0:  # as uid 65534: tracefs is there but unreadable
         assert "permission denied" in proc.stdout + proc.stderr, proc.stdout
     proc = run("trace", "--ebpf", user="65534")

@@ -47,6 +47,12 @@ def report():
     return r
 
 
+def test_doctor_reports_what_tracing_needs_of_it(report):
+    needs = {q["name"]: q for q in report["requirements"]}
+    assert {"tracefs", "/dev/kvm", "kernel headers", "/proc/kallsyms"} <= set(needs)
+    assert all(q["ok"] in (True, None) for q in needs.values()), needs  # root: all met
+
+
 def test_every_type_is_ready_exactly_when_the_mask_offers_it(report):
     mask = host_mask()  # 0: a kernel before KVM_CAP_VM_TYPES, type 0 only
     types = {t["name"]: t for t in report["readiness"]["types"]}

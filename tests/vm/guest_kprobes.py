@@ -150,7 +150,11 @@ def test_doctor_names_the_layer_that_says_no_to_sev(doctor):
     facts = doctor_facts()["evidence"]
     assert facts["cpu_vendor"] == "AuthenticAMD" and "svm" in facts["cpu_flags"]
     assert facts["cpuid_8000001f"] is not None, facts["cpuid_error"]  # modprobe cpuid
-    assert facts["cpuid_8000001f"] & 0b11010 == 0  # TCG emulates no SEV, SEV-ES, SNP
+    # QEMU's -cpu max under TCG advertises the SEV, SEV-ES and SNP bits of CPUID
+    # 0x8000001F (0x21f seen on 6.12) though it emulates none of them: a guest's CPUID
+    # says nothing of its host, hence N/A from the hypervisor flag, not a CPUID PASS.
+    assert not [c for t in ("SEV", "SEV_ES", "SNP") for c in types[t]["checks"]
+                if c["status"] == "PASS"], types["SNP"]
     assert facts["modules"] and "kvm_amd" in facts["modules"]
 
 
