@@ -58,6 +58,11 @@ class BenchError(Exception):
     pass
 
 
+class TracerHung(BenchError):
+    """A tracer did not exit after its stop signal and left no result (bpftrace 0.17 does
+    so now and then on this machine): the configuration's round is run again."""
+
+
 # ---- children: every process we start is tracked and ended on the way out ----
 
 CHILDREN: list[subprocess.Popen] = []

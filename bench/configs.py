@@ -23,6 +23,7 @@ from common import (
     KVMTRACE,
     PY,
     BenchError,
+    TracerHung,
     end,
     free_port,
     log,
@@ -191,6 +192,8 @@ class Bpftrace(ReadyLine):
         except BenchError as exc:
             # Printed its maps, then hung on the way out: the counts are complete.
             if not any(line.startswith("@creates[") for line in self.out):
+                if self.proc is not None and self.proc.returncode == -signal.SIGKILL:
+                    raise TracerHung(exc.args[0]) from None  # killed after stop_timeout
                 raise
             log(f"bpftrace: {exc.args[0].splitlines()[0]} after printing its maps; "
                 "its counts are kept")

@@ -20,6 +20,7 @@ from common import (
     CODES,
     PROMETHEUS_ACCEPT,
     BenchError,
+    TracerHung,
     end,
     foreign_tracing_progs_settled,
     log,
@@ -51,28 +52,44 @@ def overhead(bins: dict, configs: list[Callable[[], Config]], workloads: list[st
              rounds: int, seconds: float, comm_prefix: str = "kb") -> dict:
     runs, tracer_health = [], []
     cold: list[float] = []
+    retried = []
+
+    def one_config(r: int, make: Callable[[], Config]) -> tuple[Config, list[dict], dict,
+                                                                 dict]:
+        cfg = make()
+        foreign = foreign_tracing_progs_settled()
+        cfg.start()
+        comms, mine = {}, []
+        try:
+            for wl in workloads:
+                comm = f"{comm_prefix}{r}{CODES[wl]}"
+                comms[wl] = comm
+                qemu = qemu_processes()
+                res = run_driver(bins, cfg.wrap, wl, seconds, comm)
+                counted = cfg.counted(comm, wl)
+                mine.append({"round": r, "config": cfg.name, "workload": wl,
+                             "ns_per_op": res["ns_per_op"], "ops": res["ops"],
+                             "calls": res["calls"], "traced": counted,
+                             "foreign_tracing_progs": foreign,
+                             "qemu_running": max(qemu, qemu_processes())})
+                log(f"round {r}/{rounds} {cfg.name:<10} {wl:<16} "
+                    f"{res['ns_per_op']:>12,.1f} ns/op")
+        finally:
+            health = cfg.stop()
+        return cfg, mine, health, comms
+
     for r in range(1, rounds + 1):
         for make in configs:
-            cfg = make()
-            foreign = foreign_tracing_progs_settled()
-            cfg.start()
-            comms = {}
-            try:
-                for wl in workloads:
-                    comm = f"{comm_prefix}{r}{CODES[wl]}"
-                    comms[wl] = comm
-                    qemu = qemu_processes()
-                    res = run_driver(bins, cfg.wrap, wl, seconds, comm)
-                    counted = cfg.counted(comm, wl)
-                    runs.append({"round": r, "config": cfg.name, "workload": wl,
-                                 "ns_per_op": res["ns_per_op"], "ops": res["ops"],
-                                 "calls": res["calls"], "traced": counted,
-                                 "foreign_tracing_progs": foreign,
-                                 "qemu_running": max(qemu, qemu_processes())})
-                    log(f"round {r}/{rounds} {cfg.name:<10} {wl:<16} "
-                        f"{res['ns_per_op']:>12,.1f} ns/op")
-            finally:
-                health = cfg.stop()
+            for attempt in range(3):
+                try:
+                    cfg, mine, health, comms = one_config(r, make)
+                    break
+                except TracerHung as exc:  # its round is measured again, from the start
+                    retried.append({"round": r, "attempt": attempt + 1, "why": str(exc)[:200]})
+                    log(f"round {r}: {exc.args[0].splitlines()[0]}; running it again")
+            else:
+                raise BenchError(f"round {r}: the tracer hung on exit three times")
+            runs.extend(mine)
             if health:
                 tracer_health.append({"round": r, "config": cfg.name, **health})
             if isinstance(cfg, Serve):
@@ -85,6 +102,7 @@ def overhead(bins: dict, configs: list[Callable[[], Config]], workloads: list[st
     for run in runs:
         run["verified"] = None if run["traced"] is None else run["traced"] == run["calls"]
     return {"runs": runs, "tracer_health": tracer_health, "cold_starts_s": cold,
+            "rounds_rerun": retried,
             "summary": summarize(runs, [c().name for c in configs], workloads)}
 
 
