@@ -251,7 +251,11 @@ def test_unit_execstart_under_the_units_credentials():
     assert code == 0 and "Traceback" not in err, err
 
 
-KALLSYMS_HIDDEN = "mount --bind {noread} /proc/kallsyms && exec \"$@\""
+# In a mount namespace of its own: /proc made private there first (not "/": in a chroot,
+# such as the Debian 13 root of the kernel tier, "/" is no mount point and unshare's
+# default --propagation private fails), so the bind never reaches the host's.
+KALLSYMS_HIDDEN = ("mount --make-rprivate /proc && mount --bind {noread} /proc/kallsyms "
+                   "&& exec \"$@\"")
 
 
 @pytest.mark.parametrize(("piece", "needle"), [
@@ -273,7 +277,8 @@ def test_each_missing_piece_is_one_error_line(piece, needle, command, tmp_path):
     if piece == "kallsyms":  # as ProtectKernelTunables= does: an unreadable node over it
         noread = tmp_path / "noread"
         noread.touch(mode=0)
-        prefix = [shutil.which("unshare") or "unshare", "-m", "sh", "-c",
+        prefix = [shutil.which("unshare") or "unshare", "-m", "--propagation", "unchanged",
+                  "sh", "-c",
                   KALLSYMS_HIDDEN.format(noread=shlex.quote(str(noread))), "sh"]
     args = ["--web.listen-address", f"127.0.0.1:{free_port()}"] if command == "serve" else []
     proc = subprocess.run([*prefix, *setpriv(caps, groups), PYTHON, "-m", "kvmtrace",
