@@ -76,13 +76,16 @@ class Notify:
         os.chmod(self.path, 0o666)
         self.messages: list[list[str]] = []
 
-    def wait_for(self, line: str, timeout: float) -> None:
+    def wait_for(self, line: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
         deadline = time.monotonic() + timeout
         while not any(line in m for m in self.messages):
             left = deadline - time.monotonic()
             if left <= 0:
                 pytest.fail(f"no {line} within {timeout:.0f} s; got {self.messages}")
-            self.sock.settimeout(left)
+            if proc is not None and proc.poll() is not None:  # it exited: say why, now
+                _, err = proc.communicate(timeout=30)
+                pytest.fail(f"exited {proc.returncode} before {line}: {err.strip()[-2000:]}")
+            self.sock.settimeout(min(left, 0.5))
             try:
                 self.messages.append(self.sock.recv(4096).decode().split("\n"))
             except TimeoutError:
@@ -103,11 +106,12 @@ class Service:
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",
             env={**os.environ, **(env or {}), "NOTIFY_SOCKET": self.notify.path})
         try:
-            self.notify.wait_for("READY=1", START_TIMEOUT)
+            self.notify.wait_for("READY=1", START_TIMEOUT, self.proc)
         except BaseException:
-            self.proc.kill()
-            out, err = self.proc.communicate(timeout=30)
-            print(out, err, file=sys.stderr)
+            if self.proc.poll() is None:  # (an early exit was communicated already)
+                self.proc.kill()
+                out, err = self.proc.communicate(timeout=30)
+                print(out, err, file=sys.stderr)
             raise
 
     def get(self, path: str) -> str:
