@@ -271,10 +271,11 @@ def cmd_serve(args) -> int:
              "kernel": facts.kernel_release}
     # The live view never blocks counting: lines nobody reads are dropped and counted.
     sink = LineSink(sys.stdout)
+    evidence = evidencemod.Refresher(facts.evidence)  # the metrics' and the landing page's
     collector = KvmtraceCollector(runtime, live.attachments, kvmdev.query, facts.arch,
                                   build, with_pid=args.pid_label,
                                   extra_health=lambda: {"live_lines_dropped": sink.dropped},
-                                  evidence_query=evidencemod.Refresher(facts.evidence).get)
+                                  evidence_query=evidence.get)
     registry.register(collector)
     rejections: deque[Attempt] = deque(maxlen=args.rejections)
     holder["app"] = servermod.limit_requests(servermod.make_app(
@@ -284,7 +285,9 @@ def cmd_serve(args) -> int:
                  *({"kind": "attempt", **a.to_json()}
                    for a in sorted(rejections, key=lambda a: a.end_ns, reverse=True))],
         exposition=collector.exposition,  # /metrics body: the registry holds only it
-        telemetry_path=args.telemetry_path), args.max_requests)
+        telemetry_path=args.telemetry_path,
+        readiness=lambda: [t.to_json() for t in readinessmod.assess_parts(
+            facts.arch, kvmdev.query(), evidence.get())]), args.max_requests)
     if web.users:
         holder["app"] = webconfig.basic_auth(holder["app"], web.users)
     if web.headers:

@@ -1,0 +1,96 @@
+"""The landing page at / (kvmtrace.server._landing) from the shapes the exporter really hands
+it: the probe plan rows, TypeReadiness.to_json(), Start.to_json() and Attempt.to_json(). The
+browser check is tests/privileged/test_privileged_prometheus.py (headless Chromium)."""
+
+from __future__ import annotations
+
+from html.parser import HTMLParser
+
+from kvmtrace import readiness
+from kvmtrace.attempts import Attempt
+from kvmtrace.kvmdev import KvmInfo
+from kvmtrace.server import _landing
+from kvmtrace.starts import Start
+
+PLAN = [["KVM_CREATE_VM", "tracepoint", "yes", "syscalls:sys_enter_ioctl: the ioctl layer"],
+        ["kvm_arch_init_vm", "none", "NO", "no kprobes"]]
+
+
+def rejected_attempt(comm: str = "qemu-x") -> dict:
+    a = Attempt(pid=7, tid=7, comm=comm, vm_type=2, vm_type_name="SEV", start_ns=1,
+                end_ns=2, result=-22, errno="EINVAL", rejected=True, verdicts=0,
+                reason="type_unsupported", explanation="pid 7 asked for VM type 2 (SEV)",
+                hint="SEV-family types need an AMD host")
+    return {"kind": "attempt", **a.to_json()}
+
+
+def failed_start() -> dict:
+    return Start(pid=8, comm="qemu-snp", outcome="failed", stage="before_create",
+                 reason="vmm_refused_type", requested_type="SNP", vm_name="guest-1",
+                 vmm="qemu", request_evidence="-object sev-snp-guest", mask=1,
+                 offered=["DEFAULT"], exit={"how": "exited", "status": 1},
+                 hint="needs SNP", summary="qemu-snp refused SNP before KVM_CREATE_VM").to_json()
+
+
+class Cells(HTMLParser):
+    """Text of each table's cells by table id, and the links."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self.links: list[str] = []
+        self._table = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self._table = self.tables.setdefault(a.get("id", ""), [])
+        elif tag == "tr" and self._table is not None:
+            self._table.append([])
+        elif tag == "a":
+            self.links.append(a["href"])
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._table = None
+
+    def handle_data(self, data):
+        if self._table is not None and self._table:
+            self._table[-1].append(data)
+
+
+def render(**kw) -> Cells:
+    types = [t.to_json() for t in readiness.assess_parts("x86_64", KvmInfo(True, 12, 0x1),
+                                                         None)]
+    args = {"readiness": types, "rejections": [failed_start(), rejected_attempt()], **kw}
+    page = _landing("kvmtrace t on h", PLAN, [], "/m", **args).decode()
+    cells = Cells()
+    cells.feed(page)
+    return cells
+
+
+def test_plan_readiness_starts_attempts_and_links():
+    c = render()
+    assert c.links == ["/m", "/api/rejections", "/api/plan", "/api/processes"]
+    assert c.tables["plan"][1:] == PLAN
+    ready = {r[1]: r[2] for r in c.tables["readiness"][1:]}
+    assert ready["DEFAULT"] == "ready" and ready["SEV"] != "ready", ready
+    (start,) = c.tables["starts"][1:]
+    assert start[:6] == ["8", "qemu-snp", "guest-1", "before_create", "vmm_refused_type", "SNP"]
+    (attempt,) = c.tables["attempts"][1:]
+    assert attempt[:5] == ["7", "qemu-x", "2 SEV", "EINVAL", "type_unsupported"]
+    assert attempt[5].startswith("pid 7 asked for VM type 2")
+
+
+def test_hostile_names_are_escaped():
+    c = render(rejections=[rejected_attempt("<script>x</script>")])
+    assert c.tables["attempts"][1][1] == "<script>x</script>"  # shown as text
+    page = _landing("t", PLAN, [], rejections=[rejected_attempt("<b>")]).decode()
+    assert "<b>" not in page and "&lt;b&gt;" in page
+
+
+def test_nothing_rejected_says_none():
+    page = _landing("t", PLAN, [], rejections=[]).decode()
+    assert page.count("<small>none</small>") == 4  # readiness, starts, attempts, processes
+    c = render(rejections=[rejected_attempt()] * 50)
+    assert len(c.tables["attempts"]) == 1 + 20  # header + the newest 20
