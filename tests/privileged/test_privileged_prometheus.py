@@ -46,7 +46,9 @@ from tests.test_dashboards import (
     substitute,
 )
 
-pytestmark = pytest.mark.privileged
+# host_only: a test of the exporter's consumers (Prometheus, a browser), not of the kernel: the
+# kernel tier's emulated guests leave it out (tests/vm/guest.sh).
+pytestmark = [pytest.mark.privileged, pytest.mark.host_only]
 
 ROOT = HERE.parent
 ARTEFACTS = ROOT / "build" / "test-artifacts"
