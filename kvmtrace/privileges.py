@@ -5,6 +5,15 @@ as a service"):
 
 - CAP_BPF + CAP_PERFMON load and attach the programs (CAP_SYS_ADMIN stands in for both,
   and is the only way before 5.8, which has neither);
+- except where kernel.perf_event_paranoid is above 2 (3 is the default of every Debian
+  kernel, from Debian's patch "security,perf: Allow further restriction of
+  perf_event_open", which Ubuntu carries too): there perf_event_open(2) -- through which
+  every tracepoint and kprobe attaches -- is refused with EACCES without CAP_SYS_ADMIN,
+  whatever CAP_PERFMON says. Measured in the kernel tier's guests, uid 65534 with CAP_BPF
+  + CAP_PERFMON + CAP_DAC_READ_SEARCH attaching sched:sched_process_exit: Debian 6.1.0-57
+  and 6.12.95+deb12 refuse it at 3, allow it at 2 or with CAP_SYS_ADMIN (mainline treats
+  any value above 2 as 2). Which one this kernel is, :func:`gather` asks the kernel itself:
+  a user-only software event on this process (:func:`perf_open_probe`);
 - tracefs (at /sys/kernel/debug/tracing or /sys/kernel/tracing) is mode 0700 root: bcc
   reads the tracepoints' ids there, so CAP_DAC_READ_SEARCH (or root) is needed;
 - /dev/kvm (0660 root:kvm) is asked for the host's VM types at each scrape: the kvm group
@@ -25,6 +34,7 @@ hosts' values. :func:`requirements` is what ``kvmtrace doctor`` reports.
 from __future__ import annotations
 
 import ctypes
+import errno
 import grp
 import os
 import stat
@@ -53,10 +63,25 @@ SPLIT_CAPS_KERNEL = (5, 8)
 # need no capability since, whatever unprivileged_bpf_disabled says.
 FD_MAP_OPS_FREE_KERNEL = (6, 5)
 TRACEFS_PATHS = ("/sys/kernel/debug/tracing", "/sys/kernel/tracing")  # bcc's order
-# The documented set for a non-root service (deploy/systemd, deploy/kubernetes).
-SERVICE_CAPS = ("CAP_BPF", "CAP_PERFMON", "CAP_DAC_READ_SEARCH")
+# What a non-root service needs where perf_event_open follows mainline's rules
+# (kernel.perf_event_paranoid <= 2)...
+BASE_CAPS = ("CAP_BPF", "CAP_PERFMON", "CAP_DAC_READ_SEARCH")
+# ...and the set deploy/systemd and deploy/kubernetes ship, for Debian's default of 3:
+# CAP_SYS_ADMIN only for the attach (dropped after it; CAP_BPF is what stays where map
+# reads still want a capability, so it is kept in the set though CAP_SYS_ADMIN implies it).
+SERVICE_CAPS = (*BASE_CAPS, "CAP_SYS_ADMIN")
+# Mainline's highest level; above it only a kernel with Debian's patch restricts more.
+PERF_PARANOID_MAINLINE_MAX = 2
+# perf_event_open(2)'s number, per `uname -m` (the probe is not tried elsewhere).
+PERF_EVENT_OPEN_NR = {"x86_64": 298, "i686": 336, "i386": 336, "aarch64": 241,
+                      "riscv64": 241, "loongarch64": 241, "armv7l": 364, "s390x": 331,
+                      "ppc64le": 319, "ppc64": 319}
 SERVICE_GROUP = "kvm"
 
+# include/uapi/linux/perf_event.h
+PERF_TYPE_SOFTWARE = 1
+PERF_COUNT_SW_DUMMY = 9
+PERF_FLAG_FD_CLOEXEC = 1 << 3
 # prctl(2) and capset(2) (include/uapi/linux/prctl.h, capability.h)
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
@@ -96,6 +121,9 @@ class Access:
     bounding: int = (1 << 41) - 1
     groups: tuple[int, ...] = ()  # real + supplementary gids
     unprivileged_bpf_disabled: int | None = None  # None: unknown
+    perf_event_paranoid: int | None = None  # None: unknown
+    # perf_open_probe() in this process: 0 opened, else the errno; None: not tried
+    perf_open_errno: int | None = None
     # tracefs candidates that exist: (path, None when its events/ can be read, else why)
     tracefs: tuple[tuple[str, str | None], ...] = ()
     kvm_path: str = "/dev/kvm"
@@ -203,6 +231,9 @@ def requirements(a: Access) -> list[Requirement]:
         out.append(Requirement("CAP_SYS_ADMIN", admin, "CAP_SYS_ADMIN: held" if admin
                                else cap_line("CAP_SYS_ADMIN", why)))
 
+    if a.kernel >= SPLIT_CAPS_KERNEL:  # (before 5.8 CAP_SYS_ADMIN is asked for above)
+        out.append(_perf_open(a, ambient_hint))
+
     if not a.tracefs:
         out.append(Requirement("tracefs", None, "tracefs is not mounted (tracepoints "
                                "cannot attach; kprobes through the kprobe PMU can): "
@@ -254,6 +285,44 @@ def requirements(a: Access) -> list[Requirement]:
                                "it from the service (systemd ProtectKernelTunables=, "
                                "ProcSubset=pid)"))
     return out
+
+
+def _perf_open(a: Access, ambient_hint: str) -> Requirement:
+    """perf_event_open(2) for the loader child: kernel.perf_event_paranoid and the probe."""
+    name, p, err = "perf_event_open", a.perf_event_paranoid, a.perf_open_errno
+    if err not in (None, 0) and not (err == errno.EACCES and p is not None
+                                     and p > PERF_PARANOID_MAINLINE_MAX):
+        what = f"{errno.errorcode.get(err, f'errno {err}')}: {os.strerror(err)}"
+        return Requirement(name, False, (
+            f"perf_event_open(2) is refused to this process ({what}; "
+            f"kernel.perf_event_paranoid={'unknown' if p is None else p}) and every "
+            "tracepoint and kprobe attaches through it: allow it in the seccomp filter "
+            "(systemd SystemCallFilter=perf_event_open, the container's seccomp profile) "
+            "and the LSM policy"))
+    if p is None:
+        return Requirement(name, None, "kernel.perf_event_paranoid cannot be read: whether "
+                           "perf_event_open needs CAP_SYS_ADMIN here is unknown")
+    if p <= PERF_PARANOID_MAINLINE_MAX:
+        return Requirement(name, True, f"kernel.perf_event_paranoid={p}: CAP_PERFMON is "
+                           "enough for perf_event_open")
+    if a.child_has("CAP_SYS_ADMIN"):
+        return Requirement(name, True, f"kernel.perf_event_paranoid={p}: CAP_SYS_ADMIN held "
+                           "(dropped once the probes are attached)")
+    if err == 0 and not a.has("CAP_SYS_ADMIN"):
+        return Requirement(name, True, (
+            f"kernel.perf_event_paranoid={p}, but perf_event_open is allowed without "
+            "CAP_SYS_ADMIN (a kernel without Debian's restriction treats it as 2)"))
+    if a.has("CAP_SYS_ADMIN"):
+        how = ("CAP_SYS_ADMIN is effective here but not ambient, so the loader child (a new "
+               f"program) would not have it: grant it {ambient_hint}")
+    else:
+        how = f"grant CAP_SYS_ADMIN {ambient_hint}"
+    return Requirement(name, False, (
+        f"kernel.perf_event_paranoid is {p}: this kernel (Debian's restriction, which Ubuntu "
+        "carries too) refuses perf_event_open, through which every tracepoint and kprobe "
+        f"attaches, without CAP_SYS_ADMIN (CAP_PERFMON is not enough): {how} (kvmtrace "
+        "drops it once attached), or set kernel.perf_event_paranoid=2 (mainline's "
+        "default) in /etc/sysctl.d"))
 
 
 def missing(a: Access) -> list[str]:
@@ -355,6 +424,30 @@ def _kvm(path: str) -> dict:
             "kvm_gid": st.st_gid, "kvm_group": group}
 
 
+def perf_open_probe(machine: str | None = None) -> int | None:
+    """Ask the kernel whether this process may call perf_event_open(2) at all: a disabled,
+    user-only software event (PERF_COUNT_SW_DUMMY) on this process, closed at once --
+    what mainline allows any process at every perf_event_paranoid level, so a refusal is
+    Debian's level 3 (EACCES), a seccomp filter or an LSM. 0 when it opened, else the
+    errno; None where the syscall's number is not known (``uname -m``)."""
+    nr = PERF_EVENT_OPEN_NR.get(machine or os.uname().machine)
+    if nr is None:
+        return None
+    # struct perf_event_attr, PERF_ATTR_SIZE_VER0 (64 bytes): type, size, config,
+    # sample_period, sample_type, read_format, flags (disabled | exclude_kernel |
+    # exclude_hv), then wakeup_events, bp_type, config1 as zeros.
+    attr = ctypes.create_string_buffer(struct.pack(
+        "=IIQQQQQ16x", PERF_TYPE_SOFTWARE, 64, PERF_COUNT_SW_DUMMY, 0, 0, 0,
+        1 | 1 << 5 | 1 << 6), 64)
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(ctypes.c_long(nr), attr, ctypes.c_int(0), ctypes.c_int(-1),
+                      ctypes.c_int(-1), ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC))
+    if fd < 0:
+        return ctypes.get_errno() or errno.EPERM
+    os.close(fd)
+    return 0
+
+
 def gather(root: str | os.PathLike = "/", kvm_path: str = "/dev/kvm") -> Access:
     """This process's facts (``root``: a fixture tree for tests)."""
     root = Path(root)
@@ -365,6 +458,7 @@ def gather(root: str | os.PathLike = "/", kvm_path: str = "/dev/kvm") -> Access:
     except OSError:
         raw = None
     ubd = _read(root / "proc/sys/kernel/unprivileged_bpf_disabled")
+    paranoid = (_read(root / "proc/sys/kernel/perf_event_paranoid") or "").strip()
     headers_path, headers_error = _headers(root, release)
     try:
         with open(root / "proc/kallsyms", "rb") as f:
@@ -379,6 +473,8 @@ def gather(root: str | os.PathLike = "/", kvm_path: str = "/dev/kvm") -> Access:
         ambient=status.get("CapAmb", 0), file_caps=parse_file_caps(raw),
         bounding=status.get("CapBnd", 0), groups=tuple({os.getegid(), *os.getgroups()}),
         unprivileged_bpf_disabled=int(ubd) if ubd and ubd.strip().isdigit() else None,
+        perf_event_paranoid=int(paranoid) if paranoid.lstrip("-").isdigit() else None,
+        perf_open_errno=perf_open_probe() if root == Path("/") else None,
         tracefs=_tracefs(root), kvm_path=kvm_path, **_kvm(kvm_path),
         headers_path=headers_path, headers_error=headers_error,
         kallsyms_error=kallsyms_error)
