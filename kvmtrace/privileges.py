@@ -72,10 +72,11 @@ BASE_CAPS = ("CAP_BPF", "CAP_PERFMON", "CAP_DAC_READ_SEARCH")
 SERVICE_CAPS = (*BASE_CAPS, "CAP_SYS_ADMIN")
 # Mainline's highest level; above it only a kernel with Debian's patch restricts more.
 PERF_PARANOID_MAINLINE_MAX = 2
-# perf_event_open(2)'s number, per `uname -m` (the probe is not tried elsewhere).
+# perf_event_open(2)'s number, per `uname -m`, as checked against the headers here
+# (asm/unistd_64.h, unistd_32.h, asm-generic/unistd.h) and powerpc's syscall.tbl; the
+# probe is not tried elsewhere (a wrong number would be another syscall).
 PERF_EVENT_OPEN_NR = {"x86_64": 298, "i686": 336, "i386": 336, "aarch64": 241,
-                      "riscv64": 241, "loongarch64": 241, "armv7l": 364, "s390x": 331,
-                      "ppc64le": 319, "ppc64": 319}
+                      "riscv64": 241, "loongarch64": 241, "ppc64le": 319, "ppc64": 319}
 SERVICE_GROUP = "kvm"
 
 # include/uapi/linux/perf_event.h
