@@ -54,10 +54,11 @@ REPO = HERE.parents[1]
 RESULTS = Path(os.environ.get("KVMTRACE_VM_RESULTS", REPO / "build" / "vm"))
 VNG = Path(os.environ.get("KVMTRACE_VNG", kernelsmod.CACHE / "vng-venv" / "bin" / "vng"))
 
-# Per kernel, from vng start to guest power-off: boot ~15 s, the guest's pytest 12-20
-# minutes under emulation (last dry run: 6.1 718 s, 6.12 858 s, 7.3 past 1000 s, once the
-# service and readiness tiers ran there). Past it the VM is killed and the test fails.
-# A hang in every guest would outlast CI's 90 minutes; a usual run takes about 70.
+# Per kernel, from vng start to guest power-off: boot ~10 s, the guest's pytest 15-21
+# minutes under emulation (dry run of 9e0388a, 77 tests: 6.1 947 s, 6.12 1089 s, Debian 13
+# 6.12 1174 s, 7.3 1338 s; the whole .ci/run 80 min, so 10 kernel-independent tests -- TLS,
+# HTTP load, the live view's pipe -- became host_only). Past it the VM is killed and the
+# test fails. A hang in every guest would outlast CI's 90 minutes.
 VM_TIMEOUT = int(os.environ.get("KVMTRACE_VM_TIMEOUT", "1500"))
 # The guest script must have started by then, or the kernel did not boot.
 BOOT_TIMEOUT = int(os.environ.get("KVMTRACE_VM_BOOT_TIMEOUT", "180"))
