@@ -8,6 +8,8 @@ every build it boots.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.vm import kernels as k
@@ -180,3 +182,15 @@ def test_resolve_fails_naming_what_is_missing():
     broken = HandBuiltSuite({**BOOKWORM.packages, "linux-kbuild-6.1": {}})
     with pytest.raises(k.FetchError, match=r"needs linux-kbuild-6\.1, which suite 'bookworm'"):
         k.resolve_with(k.Spec("debian12", "bookworm", "linux-image-amd64", "host"), broken)
+
+
+def test_guests_run_side_by_side_one_per_cpu_within_memory():
+    from tests.vm import kernel_tier as tier
+
+    assert tier._bytes("4G") == 4 << 30 and tier._bytes("4096M") == 4 << 30
+    assert tier._bytes("2048") == 2 << 30  # QEMU's -m default unit is MiB
+    assert tier.parallel_guests(4, {"KVMTRACE_VM_PARALLEL": "3"}) == 3
+    assert tier.parallel_guests(2, {"KVMTRACE_VM_PARALLEL": "8"}) == 2
+    assert tier.parallel_guests(4, {"KVMTRACE_VM_PARALLEL": "0"}) == 1
+    chosen = tier.parallel_guests(4, {})
+    assert 1 <= chosen <= min(4, len(os.sched_getaffinity(0)))
