@@ -9,6 +9,7 @@ every build it boots.
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -44,6 +45,9 @@ def test_parse_lines_and_options():
     ("a bookworm linux-headers-amd64", r"not a linux-image-\* metapackage"),
     ("a bookworm linux-image-amd64 userland=sid", "userland 'sid' is not one of"),
     ("a bookworm linux-image-amd64\na trixie linux-image-amd64", "duplicate names"),
+    ("a bookworm linux-image-amd64 tests=some", "tests 'some' is not one of"),
+    ("a bookworm linux-image-amd64 tests=all\nb trixie linux-image-amd64 tests=all",
+     "more than one line says tests=all"),
 ])
 def test_parse_errors_name_the_line(text, error):
     with pytest.raises(k.FetchError, match=error):
@@ -194,3 +198,15 @@ def test_guests_run_side_by_side_one_per_cpu_within_memory():
     assert tier.parallel_guests(4, {"KVMTRACE_VM_PARALLEL": "0"}) == 1
     chosen = tier.parallel_guests(4, {})
     assert 1 <= chosen <= min(4, len(os.sched_getaffinity(0)))
+
+
+def test_one_guest_runs_the_one_guest_tests_and_guest_sh_agrees(tmp_path):
+    specs = k.read_kernels()
+    assert [s.name for s in specs if s.tests == "all"] == ["debian12"]
+    assert all(s.markers == k.GUEST_TESTS[s.tests] for s in specs)
+    guest_sh = (k.HERE / "guest.sh").read_text()
+    cases = dict(re.findall(r'^\s+(\w+)\) markers="([^"]+)" ;;$', guest_sh, re.M))
+    assert cases == k.GUEST_TESTS
+    (tmp_path / "kernels.txt").write_text(MATRIX)
+    with pytest.raises(k.FetchError, match="no line says tests=all"):
+        k.read_kernels(tmp_path / "kernels.txt")

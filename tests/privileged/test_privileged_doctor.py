@@ -98,6 +98,8 @@ def test_confidential_types_of_a_guest_or_the_other_vendor_are_na_with_the_reaso
             assert failed["status"] in ("FAIL", "SKIP") and failed["evidence"], failed
 
 
+# one_guest: doctor's text from replayed facts, the same on every kernel
+@pytest.mark.one_guest
 def test_the_text_report_says_the_same(report, tmp_path):
     """This host's facts dumped, then judged by type in text (replayed: no second attach
     test, which costs a bcc compile, minutes in the kernel tier's TCG guests)."""

@@ -192,7 +192,8 @@ def boot(kernel: kernelsmod.Kernel, run: Path, ko: Path, root: Path | None,
     cmd = [str(VNG), "-v", "-r", str(kernel.image), *where, "--disable-kvm", "--force-9p",
            "-m", GUEST_MEMORY, "-p", GUEST_CPUS, f"--qemu-opts=-accel {GUEST_TCG}",
            f"--rodir={kernelsmod.CACHE}={kernelsmod.CACHE}", f"--rwdir={rwdir}",
-           "--exec", f"{repo / 'tests/vm/guest.sh'} {grun} {repo} {gko} {guest_timeout}"]
+           "--exec", f"{repo / 'tests/vm/guest.sh'} {grun} {repo} {gko} {guest_timeout} "
+                     f"{kernel.spec.tests}"]
     (run / "vng-command.txt").write_text(" ".join(cmd) + "\n")
     env = dict(os.environ, PATH=f"{VNG.parent}:{os.environ.get('PATH', '')}")
     t0 = time.monotonic()
@@ -249,6 +250,27 @@ def junit_report(path: Path) -> tuple[dict[str, int], list[str], set[str]]:
     # classname: "tests.privileged.test_privileged" (module), or "….test_x.TestY" (class)
     classnames = {c.get("classname", "") for c in root.iter("testcase")}
     return counts, bad, classnames
+
+
+def junit_nodeids(path: Path) -> set[str]:
+    """pytest node ids of the test cases in a junit report (module-level tests)."""
+    out = set()
+    for case in ET.parse(path).getroot().iter("testcase"):
+        module = case.get("classname", "").replace(".", "/")
+        out.add(f"{module}.py::{case.get('name')}")
+    return out
+
+
+def one_guest_tests() -> set[str]:
+    """The one_guest tests as this checkout collects them (node ids)."""
+    p = subprocess.run([str(REPO / ".venv/bin/python"), "-m", "pytest", "-q", "--collect-only",
+                        "-p", "no:cacheprovider", "-m", "one_guest", "tests/privileged"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    ids = {ln.strip() for ln in p.stdout.splitlines() if "::" in ln}
+    if p.returncode != 0 or not ids:
+        pytest.fail(f"collecting the one_guest tests failed (exit {p.returncode}): "
+                    + (p.stdout + p.stderr)[-1000:])
+    return ids
 
 
 _roots: dict[str, Path] = {}
@@ -342,7 +364,7 @@ def run_kernel(spec: kernelsmod.Spec, stop: threading.Event) -> None:
         (run / "kernel.json").write_text(json.dumps(kernel.describe(), indent=2) + "\n")
         print(f"\n{kernel.name}: {spec.suite} {spec.image_meta} resolved to {kernel.release} "
               f"({kernel.version}{', forced' if kernel.forced else ''}); userland "
-              f"{spec.userland}; booting", flush=True)
+              f"{spec.userland}; tests -m {spec.markers!r}; booting", flush=True)
         root = None if spec.userland == "host" else _userland_root(spec.userland)
         ko = build_seedsim(kernel, run / "seedsim", root)
     timing = boot(kernel, run, ko, root, stop)
@@ -370,6 +392,12 @@ def run_kernel(spec: kernelsmod.Spec, stop: threading.Event) -> None:
     if rc != 0 or bad or counts["tests"] == 0:
         pytest.fail(f"{where}: guest pytest exited {rc}, {counts}:\n" + "\n".join(bad)
                     + f"\n(full log: {run / 'guest.log'})")
+    if spec.tests == "all":
+        ran = junit_nodeids(run / "junit.xml")
+        missing = sorted(one_guest_tests() - ran)
+        if missing:
+            pytest.fail(f"{where}: the tests=all guest did not run {len(missing)} one_guest "
+                        f"tests (they run in no other guest): {missing[:5]}")
     for module in ("tests.privileged.test_privileged", "tests.vm.guest_kprobes"):
         if not any(c == module or c.startswith(f"{module}.") for c in classnames):
             pytest.fail(f"{where}: the guest ran no test of {module} ({sorted(classnames)})")

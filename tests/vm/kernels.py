@@ -64,6 +64,13 @@ LISTS_MAX_AGE = int(os.environ.get("KVMTRACE_APT_LISTS_MAX_AGE", "3600"))
 FORCE_ENV = "KVMTRACE_KERNEL_VERSION"
 # The userlands a line can ask for: the host's root, or a debootstrapped Debian release.
 USERLANDS = ("host", "bookworm", "trixie")
+# What a guest runs: "kernel", the privileged tests whose outcome depends on which kernel
+# it is; "all", those and the `one_guest` tests too, which depend on the probe mechanism
+# (kprobes in every guest) but not on the kernel's version. Exactly one line says "all".
+GUEST_TESTS = {
+    "kernel": "privileged and not host_only and not one_guest",
+    "all": "privileged and not host_only",
+}
 
 
 class FetchError(Exception):
@@ -78,6 +85,12 @@ class Spec:
     suite: str  # a Debian suite: bookworm, bookworm-backports, trixie, ...
     image_meta: str  # the flavour's image metapackage, e.g. linux-image-amd64
     userland: str  # "host", or the Debian codename of the guest's root
+    tests: str = "kernel"  # a key of GUEST_TESTS
+
+    @property
+    def markers(self) -> str:
+        """The guest's pytest -m expression."""
+        return GUEST_TESTS[self.tests]
 
     @property
     def headers_meta(self) -> str:
@@ -132,13 +145,15 @@ class Kernel:
     def describe(self) -> dict:
         """What was booted, for the results and the log."""
         return {"name": self.name, "suite": self.spec.suite, "metapackage": self.spec.image_meta,
-                "userland": self.spec.userland, "release": self.release,
+                "userland": self.spec.userland, "tests": self.spec.tests,
+                "markers": self.spec.markers, "release": self.release,
                 "version": self.version, "forced": self.forced,
                 "packages": [f"{p}={v}" for p, v in self.packages]}
 
 
 def parse_kernels(text: str, where: str = "kernels.txt") -> list[Spec]:
-    """Lines ``NAME SUITE IMAGE-METAPACKAGE [userland=host|CODENAME]``; # comments."""
+    """Lines ``NAME SUITE IMAGE-METAPACKAGE [userland=host|CODENAME] [tests=kernel|all]``;
+    # comments. At most one line may say tests=all (read_kernels: exactly one)."""
     specs: list[Spec] = []
     for n, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
@@ -146,22 +161,35 @@ def parse_kernels(text: str, where: str = "kernels.txt") -> list[Spec]:
             continue
         parts = line.split()
         opts = dict(p.split("=", 1) for p in parts[3:] if "=" in p)
-        if len(parts) < 3 or any("=" not in p for p in parts[3:]) or set(opts) - {"userland"}:
-            raise FetchError(f"{where}:{n}: want NAME SUITE IMAGE-METAPACKAGE [userland=...]")
+        if (len(parts) < 3 or any("=" not in p for p in parts[3:])
+                or set(opts) - {"userland", "tests"}):
+            raise FetchError(f"{where}:{n}: want NAME SUITE IMAGE-METAPACKAGE [userland=...] "
+                             "[tests=...]")
         if not parts[2].startswith("linux-image-"):
             raise FetchError(f"{where}:{n}: {parts[2]!r} is not a linux-image-* metapackage")
         userland = opts.get("userland", "host")
         if userland not in USERLANDS:
             raise FetchError(f"{where}:{n}: userland {userland!r} is not one of {USERLANDS}")
-        specs.append(Spec(parts[0], parts[1], parts[2], userland))
+        tests = opts.get("tests", "kernel")
+        if tests not in GUEST_TESTS:
+            raise FetchError(f"{where}:{n}: tests {tests!r} is not one of {tuple(GUEST_TESTS)}")
+        specs.append(Spec(parts[0], parts[1], parts[2], userland, tests))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise FetchError(f"{where}: duplicate names in {names}")
+    full = [s.name for s in specs if s.tests == "all"]
+    if len(full) > 1:
+        raise FetchError(f"{where}: more than one line says tests=all ({full}): the "
+                         "one_guest tests need one guest, not several")
     return specs
 
 
 def read_kernels(path: Path = KERNELS_TXT) -> list[Spec]:
-    return parse_kernels(path.read_text(), str(path))
+    specs = parse_kernels(path.read_text(), str(path))
+    if not any(s.tests == "all" for s in specs):
+        raise FetchError(f"{path}: no line says tests=all: the one_guest tests would run "
+                         "in no guest")
+    return specs
 
 
 def select(names: list[str]) -> list[Spec]:
