@@ -426,6 +426,9 @@ def guest_runs(request):
           f"(CPUs {len(os.sched_getaffinity(0))}, -m {GUEST_MEMORY} each, MemAvailable "
           f"{_mem_available() >> 30} GiB)", flush=True)
     stop = threading.Event()
+    # SIGTERM (make killed, CI's time limit) as ^C: pytest then tears this fixture down and
+    # the VMs, in sessions of their own, are killed instead of running on unattended.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="guest")
     runs: dict[str, Future] = {s.name: pool.submit(_reported, s, stop) for s in specs}
     try:
@@ -433,6 +436,7 @@ def guest_runs(request):
     finally:
         stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
+        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
