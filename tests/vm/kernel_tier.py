@@ -60,12 +60,11 @@ REPO = HERE.parents[1]
 RESULTS = Path(os.environ.get("KVMTRACE_VM_RESULTS", REPO / "build" / "vm"))
 VNG = Path(os.environ.get("KVMTRACE_VNG", kernelsmod.CACHE / "vng-venv" / "bin" / "vng"))
 
-# Per kernel, from vng start to guest power-off: boot ~10-35 s, the guest's pytest ~17
-# minutes under emulation here (dry run of 761041a, 67 tests: 6.1 1088 s, 6.12 1145 s,
-# Debian 13 6.12 1134 s) and about a quarter more on CI's machine (6.1: 1381 s), where one
-# after another the four outlasted CI's 90 minutes. Now two run at once on 2 cores; past
-# this bound the VM is killed and the test fails. Two rounds of hung guests plus the host
-# tiers still end inside CI's 90 minutes.
+# Per kernel, from vng start to guest power-off: boot ~10-50 s, the guest's pytest 18-24
+# minutes under emulation here, two guests at a time (dry run of bff5e49: the tests=all
+# 6.1 guest 1444 s, the others 1089-1152 s), and up to a third more on CI's machine, where
+# one after another the four outlasted CI's 90 minutes. Past this bound the VM is killed
+# and the test fails.
 VM_TIMEOUT = int(os.environ.get("KVMTRACE_VM_TIMEOUT", "2400"))
 # The guest script must have started by then, or the kernel did not boot.
 BOOT_TIMEOUT = int(os.environ.get("KVMTRACE_VM_BOOT_TIMEOUT", "180"))
