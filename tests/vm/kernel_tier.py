@@ -21,8 +21,9 @@ host-side test
 
 The guests run side by side, as many at a time as the machine has CPUs and memory for
 (KVMTRACE_VM_PARALLEL overrides): each runs its vCPUs on one host thread, so a 2-core
-machine runs two in about the time of one. Preparing a guest (steps 1-3) is done one at
-a time; each failure is printed the moment it happens, not only in pytest's summary.
+machine runs two at once, each about a quarter slower than alone. Preparing a guest
+(steps 1-3) is done one at a time; each failure is printed the moment it happens, not
+only in pytest's summary.
 
 Each userland other than the host's also gets test_readme_commands: the README's two
 commands, `make test` and `make run` (answering a scrape), in a chroot of that root on
