@@ -62,7 +62,7 @@ RESULTS = Path(os.environ.get("KVMTRACE_VM_RESULTS", REPO / "build" / "vm"))
 VNG = Path(os.environ.get("KVMTRACE_VNG", kernelsmod.CACHE / "vng-venv" / "bin" / "vng"))
 
 # Per kernel, from vng start to guest power-off: boot ~10-50 s, the guest's pytest 12-24
-# minutes under emulation here, two guests at a time (dry run of bff5e49: the tests=all
+# minutes under emulation here, two guests at a time (dry run of 5ba7f30: the tests=all
 # 6.1 guest 1444 s, the others 1089-1152 s), and up to a third more on CI's machine, where
 # one after another the four outlasted CI's 90 minutes. Past this bound the VM is killed
 # and the test fails.
