@@ -1,8 +1,8 @@
 #!/bin/bash
 # Runs INSIDE a stock-kernel guest booted by tests/vm/kernel_tier.py (virtme-ng, TCG):
-#   guest.sh RUNDIR REPO SEEDSIM_KO PYTEST_TIMEOUT [TESTS]
-# TESTS (kernels.txt tests=): "kernel" (default) leaves out the one_guest tests, "all"
-# runs them too.
+#   guest.sh RUNDIR REPO SEEDSIM_KO PYTEST_TIMEOUT MARKERS
+# MARKERS: the pytest -m expression for this guest (tests/vm/kernels.py GUEST_TESTS, by
+# the kernels.txt line's tests=).
 # RUNDIR is the guest-writable results directory (vng --rwdir); everything this script
 # learns goes there, because the exit code of a vng --exec script does not reach the host
 # on a machine without udev. The host driver reads:
@@ -13,7 +13,7 @@
 #   facts.json   `kvmtrace doctor --dump-facts` of this stock kernel (seedsim unloaded)
 #   done         the script reached its end
 set -u
-RUN=$1 REPO=$2 SEEDSIM_KO=$3 PYTEST_TIMEOUT=$4 TESTS=${5:-kernel}
+RUN=$1 REPO=$2 SEEDSIM_KO=$3 PYTEST_TIMEOUT=$4 MARKERS=${5:-}
 # The console goes to the host's log too (vng -v), so echo there as well.
 exec > >(tee -a "$RUN/guest.log") 2>&1
 
@@ -52,6 +52,7 @@ mountpoint -q /sys/kernel/debug || mount -t debugfs nodev /sys/kernel/debug \
 [ -e /sys/bus/event_source/devices/kprobe ] || fail "no kprobe PMU on $(uname -r)"
 [ -e "/lib/modules/$(uname -r)/build/include/config/kernel.release" ] \
     || fail "no kernel headers at /lib/modules/$(uname -r)/build (unpacked tree not linked?)"
+[ -n "$MARKERS" ] || fail "no pytest -m expression given (guest.sh's fifth argument)"
 [ -f "$SEEDSIM_KO" ] || fail "seedsim module $SEEDSIM_KO missing"
 [ -x "$REPO/.venv/bin/python" ] || fail "$REPO/.venv missing (make setup-test)"
 
@@ -72,15 +73,9 @@ echo "guest: warmed bcc/clang/LLVM libraries in $(( $(date +%s) - t0 )) s"
 # kvmtrace's privileged tier (tests/privileged/) and the guest-only tests. Named
 # explicitly: other privileged tests (benchmarks) do not belong under emulation.
 tests=(tests/privileged tests/vm/guest_kprobes.py)
-# The same expressions as tests/vm/kernels.py's GUEST_TESTS (a pure test holds them equal).
-case $TESTS in
-    kernel) markers="privileged and not host_only and not one_guest" ;;
-    all) markers="privileged and not host_only" ;;
-    *) fail "unknown TESTS '$TESTS' (kernel or all)" ;;
-esac
-echo "guest: running ${tests[*]} -m '$markers'"
+echo "guest: running ${tests[*]} -m '$MARKERS'"
 timeout -k 10 "$PYTEST_TIMEOUT" "$REPO/.venv/bin/python" -m pytest -p no:cacheprovider -v \
-    --durations=10 -m "$markers" --junitxml="$RUN/junit.xml" "${tests[@]}"
+    --durations=10 -m "$MARKERS" --junitxml="$RUN/junit.xml" "${tests[@]}"
 echo $? > "$RUN/pytest.rc"
 
 lsmod | grep -q '^seedsim ' && rmmod seedsim

@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -193,7 +194,7 @@ def boot(kernel: kernelsmod.Kernel, run: Path, ko: Path, root: Path | None,
            "-m", GUEST_MEMORY, "-p", GUEST_CPUS, f"--qemu-opts=-accel {GUEST_TCG}",
            f"--rodir={kernelsmod.CACHE}={kernelsmod.CACHE}", f"--rwdir={rwdir}",
            "--exec", f"{repo / 'tests/vm/guest.sh'} {grun} {repo} {gko} {guest_timeout} "
-                     f"{kernel.spec.tests}"]
+                     f"{shlex.quote(kernel.spec.markers)}"]
     (run / "vng-command.txt").write_text(" ".join(cmd) + "\n")
     env = dict(os.environ, PATH=f"{VNG.parent}:{os.environ.get('PATH', '')}")
     t0 = time.monotonic()
