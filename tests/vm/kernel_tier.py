@@ -283,26 +283,22 @@ _preparing = threading.RLock()
 def userland_root(codename: str) -> Path:
     """The set-up root of ``codename`` (prepared once per run; the debootstrap is cached)."""
     with _preparing:
-        return _userland_root(codename)
-
-
-def _userland_root(codename: str) -> Path:
-    if codename not in _roots:
-        out = RESULTS / f"userland-{codename}"
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        t0 = time.monotonic()
-        try:
-            _roots[codename] = userlandmod.prepare(codename, out / "prepare.log")
-        except (userlandmod.UserlandError, kernelsmod.FetchError) as exc:
-            pytest.fail(f"userland {codename}: {exc} (log: {out / 'prepare.log'})")
-        info = {"codename": codename, "os_release": userlandmod.os_release(_roots[codename]),
-                "prepare_seconds": round(time.monotonic() - t0, 1)}
-        (out / "userland.json").write_text(json.dumps(info, indent=2) + "\n")
-        print(f"\nuserland {codename}: {info['os_release']} set up by scripts/setup-host.sh "
-              f"--test in {info['prepare_seconds']} s")
-    return _roots[codename]
+        if codename not in _roots:
+            out = RESULTS / f"userland-{codename}"
+            if out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True)
+            t0 = time.monotonic()
+            try:
+                _roots[codename] = userlandmod.prepare(codename, out / "prepare.log")
+            except (userlandmod.UserlandError, kernelsmod.FetchError) as exc:
+                pytest.fail(f"userland {codename}: {exc} (log: {out / 'prepare.log'})")
+            info = {"codename": codename, "os_release": userlandmod.os_release(_roots[codename]),
+                    "prepare_seconds": round(time.monotonic() - t0, 1)}
+            (out / "userland.json").write_text(json.dumps(info, indent=2) + "\n")
+            print(f"\nuserland {codename}: {info['os_release']} set up by scripts/setup-host.sh "
+                  f"--test in {info['prepare_seconds']} s")
+        return _roots[codename]
 
 
 SPECS = kernelsmod.read_kernels()
@@ -366,7 +362,7 @@ def run_kernel(spec: kernelsmod.Spec, stop: threading.Event) -> None:
         print(f"\n{kernel.name}: {spec.suite} {spec.image_meta} resolved to {kernel.release} "
               f"({kernel.version}{', forced' if kernel.forced else ''}); userland "
               f"{spec.userland}; tests -m {spec.markers!r}; booting", flush=True)
-        root = None if spec.userland == "host" else _userland_root(spec.userland)
+        root = None if spec.userland == "host" else userland_root(spec.userland)
         ko = build_seedsim(kernel, run / "seedsim", root)
     timing = boot(kernel, run, ko, root, stop)
     timing["total_seconds"] = round(time.monotonic() - t0, 1)
