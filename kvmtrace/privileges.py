@@ -134,6 +134,11 @@ class Access:
     kvm_uid: int = 0
     kvm_gid: int = 0
     kvm_group: str | None = "kvm"  # the name of kvm_gid, None when it has none
+    # the gid of the group named kvm on this host (None: there is none), and whether udev
+    # runs (its control socket; None: unknown) -- where it does not, nothing gave /dev/kvm
+    # Debian's 0660 root:kvm and it stays devtmpfs's 0600 root:root
+    kvm_group_gid: int | None = None
+    udev_running: bool | None = None
     headers_path: str = ""
     headers_error: str | None = None
     kallsyms_error: str | None = None
@@ -201,6 +206,48 @@ def _kernel_text(k: tuple[int, int]) -> str:
     return f"{k[0]}.{k[1]}"
 
 
+def _kvm_setup_fix(a: Access) -> str | None:
+    """The fix where no group may open /dev/kvm (its group is root, or has no rw): what
+    Debian's udev rule does (0660 root:kvm), spelled out. None where a group may."""
+    if a.kvm_gid != 0 and a.kvm_mode & 0o060 == 0o060:
+        return None
+    group = a.kvm_group or str(a.kvm_gid)
+    mode = stat.filemode(stat.S_IFCHR | a.kvm_mode)[1:]
+    why = (" and no udev runs here to give it Debian's 0660 root:kvm" if a.udev_running
+           is False else "")
+    create = ("" if a.kvm_group_gid is not None
+              else f"there is no {SERVICE_GROUP} group: groupadd --system {SERVICE_GROUP}; ")
+    return (f"no group may open it ({mode} {group}){why}: make it what Debian's udev rule "
+            f"makes it ({create}chgrp {SERVICE_GROUP} {a.kvm_path}; chmod 0660 "
+            f"{a.kvm_path}), then add the user to group {SERVICE_GROUP} (systemd "
+            f"SupplementaryGroups={SERVICE_GROUP}), or grant CAP_DAC_OVERRIDE")
+
+
+def _kvm_requirement(a: Access) -> Requirement:
+    if not a.kvm_exists:
+        return Requirement("/dev/kvm", None, f"{a.kvm_path} does not exist (KVM not "
+                           "loaded): nothing to open")
+    setup = _kvm_setup_fix(a)
+    if a.kvm_error is None:
+        detail = f"{a.kvm_path}: opened read-write"
+        if setup and a.euid == 0:  # root opens anything: say what a service user would meet
+            detail += f"; a service user could not: {setup}"
+        return Requirement("/dev/kvm", True, detail)
+    group = a.kvm_group or str(a.kvm_gid)
+    mode = stat.filemode(stat.S_IFCHR | a.kvm_mode)
+    if _dac_allows(a.kvm_mode, a.kvm_uid, a.kvm_gid, a.euid, a.groups) \
+            or a.has("CAP_DAC_OVERRIDE"):
+        fix = "the mode bits allow it: check ACLs, the LSM and the device cgroup"
+    elif setup:
+        fix = setup
+    else:
+        fix = (f"add the user to group {group} (gid {a.kvm_gid}; systemd "
+               f"SupplementaryGroups={group}, Kubernetes supplementalGroups: "
+               f"[{a.kvm_gid}]), or grant CAP_DAC_OVERRIDE")
+    return Requirement("/dev/kvm", False, f"cannot open {a.kvm_path} ({mode} uid {a.kvm_uid} "
+                       f"gid {a.kvm_gid}): {a.kvm_error}: {fix}")
+
+
 def requirements(a: Access) -> list[Requirement]:
     """Every requirement of loading, attaching and serving, judged on ``a``.
 
@@ -251,24 +298,7 @@ def requirements(a: Access) -> list[Requirement]:
         out.append(Requirement("tracefs", False,
                                f"tracefs at {path} is not readable ({err}): {fix}"))
 
-    if not a.kvm_exists:
-        out.append(Requirement("/dev/kvm", None, f"{a.kvm_path} does not exist (KVM not "
-                               "loaded): nothing to open"))
-    elif a.kvm_error is None:
-        out.append(Requirement("/dev/kvm", True, f"{a.kvm_path}: opened read-write"))
-    else:
-        group = a.kvm_group or str(a.kvm_gid)
-        mode = stat.filemode(stat.S_IFCHR | a.kvm_mode)
-        if not _dac_allows(a.kvm_mode, a.kvm_uid, a.kvm_gid, a.euid, a.groups) \
-                and not a.has("CAP_DAC_OVERRIDE"):
-            fix = (f"add the user to group {group} (gid {a.kvm_gid}; systemd "
-                   f"SupplementaryGroups={group}, Kubernetes supplementalGroups: "
-                   f"[{a.kvm_gid}]), or grant CAP_DAC_OVERRIDE")
-        else:
-            fix = "the mode bits allow it: check ACLs, the LSM and the device cgroup"
-        out.append(Requirement("/dev/kvm", False,
-                               f"cannot open {a.kvm_path} ({mode} uid {a.kvm_uid} "
-                               f"gid {a.kvm_gid}): {a.kvm_error}: {fix}"))
+    out.append(_kvm_requirement(a))
 
     if a.headers_error is None:
         out.append(Requirement("kernel headers", True, f"{a.headers_path}: readable"))
@@ -421,8 +451,20 @@ def _kvm(path: str) -> dict:
         os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
     except OSError as exc:
         error = exc.strerror or str(exc)
+    try:
+        kvm_group_gid: int | None = grp.getgrnam(SERVICE_GROUP).gr_gid
+    except KeyError:
+        kvm_group_gid = None
     return {"kvm_error": error, "kvm_mode": stat.S_IMODE(st.st_mode), "kvm_uid": st.st_uid,
-            "kvm_gid": st.st_gid, "kvm_group": group}
+            "kvm_gid": st.st_gid, "kvm_group": group, "kvm_group_gid": kvm_group_gid}
+
+
+def _udev_running(root: Path) -> bool:
+    """Whether udev runs: its control socket (systemd-udevd's /run/udev/control)."""
+    try:
+        return stat.S_ISSOCK(os.stat(root / "run/udev/control").st_mode)
+    except OSError:
+        return False
 
 
 def perf_open_probe(machine: str | None = None) -> int | None:
@@ -477,6 +519,7 @@ def gather(root: str | os.PathLike = "/", kvm_path: str = "/dev/kvm") -> Access:
         perf_event_paranoid=int(paranoid) if paranoid.lstrip("-").isdigit() else None,
         perf_open_errno=perf_open_probe() if root == Path("/") else None,
         tracefs=_tracefs(root), kvm_path=kvm_path, **_kvm(kvm_path),
+        udev_running=_udev_running(root),
         headers_path=headers_path, headers_error=headers_error,
         kallsyms_error=kallsyms_error)
 

@@ -61,7 +61,7 @@ def test_promtool_unit_tests_can_fail(tmp_path):
 def test_alerts_are_mixin_shaped():
     rules = alert_rules()
     names = [r["alert"] for r in rules]
-    assert len(names) == len(set(names))
+    assert len(names) >= 9 and len(names) == len(set(names))
     for r in rules:
         assert re.fullmatch(r"Kvmtrace([A-Z][A-Za-z0-9]*)+", r["alert"]), r["alert"]
         assert r["labels"]["severity"] in SEVERITIES, r["alert"]
@@ -86,13 +86,16 @@ def test_every_alert_is_tested_firing_and_not_firing():
         for t in case.get("alert_rule_test", []):
             (firing if t.get("exp_alerts") else quiet).add(t["alertname"])
     names = {r["alert"] for r in alert_rules()}
+    assert names and firing and quiet, (names, firing, quiet)
     assert names - firing == set(), "never tested firing"
     assert names - quiet == set(), "never tested not firing"
 
 
 def test_rules_read_only_metrics_the_exporter_serves(recorded_collector):
     served = served_names(recorded_exposition(recorded_collector))
-    for r in alert_rules():
+    rules = alert_rules()
+    assert served and len(rules) >= 9, (len(served), len(rules))
+    for r in rules:
         names = metric_names(r["expr"])
         assert names, r["alert"]
         assert names - PROMETHEUS_OWN <= served, (r["alert"], names - served)

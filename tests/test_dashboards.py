@@ -100,7 +100,10 @@ def test_every_query_parses_with_promtool(tmp_path):
 
 def test_queries_name_only_metrics_the_exporter_serves(recorded_collector):
     served = served_names(recorded_exposition(recorded_collector))
-    for p, t in queries(load()):
+    assert len(served) >= 30, served  # the recorded exposition is not empty
+    qs = queries(load())
+    assert len(qs) >= 30, "the dashboard has (almost) no queries"
+    for p, t in qs:
         names = metric_names(t["expr"])
         assert names, (p["title"], t["expr"])
         for name in names - PROMETHEUS_OWN:
@@ -114,9 +117,14 @@ def test_metric_names_are_found_and_labels_are_not():
 
 
 def test_every_selector_filters_by_job_and_instance():
+    checked = 0
     for p, t in queries(load()):
-        for name, sel in SELECTOR.findall(t["expr"]):
+        selectors = SELECTOR.findall(t["expr"])
+        assert selectors, (p["title"], t["expr"])  # every query reads some series
+        for name, sel in selectors:
             assert 'job=~"$job"' in sel and 'instance=~"$instance"' in sel, (p["title"], name)
+            checked += 1
+    assert checked >= 30, f"only {checked} selectors found: is SELECTOR still matching?"
 
 
 def test_variables_datasource_job_and_instance():
@@ -125,6 +133,7 @@ def test_variables_datasource_job_and_instance():
     assert names == ["datasource", "job", "instance"]
     inst = dash["templating"]["list"][2]
     assert inst["multi"] and inst["includeAll"] and "$job" in inst["definition"]
+    assert sum(p["type"] != "row" for p in dash["panels"]) >= 10, "no panels"
     for p in dash["panels"]:
         if p["type"] != "row":
             assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
@@ -135,7 +144,8 @@ def test_variables_datasource_job_and_instance():
 def test_panels_have_units_legends_ids_and_do_not_overlap():
     dash = load()
     ids = [p["id"] for p in dash["panels"]]
-    assert len(ids) == len(set(ids))
+    assert len(ids) >= 10 and len(ids) == len(set(ids))
+    assert {"timeseries", "table"} <= {p["type"] for p in dash["panels"]}
     cells = set()
     for p in dash["panels"]:
         g = p["gridPos"]

@@ -26,8 +26,8 @@ SERVICE_HOST = Access(
     groups=(65534, KVM_GID), unprivileged_bpf_disabled=2, perf_event_paranoid=2,
     perf_open_errno=0,
     tracefs=(("/sys/kernel/debug/tracing", None), ("/sys/kernel/tracing", None)),
-    kvm_mode=0o660, kvm_uid=0, kvm_gid=KVM_GID, kvm_group="kvm",
-    headers_path="/usr/src/linux-headers-6.1.0-57-amd64")
+    kvm_mode=0o660, kvm_uid=0, kvm_gid=KVM_GID, kvm_group="kvm", kvm_group_gid=KVM_GID,
+    udev_running=True, headers_path="/usr/src/linux-headers-6.1.0-57-amd64")
 DENIED = "permission denied on /sys/kernel/debug"
 
 
@@ -203,6 +203,44 @@ def test_kvm_refused_despite_the_mode_bits_points_elsewhere():
     assert "device cgroup" in pv.missing(a)[0]
     unnamed = dataclasses.replace(NO_GROUP, kvm_group=None)  # gid without a name here
     assert "group 994 (gid 994; systemd SupplementaryGroups=994" in pv.missing(unnamed)[0]
+
+
+# A machine nothing set up as udev would (measured on this machine kind, 2026-12-05: no
+# udev, no kvm group, devtmpfs's /dev/kvm 0600 root:root), the service's uid in no group.
+NO_UDEV = dataclasses.replace(NO_GROUP, kvm_mode=0o600, kvm_gid=0, kvm_group="root",
+                              kvm_group_gid=None, udev_running=False)
+
+
+def test_kvm_nobody_set_up_names_debians_rule_never_group_root():
+    [line] = pv.missing(NO_UDEV)
+    assert line.startswith("cannot open /dev/kvm (crw------- uid 0 gid 0): Permission "
+                           "denied: no group may open it (rw------- root) and no udev runs "
+                           "here to give it Debian's 0660 root:kvm")
+    for needle in ("groupadd --system kvm", "chgrp kvm /dev/kvm", "chmod 0660 /dev/kvm",
+                   "SupplementaryGroups=kvm", "CAP_DAC_OVERRIDE"):
+        assert needle in line
+    assert "group root" not in line and "SupplementaryGroups=root" not in line
+    # The kvm group exists (made by hand, or by a package) but the device is not in it.
+    made = dataclasses.replace(NO_UDEV, kvm_group_gid=KVM_GID)
+    [line] = pv.missing(made)
+    assert "groupadd" not in line and "chgrp kvm /dev/kvm; chmod 0660 /dev/kvm" in line
+    # 0660 with group root is no better: never advise joining root's group.
+    root_rw = dataclasses.replace(NO_UDEV, kvm_mode=0o660)
+    assert "group root" not in pv.missing(root_rw)[0]
+    assert "no group may open it (rw-rw---- root)" in pv.missing(root_rw)[0]
+    # Where udev runs and still left it so, the line does not blame udev's absence.
+    assert "no udev" not in pv.missing(dataclasses.replace(NO_UDEV, udev_running=True))[0]
+
+
+def test_root_is_told_what_a_service_user_would_meet_on_such_a_host():
+    root = dataclasses.replace(NO_UDEV, euid=0, groups=(0,), kvm_error=None)
+    r = by_name(root)["/dev/kvm"]
+    assert r.ok is True
+    assert r.detail.startswith("/dev/kvm: opened read-write; a service user could not: no "
+                               "group may open it (rw------- root) and no udev runs here")
+    # On a Debian host (udev: 0660 root:kvm) root is told nothing more.
+    assert by_name(dataclasses.replace(SERVICE_HOST, euid=0))["/dev/kvm"].detail == \
+        "/dev/kvm: opened read-write"
 
 
 @pytest.mark.parametrize(("kernel", "ubd", "caps", "keep"), [

@@ -79,7 +79,9 @@ def test_every_unsupported_type_is_type_unsupported_with_names_and_mask(explaine
 
 def test_chain_marks_unobserved_steps_or_shows_arch_init_verdict(explained):
     prefix, _, attempts, _, _ = explained
-    for a in mine(attempts, f"{prefix}-t"):
+    threads = mine(attempts, f"{prefix}-t")
+    assert threads, f"no attempt of {prefix}-t was explained"
+    for a in threads:
         init = next(s for s in a["steps"] if s["probe"] == "kvm_arch_init_vm")
         if host_has_kprobes():
             assert init["observed"] and init["mechanism"] == "kprobe"
