@@ -4,8 +4,9 @@
                                     sys_exit_ioctl: the cost of the hooks alone
   bpfload.py variant NAME [--poll]  kvmtrace's own BPF text as `kvmtrace trace --ebpf`
                                     builds it (SELF_TGID = this process), with the
-                                    knobs of variant NAME (bench/variants.py) defined;
-                                    --poll drains the ring buffer like `serve` does
+                                    knobs of variant NAME (bench/variants.py) applied
+                                    by bench/overlay.py; --poll drains the ring
+                                    buffer like `serve` does
 
 Prints "READY <n tracepoints>" on stdout once the programs are attached (bcc
 attaches TRACEPOINT_PROBE programs while loading), then waits for SIGTERM or
@@ -53,14 +54,19 @@ def main() -> int:
         text = FLOOR
     else:
         sys.path.insert(0, str(Path(__file__).parent))
+        import overlay
         import variants
 
-        text = variants.apply(args.name, kvmtrace_text(os.getpid()))
+        try:
+            text = variants.apply(args.name, kvmtrace_text(os.getpid()))
+        except overlay.OverlayError as exc:
+            raise SystemExit(f"bpfload: {exc}") from None
     if args.dump:
         print(text)
         return 0
 
     from bcc import BPF
+    from kvmtrace import contract
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -73,7 +79,8 @@ def main() -> int:
     seen = [0]
     polling = args.poll and args.what == "variant"
     if polling:
-        bpf["events"].open_ring_buffer(lambda _ctx, _data, _size: seen.__setitem__(0, seen[0] + 1))
+        bpf[contract.EVENTS_MAP].open_ring_buffer(
+            lambda _ctx, _data, _size: seen.__setitem__(0, seen[0] + 1))
     print(f"READY {n}", flush=True)
     while not stop.is_set():
         if polling:
@@ -85,11 +92,10 @@ def main() -> int:
             stop.wait(0.2)
     out = {}
     if args.what == "variant":
-        from kvmtrace import contract
-
-        out = {name: sum(bpf["health"].getvalue(bpf["health"].Key(i)))
+        health = bpf[contract.HEALTH_MAP]
+        out = {name: sum(health.getvalue(health.Key(i)))
                for i, name in enumerate(contract.HEALTH)}
-        out.update(events_seen=seen[0], count_entries=len(bpf["counts"].items()))
+        out.update(events_seen=seen[0], count_entries=len(bpf[contract.COUNTS_MAP].items()))
     bpf.cleanup()
     print(json.dumps(out), flush=True)
     return 0

@@ -1,5 +1,6 @@
 """The tracer configurations the benchmarks compare: none, floor (empty programs), kvmtrace
-serve, bpftrace, strace, and variants of kvmtrace's BPF (bench/variants.py)."""
+serve, bpftrace, strace, and variants of kvmtrace's BPF (bench/variants.py, applied by
+bench/overlay.py)."""
 
 from __future__ import annotations
 
@@ -239,10 +240,21 @@ def make_variant(name: str) -> Callable[[], Config]:
 
 
 def variant_names() -> set[str]:
-    """The variants bench/variants.py defines (plain data: importing it loads no BPF)."""
+    """The variants bench/variants.py defines, each checked to apply to the product's C
+    (bench/overlay.py; a one-line BenchError before anything runs when one no longer
+    does). Pure text: loads no BPF."""
     sys.path.insert(0, str(BENCH))
+    from kvmtrace import loader
+
+    import overlay
     import variants
 
+    source = loader.bpf_source()
+    for name in variants.VARIANTS:
+        try:
+            variants.apply(name, source)
+        except overlay.OverlayError as exc:
+            raise BenchError(str(exc)) from None
     return set(variants.VARIANTS)
 
 

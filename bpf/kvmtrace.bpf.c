@@ -50,15 +50,10 @@
  *                  BTF), else in a hash keyed by thread id
  *
  * and appends one FN_KPROBE / FN_FEXIT_* line per attached function point.
- *
- * Benchmark knobs (bench/variants.py sets them; kvmtrace never does): each takes
- * one part of the ioctl return path away, or swaps it for a candidate, so that
- * its cost is measured on this very program.
- *   BENCH_NO_EMIT         no event from the ioctl return path
- *   BENCH_NO_LATENCY      no latency histogram
- *   BENCH_NO_COUNT        no count from the ioctl return path
- *   BENCH_RB_WAKEUP       a reader wakeup per event (as shipped until 2026-11-26)
- *   BENCH_PERCPU_LATENCY  the latency histogram in per-CPU arrays, without atomics
+ * Every program below, and what each FN_* macro writes, is in the table of
+ * kvmtrace/programs.py, which the loader attaches by (tests/test_contract.py
+ * holds this file to it too). The benchmark measures variants of this file
+ * through its own overlay (bench/overlay.py), never through knobs in it.
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
@@ -184,13 +179,8 @@ BPF_PERCPU_ARRAY(event_budget, struct event_window, 1);
 /* KVM_CREATE_VM latency (entry to return) per outcome (0 accepted, 1
  * rejected): counts per log2(ns) slot at index outcome * LATENCY_SLOTS + slot
  * (an array: no hashing on the hot path), and the sum of ns per outcome. */
-#ifdef BENCH_PERCPU_LATENCY
-BPF_PERCPU_ARRAY(create_latency, u64, LATENCY_ENTRIES);
-BPF_PERCPU_ARRAY(create_latency_sum, u64, LATENCY_SUM_ENTRIES);
-#else
 BPF_ARRAY(create_latency, u64, LATENCY_ENTRIES);
 BPF_ARRAY(create_latency_sum, u64, LATENCY_SUM_ENTRIES);
-#endif
 
 /*
  * The in-flight ioctl of the current thread. A slot with cmd == 0 is free.
@@ -369,11 +359,7 @@ static __always_inline void emit_x(void *ctx, u64 id, u32 probe, u64 vm_type,
 #ifdef USE_RINGBUF
 	/* No wakeup per event: the reader drains the ring at its poll timeout
 	 * (100-200 ms), so a traced VMM never pays for waking it. */
-#ifdef BENCH_RB_WAKEUP
-	if (events.ringbuf_output(&ev, sizeof(ev), 0))
-#else
 	if (events.ringbuf_output(&ev, sizeof(ev), BPF_RB_NO_WAKEUP))
-#endif
 		health_inc(HEALTH_EVENTS_LOST);
 #else
 	if (events.perf_submit(ctx, &ev, sizeof(ev)))
@@ -395,17 +381,10 @@ static __always_inline void latency_record(u32 outcome, u64 ns)
 	u32 slot = outcome * LATENCY_SLOTS + (bpf_log2l(ns) & (LATENCY_SLOTS - 1));
 	u64 *bucket = create_latency.lookup(&slot);
 	u64 *sum = create_latency_sum.lookup(&outcome);
-#ifdef BENCH_PERCPU_LATENCY
-	if (bucket)
-		(*bucket)++;
-	if (sum)
-		*sum += ns;
-#else
 	if (bucket)
 		__sync_fetch_and_add(bucket, 1);
 	if (sum)
 		__sync_fetch_and_add(sum, ns);
-#endif
 }
 
 
@@ -735,27 +714,17 @@ static __always_inline int ioctl_return(void *ctx, s64 ret)
 			else
 				p->flags |= PROC_CREATE_FAILED;
 		}
-#ifndef BENCH_NO_LATENCY
 		latency_record(ret < 0, now - call.start_ns);
-#endif
-#ifndef BENCH_NO_COUNT
 		/* Success returns a new fd: count it as 0 to keep keys bounded. */
 		count(tgid, PROBE_CREATE_VM, call.arg, ret < 0 ? ret : 0, call.verdicts, 0);
-#endif
-#ifndef BENCH_NO_EMIT
 		emit(ctx, id, PROBE_CREATE_VM, call.arg, ret, call.start_ns, call.verdicts, now);
-#endif
 	} else {
 		if (p) {
 			p->flags |= PROC_QUERIED;
 			p->mask = ret;
 		}
-#ifndef BENCH_NO_COUNT
 		count(tgid, PROBE_VM_TYPES_QUERY, 0, ret, 0, 0);
-#endif
-#ifndef BENCH_NO_EMIT
 		emit(ctx, id, PROBE_VM_TYPES_QUERY, 0, ret, call.start_ns, 0, now);
-#endif
 	}
 	return 0;
 }

@@ -1,13 +1,22 @@
 """The kernel<->user contract: what bpf/kvmtrace.bpf.c and the Python side share.
 
 Every struct layout, map (name, type, key and value size, entries), probe id, verdict
-bit, health index and latency index the BPF program and this package must agree on is
-written here once, beside the C (as ebpf_exporter declares each map's layout next to its
-``.bpf.c``). The C takes the numbers as ``#define``s from :func:`defines`, so the
-program compiled is always the one described here; ``tests/test_contract.py`` parses
-the C and fails when a struct, a map declaration or a define disagrees; and the reader
-checks every map it is handed against :data:`MAPS`, as the kernel reports it, before
-reading a byte (:func:`check_map`).
+bit, health index, latency index and feature define the BPF program and this package
+must agree on is written here once, beside the C (as ebpf_exporter declares each map's
+layout next to its ``.bpf.c``). The C takes the numbers as ``#define``s from
+:func:`defines`, so the program compiled is always the one described here;
+``tests/test_contract.py`` parses the C and fails when a struct, a map declaration or a
+define disagrees, or when the C declares a map or tests a define this module does not
+name; and the reader checks every map it is handed against :data:`MAPS`, as the kernel
+reports it, before reading a byte (:func:`check_map`).
+
+The C's *programs* (which function bcc attaches for each probe and mechanism, and the
+``FN_*`` macros that write the function points' ones) are kvmtrace.programs' table: it
+needs the plan's mechanisms and the facts' kernel names, which this module, imported by
+both, cannot import.
+
+Map and define names are spelled here only: kvmtrace.loader, kvmtrace.reader and
+bench/ use these constants, never a literal.
 
 Pure data and pure functions: nothing here touches the machine.
 """
@@ -158,6 +167,22 @@ BPF_MAP_TYPE_RINGBUF = 27
 PAGE_SIZE = 4096
 
 
+# Map names: bcc gives the kernel map the C name (truncated to 15 characters).
+COUNTS_MAP = "counts"
+TOTALS_MAP = "totals"
+HEALTH_MAP = "health"
+LATENCY_MAP = "create_latency"
+LATENCY_SUM_MAP = "create_latency_sum"
+EXEC_ARGS_MAP = "exec_args"
+PROC_KEYS_MAP = "proc_keys"
+EVENTS_MAP = "events"  # BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES) or BPF_PERF_OUTPUT(events)
+# Maps only the C reads: the in-flight calls (function points, ioctls), the count of
+# ioctls in flight, the event budget, followed processes, the execve scratch buffer.
+# Named so that a map added to the C is a decision about this contract, not an accident.
+PRIVATE_MAPS = ("fn_calls", "inflight", "event_budget", "ioctl_calls", "procs",
+                "exec_scratch")
+
+
 @dataclass(frozen=True)
 class MapSpec:
     """One map the reader reads: its declaration in the C and its shape in the kernel."""
@@ -178,20 +203,23 @@ LATENCY_ENTRIES = len(LATENCY_OUTCOMES) * LATENCY_SLOTS
 LATENCY_SUM_ENTRIES = len(LATENCY_OUTCOMES)
 
 MAPS: dict[str, MapSpec] = {m.name: m for m in (
-    MapSpec("counts", "BPF_HASH", "struct count_key", "u64", "COUNTS_MAX",
+    MapSpec(COUNTS_MAP, "BPF_HASH", "struct count_key", "u64", "COUNTS_MAX",
             COUNT_KEY.size, COUNT_VALUE_SIZE),
-    MapSpec("totals", "BPF_PERCPU_HASH", "struct total_key", "u64", "TOTALS_MAX",
+    MapSpec(TOTALS_MAP, "BPF_PERCPU_HASH", "struct total_key", "u64", "TOTALS_MAX",
             TOTAL_KEY.size, 8),
-    MapSpec("health", "BPF_PERCPU_ARRAY", None, "u64", "HEALTH_ENTRIES", 4, 8),
-    MapSpec("create_latency", "BPF_ARRAY", None, "u64", "LATENCY_ENTRIES", 4, 8),
-    MapSpec("create_latency_sum", "BPF_ARRAY", None, "u64", "LATENCY_SUM_ENTRIES", 4, 8),
-    MapSpec("exec_args", "BPF_LRU_HASH", "u32", "struct exec_args", "EXEC_ARGS_MAX",
+    MapSpec(HEALTH_MAP, "BPF_PERCPU_ARRAY", None, "u64", "HEALTH_ENTRIES", 4, 8),
+    MapSpec(LATENCY_MAP, "BPF_ARRAY", None, "u64", "LATENCY_ENTRIES", 4, 8),
+    MapSpec(LATENCY_SUM_MAP, "BPF_ARRAY", None, "u64", "LATENCY_SUM_ENTRIES", 4, 8),
+    MapSpec(EXEC_ARGS_MAP, "BPF_LRU_HASH", "u32", "struct exec_args", "EXEC_ARGS_MAX",
             4, STRUCT_FORMATS["exec_args"].size),
-    MapSpec("proc_keys", "BPF_LRU_HASH", "u32", "u32", "PROC_KEYS_MAX", 4, 4),
+    MapSpec(PROC_KEYS_MAP, "BPF_LRU_HASH", "u32", "u32", "PROC_KEYS_MAX", 4, 4),
 )}
-EVENTS_MAP = "events"  # BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES) or BPF_PERF_OUTPUT(events)
 # Maps that exist only when the plan has their point (kvmtrace.plan: EXEC).
-OPTIONAL_MAPS = ("exec_args",)
+OPTIONAL_MAPS = (EXEC_ARGS_MAP,)
+# Every map the C declares, by name.
+ALL_MAPS = (*MAPS, EVENTS_MAP, *PRIVATE_MAPS)
+
+
 def firmware_status(tdx: bool, detail: int) -> int:
     """The firmware status word a count key's ``detail`` stands for: SEV's whole u32
     error, or the upper half of TDX's hw_error (its status class)."""
@@ -236,12 +264,29 @@ def defines(counts_max: int, calls_max: int, ringbuf_pages: int,
     return out
 
 
+# ---- feature defines: what the C tests with #ifdef / #if defined() ---------------
+# The loader defines each as 1, or not at all, from the plan and its options
+# (kvmtrace.loader.build_text). Keyed by kvmtrace.plan.Mechanism's values.
+IOCTL_DEFINES = {"kprobe": "IOCTL_KPROBE", "fentry": "IOCTL_FENTRY",
+                 "tracepoint": "IOCTL_TRACEPOINT"}  # the ioctl layer's mechanism
+FOLLOW_PROCS = "FOLLOW_PROCS"  # follow processes that touch /dev/kvm to their end
+EXIT_DEFINES = {"tracepoint": "EXIT_TRACEPOINT", "kprobe": "EXIT_KPROBE"}  # exit status
+SIGNAL_DEFINE = "SIGNAL_TRACEPOINT"  # the signal that killed a followed process
+ENCRYPT_KPROBE = "ENCRYPT_KPROBE"  # KVM_MEMORY_ENCRYPT_OP by kprobes (kvm_arch_*_ioctl)
+EXEC_DEFINES = {"tracepoint": "EXEC_TRACEPOINT", "kprobe": "EXEC_KPROBE"}  # command lines
+EXECVEAT_DEFINE = "EXECVEAT_TRACEPOINT"  # with EXEC_TRACEPOINT: execveat's too
+USE_RINGBUF = "USE_RINGBUF"  # BPF ring buffer (5.8+), else a perf buffer
+USE_TASK_STORAGE = "USE_TASK_STORAGE"  # in-flight ioctls in task storage, else a hash
+FEATURES = (*IOCTL_DEFINES.values(), FOLLOW_PROCS, *EXIT_DEFINES.values(), SIGNAL_DEFINE,
+            ENCRYPT_KPROBE, *EXEC_DEFINES.values(), EXECVEAT_DEFINE, USE_RINGBUF,
+            USE_TASK_STORAGE)
+
+
 def expected_entries(name: str, counts_max: int) -> int:
     """max_entries the kernel must report for one of :data:`MAPS`."""
-    return {"counts": counts_max, "totals": TOTALS_MAX, "health": HEALTH_ENTRIES,
-            "create_latency": LATENCY_ENTRIES,
-            "create_latency_sum": LATENCY_SUM_ENTRIES, "exec_args": EXEC_ARGS_MAX,
-            "proc_keys": PROC_KEYS_MAX}[name]
+    return {COUNTS_MAP: counts_max, TOTALS_MAP: TOTALS_MAX, HEALTH_MAP: HEALTH_ENTRIES,
+            LATENCY_MAP: LATENCY_ENTRIES, LATENCY_SUM_MAP: LATENCY_SUM_ENTRIES,
+            EXEC_ARGS_MAP: EXEC_ARGS_MAX, PROC_KEYS_MAP: PROC_KEYS_MAX}[name]
 
 
 @dataclass(frozen=True)

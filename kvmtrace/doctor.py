@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvmtrace import __version__, tables
+from kvmtrace import __version__, checks, tables
 from kvmtrace import facts as factsmod
 from kvmtrace import loader as loadermod
 from kvmtrace import plan as planmod
@@ -48,14 +48,10 @@ def asked_types(facts: factsmod.HostFacts, types: Sequence[str] | None) -> list[
     return [n for n in readinessmod.type_names(facts.arch) if n == "DEFAULT" or n in offered]
 
 
-def report(facts: factsmod.HostFacts, attachments: Sequence[planmod.Attachment] | None,
-           load_error: str | None, types: Sequence[str] | None = None,
-           requirements: Sequence[tuple[str, bool | None, str]] | None = None) -> dict:
-    """The doctor's verdict from facts and (when root could try) attach results. Pure.
-    ``types``: the VM types asked for (--type; None: see :func:`asked_types`);
-    ``requirements``: what tracing needs of this process (kvmtrace.privileges: name,
-    met or not or not applicable, one line), None for another host's facts."""
-    plan = planmod.make_plan(facts)
+def _host_problems(facts: factsmod.HostFacts,
+                   requirements: Sequence[tuple[str, bool | None, str]] | None,
+                   load_error: str | None) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about this host and process, before any probe point."""
     errors, warnings = [], []
     if not facts.is_root:
         errors.append("not root: doctor's attach test loads BPF programs (run it as root)")
@@ -76,8 +72,13 @@ def report(facts: factsmod.HostFacts, attachments: Sequence[planmod.Attachment] 
         warnings.append(facts.kvm.error)
     if load_error:
         errors.append(load_error)
-    points = []
+    return errors, warnings
+
+
+def _points(plan: planmod.Plan, attachments: Sequence[planmod.Attachment] | None) -> list[dict]:
+    """Each planned point with whether it attached (None: attach not tried)."""
     by_id = {a.point.id: a for a in attachments or []}
+    points = []
     for p in plan.points:
         a = by_id.get(p.id)
         points.append({
@@ -85,6 +86,19 @@ def report(facts: factsmod.HostFacts, attachments: Sequence[planmod.Attachment] 
             "target": p.target, "attached": bool(a and a.attached),
             "detail": a.reason if a else p.reason,
         })
+    return points
+
+
+def report(facts: factsmod.HostFacts, attachments: Sequence[planmod.Attachment] | None,
+           load_error: str | None, types: Sequence[str] | None = None,
+           requirements: Sequence[tuple[str, bool | None, str]] | None = None) -> dict:
+    """The doctor's verdict from facts and (when root could try) attach results. Pure.
+    ``types``: the VM types asked for (--type; None: see :func:`asked_types`);
+    ``requirements``: what tracing needs of this process (kvmtrace.privileges: name,
+    met or not or not applicable, one line), None for another host's facts."""
+    plan = planmod.make_plan(facts)
+    errors, warnings = _host_problems(facts, requirements, load_error)
+    points = _points(plan, attachments)
     ioctl_ok = any(pt["attached"] for pt in points if pt["layer"] == planmod.Layer.IOCTL)
     if attachments is not None and not ioctl_ok:
         errors.append("the ioctl layer (KVM_CREATE_VM) could not attach: "
@@ -205,8 +219,8 @@ def readiness_text(rd: dict) -> list[str]:
             ev = "; ".join(e for e in ch["evidence"] if e)
             lines.append(f"{branch}{ch['status']:<4} {ch['id']:<22} {ch['title']}"
                          + (f": {ev}" if ev else ""))
-            if ch["hint"] and ch["status"] in (readinessmod.FAIL, readinessmod.SKIP,
-                                               readinessmod.WARN, readinessmod.NA):
+            if ch["hint"] and ch["status"] in (checks.FAIL, checks.SKIP,
+                                               checks.WARN, checks.NA):
                 lines.append(f"{branch}     {'why' if ch['status'] == 'N/A' else 'fix'}: "
                              f"{ch['hint']}")
             after = behind.get(ch["id"])

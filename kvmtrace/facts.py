@@ -1,8 +1,10 @@
 """Host facts: everything the probe plan depends on, read once from the host.
 
-This is the only layer that looks at the machine. The result is a plain
-dataclass that round-trips through JSON, so tests can hand the planner the
-facts of other kernels (tests/kernels/*.json) without root.
+facts.py and access.py are the only modules that gather the host's facts: this one
+(with kvmdev.py and evidence.py, which it calls) what the probe plan and the readiness
+depend on, access.py what this process may do there (judged by kvmtrace.privileges).
+The result is a plain dataclass that round-trips through JSON, so tests can hand the
+planner the facts of other kernels (tests/kernels/*.json) without root.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ LAUNCH_FUNCTIONS = ("sev_mem_enc_ioctl", "__sev_guest_init", "sev_asid_new",
                     "snp_launch_start", "tdx_vm_ioctl", "tdx_td_init", "svm_vm_init",
                     "vt_vm_init")
 FACTS_MAX = 1 << 20  # bytes of a --dump-facts file (they are a few KiB)
-TRACEFS_PATHS = ("/sys/kernel/debug/tracing", "/sys/kernel/tracing")
+TRACEFS_PATHS = ("/sys/kernel/debug/tracing", "/sys/kernel/tracing")  # bcc's order
 VENDOR_MODULES = ("kvm_intel", "kvm_amd", "kvm_hv", "kvm_pr")
 
 
@@ -314,31 +316,52 @@ def probe_fentry(symbol: str) -> str:
         os.close(devnull)
 
 
+def _traceable(root: Path, tracefs: str | None, symbols: dict[str, Symbol],
+               clones: dict[str, list[str]]) -> list[str] | None:
+    """The relevant names (and clones) in tracefs' available_filter_functions; None when
+    it cannot be read."""
+    if not tracefs:
+        return None
+    aff = _read(root / tracefs.lstrip("/") / "available_filter_functions")
+    if aff is None:
+        return None
+    names = set(symbols) | {c for cs in clones.values() for c in cs}
+    return sorted({ln.split()[0] for ln in aff.splitlines() if ln} & names)
+
+
+def _kprobe_blacklist(root: Path, symbols: dict[str, Symbol]) -> list[str]:
+    bl = _read(root / "sys/kernel/debug/kprobes/blacklist") or ""
+    return sorted({ln.split()[-1] for ln in bl.splitlines() if ln.strip()} & set(symbols))
+
+
+def _tracepoints(root: Path, tracefs: str | None) -> list[str]:
+    """The tracepoints kvmtrace uses that tracefs has."""
+    if not tracefs:
+        return []
+    out = []
+    for tp in (*IOCTL_TRACEPOINTS, *FOLLOW_TRACEPOINTS):
+        cat, ev = tp.split(":")
+        if (root / tracefs.lstrip("/") / "events" / cat / ev / "format").exists():
+            out.append(tp)
+    return out
+
+
+def _bcc_version() -> str | None:
+    try:
+        import bcc
+    except ImportError:
+        return None
+    return getattr(bcc, "__version__", "unknown")
+
+
 def gather(root: str | os.PathLike = "/", probe_fentry_fn=probe_fentry) -> HostFacts:
     """Read the facts of the running host (``root`` lets tests use a fixture tree)."""
     root = Path(root)
     uname = platform.uname()
     release = (_read(root / "proc/sys/kernel/osrelease") or uname.release).strip()
-    arch = uname.machine
-    kallsyms = _read(root / "proc/kallsyms") or ""
-    symbols, clones = read_kallsyms(kallsyms)
+    symbols, clones = read_kallsyms(_read(root / "proc/kallsyms") or "")
     tracefs, tracefs_error = _find_tracefs(root)
-    traceable = None
-    blacklist: list[str] = []
-    if tracefs:
-        names = set(symbols) | {c for cs in clones.values() for c in cs}
-        aff = _read(root / tracefs.lstrip("/") / "available_filter_functions")
-        if aff is not None:
-            traceable = sorted({ln.split()[0] for ln in aff.splitlines() if ln} & names)
-    bl = _read(root / "sys/kernel/debug/kprobes/blacklist") or ""
-    blacklist = sorted({ln.split()[-1] for ln in bl.splitlines() if ln.strip()} & set(symbols))
     kprobes, kprobes_detail = _kprobes(root, tracefs)
-    tracepoints = []
-    if tracefs:
-        for tp in (*IOCTL_TRACEPOINTS, *FOLLOW_TRACEPOINTS):
-            cat, ev = tp.split(":")
-            if (root / tracefs.lstrip("/") / "events" / cat / ev / "format").exists():
-                tracepoints.append(tp)
     btf = (root / "sys/kernel/btf/vmlinux").exists()
     is_root = os.geteuid() == 0
     fentry = None
@@ -348,33 +371,17 @@ def gather(root: str | os.PathLike = "/", probe_fentry_fn=probe_fentry) -> HostF
         target = next((s.name for s in symbols.values() if s.module is None), None)
         if target:
             fentry = probe_fentry_fn(target)
-    try:
-        import bcc
-
-        bcc_version = getattr(bcc, "__version__", "unknown")
-    except ImportError:
-        bcc_version = None
-    vendor = sorted(m for m in VENDOR_MODULES if (root / "sys/module" / m).exists())
+    version = kernel_version(release)
     return HostFacts(
-        kernel_release=release,
-        arch=arch,
-        symbols=symbols,
-        clones=clones,
-        traceable=traceable,
-        kprobe_blacklist=blacklist,
-        kprobes=kprobes,
-        kprobes_detail=kprobes_detail,
-        fentry=fentry,
-        btf=btf,
-        tracefs=tracefs,
-        tracefs_error=tracefs_error,
-        tracepoints=tracepoints,
-        ringbuf=kernel_version(release) >= (5, 8),
-        task_storage=btf and kernel_version(release) >= (5, 11),
-        headers=_headers(root, release),
-        kvm=kvmdev.query(str(root / "dev/kvm")),
-        vendor_modules=vendor,
-        bcc_version=bcc_version,
-        is_root=is_root,
+        kernel_release=release, arch=uname.machine, symbols=symbols, clones=clones,
+        traceable=_traceable(root, tracefs, symbols, clones),
+        kprobe_blacklist=_kprobe_blacklist(root, symbols),
+        kprobes=kprobes, kprobes_detail=kprobes_detail, fentry=fentry, btf=btf,
+        tracefs=tracefs, tracefs_error=tracefs_error,
+        tracepoints=_tracepoints(root, tracefs),
+        ringbuf=version >= (5, 8), task_storage=btf and version >= (5, 11),
+        headers=_headers(root, release), kvm=kvmdev.query(str(root / "dev/kvm")),
+        vendor_modules=sorted(m for m in VENDOR_MODULES if (root / "sys/module" / m).exists()),
+        bcc_version=_bcc_version(), is_root=is_root,
         evidence=evidencemod.gather(root, release),
     )

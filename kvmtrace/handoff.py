@@ -33,9 +33,9 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+from kvmtrace import access, privileges
 from kvmtrace import facts as factsmod
 from kvmtrace import plan as planmod
-from kvmtrace import privileges
 from kvmtrace.loader import LoadError, Options
 from kvmtrace.reader import Reader, ReadError
 
@@ -75,7 +75,7 @@ def child(sock: socket.socket) -> int:
     req = json.loads(sock.recv(size, socket.MSG_WAITALL))
     # What this process really has (a new program: ambient capabilities only), checked
     # before bcc turns a missing one into "Failed to compile BPF module".
-    lacking = privileges.missing(privileges.gather())
+    lacking = privileges.missing(access.gather())
     facts = factsmod.gather()
     if lacking:
         _send(sock, {"error": str(privileges.PrivilegeError(lacking)),

@@ -1,5 +1,8 @@
 """Loader: compile bpf/kvmtrace.bpf.c with bcc and attach what the plan says.
 
+The names it compiles and attaches with are the contract's: the #defines from
+kvmtrace.contract, the programs and FN_* lines from kvmtrace.programs.
+
 The returned :class:`Session` is the event and count *source* every view
 reads from; it hands out raw tuples and bytes, which kvmtrace.decode turns
 into typed records.
@@ -14,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 
-from kvmtrace import contract, tables
+from kvmtrace import contract, programs, tables
 from kvmtrace import plan as planmod
 from kvmtrace.plan import Attachment
 
@@ -63,44 +66,33 @@ def build_text(plan: planmod.Plan, opts: Options) -> str:
     }
     ioctl = plan.ioctl_mechanism
     if ioctl is not None:
-        defines[f"IOCTL_{ioctl.upper()}"] = "1"
+        defines[contract.IOCTL_DEFINES[ioctl]] = "1"
     points = plan.by_id()
     launch = [p.id for p in plan.points
               if p.layer == planmod.Layer.LAUNCH and p.id >= contract.FIRST_TYPE_CHECK]
     defines["FIRST_LAUNCH"] = str(min(launch, default=contract.FIRST_TYPE_CHECK + len(plan.points)))
     if points[contract.PROBE_PROCESS_END].planned:
-        defines["FOLLOW_PROCS"] = "1"
+        defines[contract.FOLLOW_PROCS] = "1"
         status = points[contract.PROBE_EXIT_STATUS].mechanism
         if status is not None:
-            defines[f"EXIT_{status.upper()}"] = "1"
+            defines[contract.EXIT_DEFINES[status]] = "1"
         if points[contract.PROBE_SIGNAL].planned:
-            defines["SIGNAL_TRACEPOINT"] = "1"
+            defines[contract.SIGNAL_DEFINE] = "1"
         if points[contract.PROBE_ENCRYPT_OP].mechanism == planmod.Mechanism.KPROBE:
-            defines["ENCRYPT_KPROBE"] = "1"
+            defines[contract.ENCRYPT_KPROBE] = "1"
     exec_point = points[contract.PROBE_EXEC]
     if exec_point.mechanism is not None:
-        defines[f"EXEC_{exec_point.mechanism.upper()}"] = "1"
+        defines[contract.EXEC_DEFINES[exec_point.mechanism]] = "1"
         if "execveat" in (exec_point.target or ""):
-            defines["EXECVEAT_TRACEPOINT"] = "1"
+            defines[contract.EXECVEAT_DEFINE] = "1"
     if opts.use_ringbuf:
-        defines["USE_RINGBUF"] = "1"
+        defines[contract.USE_RINGBUF] = "1"
     if opts.use_task_storage:
-        defines["USE_TASK_STORAGE"] = "1"
+        defines[contract.USE_TASK_STORAGE] = "1"
     head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
-    lines = []
-    for p in plan.points:
-        if p.mechanism is None or (p.id < contract.FIRST_TYPE_CHECK
-                                   and p.id != contract.PROBE_ARCH_INIT_VM):
-            continue  # the ioctl and process points are in the C already
-        if p.layer == planmod.Layer.LAUNCH:
-            lines.append(f"FN_KPROBE_LAUNCH({p.id})")
-        elif p.mechanism == planmod.Mechanism.KPROBE:
-            argn, ret_t = (2, "int") if p.layer == planmod.Layer.ARCH_INIT else (1, "u8")
-            lines.append(f"FN_KPROBE({p.id}, {argn}, {ret_t})")
-        elif p.mechanism == planmod.Mechanism.FENTRY:
-            macro = ("FN_FEXIT_ARCH_INIT_VM" if p.layer == planmod.Layer.ARCH_INIT
-                     else "FN_FEXIT_TYPE_CHECK")
-            lines.append(f"{macro}({p.id}, {p.target})")
+    # The function points' programs: one FN_* line each (kvmtrace.programs); the ioctl
+    # and process points' programs are in the C already.
+    lines = [line for line in map(programs.fn_line, plan.points) if line]
     return head + bpf_source() + "".join(f"{ln}\n" for ln in lines)
 
 
@@ -206,26 +198,19 @@ def load(plan: planmod.Plan, opts: Options) -> Session:
 
 
 def _attach(bpf, p: planmod.Point) -> None:
-    """Attach one point's programs (tracepoint and fentry ones were attached by bcc at
-    load: checked here)."""
+    """Attach one point's programs (kvmtrace.programs: the kprobes and kretprobes on each
+    of its targets; tracepoint and fentry ones were attached by bcc at load: checked)."""
     if p.mechanism == planmod.Mechanism.TRACEPOINT:
         missing = [tp for tp in p.target.split("+")
                    if tp.encode() not in getattr(bpf, "tracepoint_fds", {})]
         if missing:
             raise LoadError(f"tracepoint {missing[0]} did not attach")
-    elif p.mechanism == planmod.Mechanism.KPROBE:
-        if p.id == contract.PROBE_EXIT_STATUS:
-            bpf.attach_kprobe(event=p.target.encode(), fn_name=b"kvmtrace_group_exit")
-            return
-        if p.id == contract.PROBE_EXEC:  # bcc reads a syscall__ program's arguments
-            for target in p.target.split("+"):  # from the syscall wrapper's pt_regs
-                fn = "syscall__execveat" if target.endswith("execveat") else "syscall__execve"
-                bpf.attach_kprobe(event=target.encode(), fn_name=fn.encode())
-            return
-        enter, ret = {planmod.Layer.IOCTL: ("kvmtrace_ioctl_enter", "kvmtrace_ioctl_return")}.get(
-            p.layer, (f"kvmtrace_enter_{p.id}", f"kvmtrace_return_{p.id}"))
-        if p.id == contract.PROBE_ENCRYPT_OP:
-            enter, ret = "kvmtrace_encrypt_enter", "kvmtrace_encrypt_return"
-        for target in p.target.split("+"):
-            bpf.attach_kprobe(event=target.encode(), fn_name=enter.encode())
-            bpf.attach_kretprobe(event=target.encode(), fn_name=ret.encode())
+        return
+    progs = programs.of(p)
+    for target in p.target.split("+"):
+        for prog in progs:
+            if prog.attach == programs.LOAD or not target.endswith(prog.only):
+                continue
+            attach = bpf.attach_kretprobe if prog.attach == programs.RETURN \
+                else bpf.attach_kprobe
+            attach(event=target.encode(), fn_name=prog.symbol(p.id, target).encode())

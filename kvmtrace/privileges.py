@@ -1,7 +1,9 @@
-"""What kvmtrace really needs from the host's access control, instead of "be root".
+"""What kvmtrace really needs from the host's access control, instead of "be root": the
+requirements judged on a process's facts (pure; the facts are read by kvmtrace.access,
+the capabilities dropped by kvmtrace.capdrop).
 
-Measured on a 6.18 kernel as a non-root uid with ambient capabilities (README, "Running
-as a service"):
+Measured on a 6.18 kernel as a non-root uid with ambient capabilities (docs/service.md,
+"Capabilities"):
 
 - CAP_BPF + CAP_PERFMON load and attach the programs (CAP_SYS_ADMIN stands in for both,
   and is the only way before 5.8, which has neither);
@@ -12,8 +14,9 @@ as a service"):
   whatever CAP_PERFMON says. Measured in the kernel tier's guests, uid 65534 with CAP_BPF
   + CAP_PERFMON + CAP_DAC_READ_SEARCH attaching sched:sched_process_exit: Debian 6.1.0-57
   and 6.12.95+deb12 refuse it at 3, allow it at 2 or with CAP_SYS_ADMIN (mainline treats
-  any value above 2 as 2). Which one this kernel is, :func:`gather` asks the kernel itself:
-  a user-only software event on this process (:func:`perf_open_probe`);
+  any value above 2 as 2). Which one this kernel is, :func:`kvmtrace.access.gather` asks
+  the kernel itself: a user-only software event on this process
+  (:func:`kvmtrace.access.perf_open_probe`);
 - tracefs (at /sys/kernel/debug/tracing or /sys/kernel/tracing) is mode 0700 root: bcc
   reads the tracepoints' ids there, so CAP_DAC_READ_SEARCH (or root) is needed;
 - /dev/kvm (0660 root:kvm) is asked for the host's VM types at each scrape: the kvm group
@@ -24,24 +27,21 @@ as a service"):
 The loader child (kvmtrace.handoff) is a new program: a non-root process passes it only
 its *ambient* capabilities (and the python binary's file capabilities), so they are what
 is judged here. After the hand-over the exporter holds only fds and drops every
-capability the kernel does not still want (:func:`drop`): before 6.5 with
-kernel.unprivileged_bpf_disabled set, map reads on held fds still need CAP_BPF.
+capability the kernel does not still want (:func:`keep_after_attach`, then
+:func:`kvmtrace.capdrop.drop`): before 6.5 with kernel.unprivileged_bpf_disabled set, map
+reads on held fds still need CAP_BPF.
 
-:func:`gather` reads this process's facts; everything else is pure, so tests hand in other
-hosts' values. :func:`requirements` is what ``kvmtrace doctor`` reports.
+Everything here is pure, so tests hand in other hosts' values. :func:`requirements` is
+what ``kvmtrace doctor`` reports.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import grp
 import os
 import stat
 import struct
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 # include/uapi/linux/capability.h
@@ -62,7 +62,6 @@ SPLIT_CAPS_KERNEL = (5, 8)
 # permissions checks for all BPF map types"): map operations on an fd one already holds
 # need no capability since, whatever unprivileged_bpf_disabled says.
 FD_MAP_OPS_FREE_KERNEL = (6, 5)
-TRACEFS_PATHS = ("/sys/kernel/debug/tracing", "/sys/kernel/tracing")  # bcc's order
 # What a non-root service needs where perf_event_open follows mainline's rules
 # (kernel.perf_event_paranoid <= 2)...
 BASE_CAPS = ("CAP_BPF", "CAP_PERFMON", "CAP_DAC_READ_SEARCH")
@@ -72,23 +71,8 @@ BASE_CAPS = ("CAP_BPF", "CAP_PERFMON", "CAP_DAC_READ_SEARCH")
 SERVICE_CAPS = (*BASE_CAPS, "CAP_SYS_ADMIN")
 # Mainline's highest level; above it only a kernel with Debian's patch restricts more.
 PERF_PARANOID_MAINLINE_MAX = 2
-# perf_event_open(2)'s number, per `uname -m`, as checked against the headers here
-# (asm/unistd_64.h, unistd_32.h, asm-generic/unistd.h) and powerpc's syscall.tbl; the
-# probe is not tried elsewhere (a wrong number would be another syscall).
-PERF_EVENT_OPEN_NR = {"x86_64": 298, "i686": 336, "i386": 336, "aarch64": 241,
-                      "riscv64": 241, "loongarch64": 241, "ppc64le": 319, "ppc64": 319}
 SERVICE_GROUP = "kvm"
-
-# include/uapi/linux/perf_event.h
-PERF_TYPE_SOFTWARE = 1
-PERF_COUNT_SW_DUMMY = 9
-PERF_FLAG_FD_CLOEXEC = 1 << 3
-# prctl(2) and capset(2) (include/uapi/linux/prctl.h, capability.h)
-PR_CAPBSET_DROP = 24
-PR_SET_NO_NEW_PRIVS = 38
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_CLEAR_ALL = 4
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+# include/uapi/linux/capability.h: struct vfs_cap_data's magic_etc
 VFS_CAP_FLAGS_EFFECTIVE = 0x000001
 
 
@@ -123,7 +107,7 @@ class Access:
     groups: tuple[int, ...] = ()  # real + supplementary gids
     unprivileged_bpf_disabled: int | None = None  # None: unknown
     perf_event_paranoid: int | None = None  # None: unknown
-    # perf_open_probe() in this process: 0 opened, else the errno; None: not tried
+    # access.perf_open_probe() in this process: 0 opened, else the errno; None: not tried
     perf_open_errno: int | None = None
     # tracefs candidates that exist: (path, None when its events/ can be read, else why)
     tracefs: tuple[tuple[str, str | None], ...] = ()
@@ -383,208 +367,3 @@ def keep_after_attach(a: Access) -> tuple[int, str]:
         why.append(f"CAP_DAC_OVERRIDE: {a.kvm_path} is opened with it (no {SERVICE_GROUP} "
                    "group)")
     return keep, "; ".join(why)
-
-
-# ---- this process -------------------------------------------------------------------
-
-def _read(path: str | Path) -> str | None:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return None
-
-
-def _kernel(release: str) -> tuple[int, int]:
-    parts = release.split(".")
-    try:
-        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
-    except (IndexError, ValueError):
-        return 0, 0
-
-
-def _tracefs(root: Path) -> tuple[tuple[str, str | None], ...]:
-    out = []
-    for p in TRACEFS_PATHS:
-        base = root / p.lstrip("/")
-        try:
-            os.listdir(base / "events")
-            out.append((p, None))
-        except FileNotFoundError:
-            continue  # not mounted there
-        except PermissionError:
-            # which directory refused: /sys/kernel/debug itself is 0700 too
-            where = next((q for q in (base.parent, base) if not os.access(q, os.X_OK)), base)
-            out.append((p, f"permission denied on {'/' / where.relative_to(root)}"))
-        except OSError as exc:
-            out.append((p, exc.strerror or str(exc)))
-    return tuple(out)
-
-
-def _headers(root: Path, release: str) -> tuple[str, str | None]:
-    src = os.environ.get("BCC_KERNEL_SOURCE")
-    build = Path(src) if src else root / "lib/modules" / release / "build"
-    try:
-        resolved = build.resolve()
-        if not resolved.is_dir():
-            return str(build), f"are not at {build}"
-        os.listdir(resolved / "include")
-    except PermissionError:
-        return str(build), f"at {build} are not readable (permission denied)"
-    except OSError as exc:
-        return str(build), f"at {build} cannot be read ({exc.strerror or exc})"
-    return str(resolved), None
-
-
-def _kvm(path: str) -> dict:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return {"kvm_exists": False}
-    except OSError as exc:
-        return {"kvm_error": exc.strerror or str(exc)}
-    try:
-        group: str | None = grp.getgrgid(st.st_gid).gr_name
-    except KeyError:
-        group = None
-    error = None
-    try:
-        os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
-    except OSError as exc:
-        error = exc.strerror or str(exc)
-    try:
-        kvm_group_gid: int | None = grp.getgrnam(SERVICE_GROUP).gr_gid
-    except KeyError:
-        kvm_group_gid = None
-    return {"kvm_error": error, "kvm_mode": stat.S_IMODE(st.st_mode), "kvm_uid": st.st_uid,
-            "kvm_gid": st.st_gid, "kvm_group": group, "kvm_group_gid": kvm_group_gid}
-
-
-def _udev_running(root: Path) -> bool:
-    """Whether udev runs: its control socket (systemd-udevd's /run/udev/control)."""
-    try:
-        return stat.S_ISSOCK(os.stat(root / "run/udev/control").st_mode)
-    except OSError:
-        return False
-
-
-def perf_open_probe(machine: str | None = None) -> int | None:
-    """Ask the kernel whether this process may call perf_event_open(2) at all: a disabled,
-    user-only software event (PERF_COUNT_SW_DUMMY) on this process, closed at once --
-    what mainline allows any process at every perf_event_paranoid level, so a refusal is
-    Debian's level 3 (EACCES), a seccomp filter or an LSM. 0 when it opened, else the
-    errno; None where the syscall's number is not known (``uname -m``)."""
-    nr = PERF_EVENT_OPEN_NR.get(machine or os.uname().machine)
-    if nr is None:
-        return None
-    # struct perf_event_attr, PERF_ATTR_SIZE_VER0 (64 bytes): type, size, config,
-    # sample_period, sample_type, read_format, flags (disabled | exclude_kernel |
-    # exclude_hv), then wakeup_events, bp_type, config1 as zeros.
-    attr = ctypes.create_string_buffer(struct.pack(
-        "=IIQQQQQ16x", PERF_TYPE_SOFTWARE, 64, PERF_COUNT_SW_DUMMY, 0, 0, 0,
-        1 | 1 << 5 | 1 << 6), 64)
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.syscall(ctypes.c_long(nr), attr, ctypes.c_int(0), ctypes.c_int(-1),
-                      ctypes.c_int(-1), ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC))
-    if fd < 0:
-        return ctypes.get_errno() or errno.EPERM
-    os.close(fd)
-    return 0
-
-
-def gather(root: str | os.PathLike = "/", kvm_path: str = "/dev/kvm") -> Access:
-    """This process's facts (``root``: a fixture tree for tests)."""
-    root = Path(root)
-    release = (_read(root / "proc/sys/kernel/osrelease") or os.uname().release).strip()
-    status = parse_status(_read("/proc/self/status") or "")
-    try:
-        raw = os.getxattr(os.path.realpath(sys.executable), "security.capability")
-    except OSError:
-        raw = None
-    ubd = _read(root / "proc/sys/kernel/unprivileged_bpf_disabled")
-    paranoid = (_read(root / "proc/sys/kernel/perf_event_paranoid") or "").strip()
-    headers_path, headers_error = _headers(root, release)
-    try:
-        with open(root / "proc/kallsyms", "rb") as f:
-            # An inaccessible node bound over it (systemd InaccessiblePaths=) reads as
-            # empty where CAP_DAC_READ_SEARCH lets it be opened at all.
-            kallsyms_error = None if f.readline().strip() else "it is empty: hidden"
-
-    except OSError as exc:
-        kallsyms_error = exc.strerror or str(exc)
-    return Access(
-        kernel=_kernel(release), euid=os.geteuid(), effective=status.get("CapEff", 0),
-        ambient=status.get("CapAmb", 0), file_caps=parse_file_caps(raw),
-        bounding=status.get("CapBnd", 0), groups=tuple({os.getegid(), *os.getgroups()}),
-        unprivileged_bpf_disabled=int(ubd) if ubd and ubd.strip().isdigit() else None,
-        perf_event_paranoid=int(paranoid) if paranoid.lstrip("-").isdigit() else None,
-        perf_open_errno=perf_open_probe() if root == Path("/") else None,
-        tracefs=_tracefs(root), kvm_path=kvm_path, **_kvm(kvm_path),
-        udev_running=_udev_running(root),
-        headers_path=headers_path, headers_error=headers_error,
-        kallsyms_error=kallsyms_error)
-
-
-def check(root: str | os.PathLike = "/") -> Access:
-    """Raise PrivilegeError (one line per missing piece) unless everything is there."""
-    a = gather(root)
-    lines = missing(a)
-    if lines:
-        raise PrivilegeError(lines)
-    return a
-
-
-def _threads() -> int:
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        return 0
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
-
-
-def drop(keep: int) -> dict[str, int]:
-    """Keep only the capabilities in ``keep``: clear the ambient set, drop the bounding
-    set when CAP_SETPCAP allows it, capset() effective = permitted = ``keep`` (inheritable
-    empty) and set no_new_privs. capset() changes the calling thread only, so this must
-    run before any other thread starts (checked). Returns /proc/self/status's view after
-    (CapEff, CapPrm, CapAmb, CapBnd, NoNewPrivs); raises PrivilegeError on a refusal."""
-    threads = _threads()
-    if threads != 1:
-        raise PrivilegeError([f"cannot drop capabilities: {threads} threads are running "
-                              "(capset changes one thread only; drop before starting any)"])
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def prctl(*args: int) -> None:
-        if libc.prctl(*(ctypes.c_ulong(x) for x in args)) != 0:
-            err = ctypes.get_errno()
-            raise PrivilegeError([f"prctl({args[0]}) failed: {os.strerror(err)}"])
-
-    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
-    before = parse_status(_read("/proc/self/status") or "")
-    if before.get("CapEff", 0) >> CAPS["CAP_SETPCAP"] & 1:
-        last = int((_read("/proc/sys/kernel/cap_last_cap") or "40").strip())
-        for cap in range(last + 1):
-            if not keep >> cap & 1 and before.get("CapBnd", 0) >> cap & 1:
-                prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
-    for i in (0, 1):
-        word = keep >> (32 * i) & 0xFFFFFFFF
-        data[i].effective = data[i].permitted = word
-        data[i].inheritable = 0
-    if libc.capset(ctypes.byref(header), data) != 0:
-        err = ctypes.get_errno()
-        raise PrivilegeError([f"capset({', '.join(names(keep)) or 'nothing'}) failed: "
-                              f"{os.strerror(err)}"])
-    prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    after = parse_status(_read("/proc/self/status") or "")
-    if after.get("CapEff") != keep or after.get("CapAmb") or after.get("NoNewPrivs") != 1:
-        raise PrivilegeError([f"capabilities not dropped as asked: {after}"])
-    return after

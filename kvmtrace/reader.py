@@ -82,7 +82,7 @@ class Reader:
     @property
     def counts_capacity(self) -> int:
         """max_entries of the counts map."""
-        return self.entries["counts"]
+        return self.entries[contract.COUNTS_MAP]
 
     def _fd(self, name: str) -> int:
         return self.maps[name]
@@ -95,7 +95,7 @@ class Reader:
         return list(value)
 
     def read_counts(self) -> list[RawCount]:
-        fd, n = self._fd("counts"), self.entries["counts"]
+        fd, n = self._fd(contract.COUNTS_MAP), self.entries[contract.COUNTS_MAP]
         if self._batch is None:  # allocated once: no 0.5 MB malloc/free per scrape
             self._batch = ((CountKey * n)(), (ct.c_uint64 * n)())
         keys, values = self._batch
@@ -136,7 +136,7 @@ class Reader:
     def delete_counts(self, raws: list[RawCount]) -> None:
         if not raws:
             return
-        fd = self._fd("counts")
+        fd = self._fd(contract.COUNTS_MAP)
         keys = (CountKey * len(raws))()
         for key, (tgid, probe, vm_type, result, verdicts, detail, comm, _) in zip(
                 keys, raws, strict=True):
@@ -160,7 +160,7 @@ class Reader:
     def _reset_shares(self, tgids: set[int]) -> None:
         """The processes whose keys were folded out of the map get their whole share
         of it back (bpf: proc_keys). A key inserted meanwhile costs one key of slack."""
-        fd = self._fd("proc_keys")
+        fd = self._fd(contract.PROC_KEYS_MAP)
         key = ct.c_uint32()
         for tgid in tgids:
             key.value = tgid
@@ -169,7 +169,7 @@ class Reader:
     def read_totals(self) -> list[contract.RawTotal]:
         """The host-wide totals: (probe, vm_type, result, count), the per-CPU values
         summed."""
-        fd = self.maps.get("totals")
+        fd = self.maps.get(contract.TOTALS_MAP)
         if fd is None:
             return []
         fmt = contract.TOTAL_KEY
@@ -189,7 +189,7 @@ class Reader:
         """The command line the kernel kept for process ``tgid`` at its execve (NUL-
         separated, as /proc/PID/cmdline), or None: none kept (not planned here, evicted,
         or exec'd before kvmtrace started)."""
-        fd = self.maps.get("exec_args")
+        fd = self.maps.get(contract.EXEC_ARGS_MAP)
         if fd is None:
             return None
         head = contract.EXEC_ARGS_HEAD
@@ -204,14 +204,15 @@ class Reader:
         """KVM_CREATE_VM latency: [(outcome, log2 slot, count)], and ns sums per outcome."""
         slots = []
         for i in range(contract.LATENCY_ENTRIES):
-            n = self._lookup("create_latency", i)[0]
+            n = self._lookup(contract.LATENCY_MAP, i)[0]
             if n:
                 slots.append((*contract.latency_slot(i), n))
-        return slots, [self._lookup("create_latency_sum", i)[0]
+        return slots, [self._lookup(contract.LATENCY_SUM_MAP, i)[0]
                        for i in range(contract.LATENCY_SUM_ENTRIES)]
 
     def health(self) -> dict[str, int]:
-        total = [sum(self._lookup("health", i, per_cpu=True)) for i in range(len(HEALTH))]
+        total = [sum(self._lookup(contract.HEALTH_MAP, i, per_cpu=True))
+                 for i in range(len(HEALTH))]
         out = dict(zip(HEALTH, total, strict=True))
         out["events_lost"] += self.perf_lost
         return out

@@ -1,20 +1,23 @@
-"""HTTP side of `kvmtrace serve`: /metrics, a landing page, JSON APIs."""
+"""HTTP side of `kvmtrace serve`: the routes (/metrics, the landing page of
+kvmtrace.landing, JSON APIs), shared collections and the request cap, and the
+listening socket."""
 
 from __future__ import annotations
 
 import gzip
-import html
 import json
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
+
+from kvmtrace import landing
 
 # (encoder, content type) as prometheus_client.exposition.choose_encoder gives them →
 # the body that encoder would make of the registry, or None to let it do so.
@@ -53,82 +56,6 @@ class _QuietHandler(WSGIRequestHandler):
 
     def log_message(self, format, *args):
         pass
-
-
-_STYLE = (
-    "body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}"
-    "table{border-collapse:collapse;margin:.5em 0 1.5em}"
-    "th,td{border:1px solid #bbb;padding:3px 8px;text-align:left;vertical-align:top}"
-    "th{background:#eee}.bad{background:#fdd}.good{background:#dfd}.na{color:#777}"
-    "nav a{margin-right:1em}small{color:#555}")
-# How many rejected starts and attempts the landing page shows (/api/rejections has all).
-LANDING_REJECTIONS = 20
-
-
-def _landing(title: str, plan_rows: list[list[str]], processes: list[dict],
-             telemetry_path: str = "/metrics", readiness: Sequence[dict] = (),
-             rejections: Sequence[dict] = ()) -> bytes:
-    """The status page at /: links, the probe plan, per-type readiness (the collector's
-    chains, as doctor), the newest rejected starts and attempts with their explanation,
-    and the live per-process counts. Everything shown is HTML-escaped."""
-    esc = html.escape
-
-    def table(head: list[str], rows: list[list], classes: list[str] | None = None,
-              id_: str = "") -> str:
-        if not rows:
-            return f"<p id='{id_}'><small>none</small></p>"
-        th = "".join(f"<th>{esc(h)}</th>" for h in head)
-        trs = "".join(
-            f"<tr class='{c}'>" + "".join(f"<td>{esc(str(v))}</td>" for v in r) + "</tr>"
-            for r, c in zip(rows, classes or [""] * len(rows), strict=True))
-        return f"<table id='{id_}'><tr>{th}</tr>{trs}</table>"
-
-    plan_cls = ["good" if r[2] == "yes" else "na" for r in plan_rows]
-    ready_rows = [[t["vm_type"], t["name"], t["verdict"], t.get("failed_check") or "",
-                   t.get("reason") or ""] for t in readiness]
-    ready_cls = [{"ready": "good", "not_ready": "bad"}.get(t["verdict"], "na")
-                 for t in readiness]
-    shown = list(rejections)[:LANDING_REJECTIONS]
-    starts = [[r["pid"], r["comm"], r.get("vm_name") or "", r["stage"], r["reason"],
-               r["requested_type"], r.get("summary") or "", r.get("hint") or ""]
-              for r in shown if r.get("kind") == "start" and r.get("outcome") == "failed"]
-    attempts = [[r["pid"], r["comm"], "not observed" if r.get("vm_type") is None
-                 else f"{r['vm_type']} {r.get('vm_type_name') or ''}",
-                 r.get("errno") or "", r.get("reason") or "", r.get("explanation") or "",
-                 r.get("hint") or ""]
-                for r in shown if r.get("kind") == "attempt"]
-    procs = [[p["pid"], p["comm"], p["vm_create_attempts"], p["vm_create_rejected"],
-              ", ".join(f"{k}: {v['accepted']} ok / {v['rejected']} rejected"
-                        for k, v in sorted(p["types"].items())),
-              p["vm_types_queries"], p["type_checks"], p["type_check_rejected"]]
-             for p in processes]
-    body = (
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
-        f"<style>{_STYLE}</style></head><body>"
-        f"<h1>{esc(title)}</h1>"
-        f"<nav><a href='{esc(telemetry_path)}'>Metrics ({esc(telemetry_path)})</a>"
-        "<a href='/api/rejections'>/api/rejections</a><a href='/api/plan'>/api/plan</a>"
-        "<a href='/api/processes'>/api/processes</a></nav>"
-        "<h2>Probe points</h2>"
-        + table(["probe", "mechanism", "attached", "detail"], plan_rows, plan_cls, "plan")
-        + "<h2>VM types on this host</h2>"
-        "<p><small>The same chains as <code>kvmtrace doctor</code>: the verdict, and the "
-        "check that decided it where the type is not ready.</small></p>"
-        + table(["vm_type", "name", "verdict", "failed check", "why"], ready_rows, ready_cls,
-                "readiness")
-        + f"<h2>Recent failed VM starts</h2><p><small>latest judged first, at most "
-        f"{LANDING_REJECTIONS} of the last kept (--rejections)</small></p>"
-        + table(["pid", "comm", "VM name", "stage", "reason", "requested", "summary", "hint"],
-                starts, ["bad"] * len(starts), "starts")
-        + "<h2>Recent rejected KVM_CREATE_VM</h2>"
-        + table(["pid", "comm", "VM type", "errno", "reason", "explanation", "hint"],
-                attempts, ["bad"] * len(attempts), "attempts")
-        + "<h2>Processes (live)</h2>"
-        + table(["pid", "comm", "KVM_CREATE_VM", "rejected", "by VM type",
-                 "VM_TYPES queries", "type checks", "checks said no"], procs, id_="processes")
-        + "</body></html>"
-    )
-    return body.encode()
 
 
 class SingleFlight:
@@ -235,28 +162,26 @@ def make_app(registry: CollectorRegistry, title: str,
     landing page at / (``readiness``: the per-type readiness it shows, as
     TypeReadiness.to_json()), the JSON APIs under /api/."""
     metrics = metrics_app(registry, exposition)
+    cols = ["probe", "mechanism", "attached", "detail"]
+    apis: dict[str, Callable[[], str]] = {
+        "/api/processes": lambda: json.dumps(processes(), indent=1),
+        "/api/rejections": lambda: json.dumps(rejections(), indent=1),
+        "/api/plan": lambda: json.dumps([dict(zip(cols, r, strict=True))
+                                         for r in plan_rows()]),
+    }
 
     def app(environ, start_response):
         path = environ.get("PATH_INFO", "/")
         if path == telemetry_path:
             return metrics(environ, start_response)
-        if path == "/api/processes":
-            data = json.dumps(processes(), indent=1).encode()
-            start_response("200 OK", [("Content-Type", "application/json")])
-            return [data]
-        if path == "/api/rejections":
-            data = json.dumps(rejections(), indent=1).encode()
-            start_response("200 OK", [("Content-Type", "application/json")])
-            return [data]
-        if path == "/api/plan":
-            cols = ["probe", "mechanism", "attached", "detail"]
-            data = json.dumps([dict(zip(cols, r, strict=True)) for r in plan_rows()]).encode()
+        if path in apis:
+            data = apis[path]().encode()
             start_response("200 OK", [("Content-Type", "application/json")])
             return [data]
         if path == "/":
             start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
-            return [_landing(title, plan_rows(), processes(), telemetry_path, readiness(),
-                             rejections())]
+            return [landing.page(title, plan_rows(), processes(), telemetry_path,
+                                 readiness(), rejections())]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found\n"]
 

@@ -7,24 +7,22 @@ they render as ``unknown:N`` so nothing counted is lost in decoding.
 from __future__ import annotations
 
 import errno as _errno
+import signal
 from collections.abc import Mapping
 
 # include/uapi/linux/kvm.h: #define KVMIO 0xAE, KVM_*: _IO(KVMIO, nr)
 KVM_GET_API_VERSION = 0xAE00
 KVM_CREATE_VM = 0xAE01
 KVM_CHECK_EXTENSION = 0xAE03
+# _IOWR(KVMIO, 0xba, unsigned long): direction 3 (read|write) << 30, size 8 << 16,
+# type 0xAE << 8, number 0xba. x86 only (SEV and TDX): the confidential launch.
+KVM_MEMORY_ENCRYPT_OP = 0xC008AEBA
 # include/uapi/linux/kvm.h (upstream since 6.8). The 2023 TDX v12 series used 227.
 KVM_CAP_VM_TYPES = 235
 
 # arch/x86/include/uapi/asm/kvm.h: KVM_X86_*_VM
-_X86_VM_TYPES: Mapping[int, str] = {
-    0: "DEFAULT",
-    1: "SW_PROTECTED",
-    2: "SEV",
-    3: "SEV_ES",
-    4: "SNP",
-    5: "TDX",
-}
+_X86_VM_TYPES: Mapping[int, str] = {0: "DEFAULT", 1: "SW_PROTECTED", 2: "SEV", 3: "SEV_ES",
+                                     4: "SNP", 5: "TDX"}
 # arch/s390/include/uapi/asm/kvm.h: KVM_VM_S390_UCONTROL
 _S390_VM_TYPES: Mapping[int, str] = {0: "DEFAULT", 1: "UCONTROL"}
 # arch/powerpc/include/uapi/asm/kvm.h: KVM_VM_PPC_HV / KVM_VM_PPC_PR
@@ -123,10 +121,6 @@ def escape_comm(raw: bytes) -> str:
 
 # --- The confidential launch: KVM_MEMORY_ENCRYPT_OP and what its answers mean ---
 
-# include/uapi/linux/kvm.h: _IOWR(KVMIO, 0xba, unsigned long): direction 3 (read|write)
-# << 30, size 8 << 16, type 0xAE << 8, number 0xba. x86 only (SEV and TDX).
-KVM_MEMORY_ENCRYPT_OP = 0xC008AEBA
-
 # enum sev_cmd_id, arch/x86/include/uapi/asm/kvm.h (include/uapi/linux/kvm.h before it
 # moved to the x86 header). The id of struct kvm_sev_cmd; the enum counts up from 0.
 SEV_COMMANDS: Mapping[int, str] = {
@@ -169,6 +163,8 @@ TDX_COMMANDS: Mapping[int, str] = {
     4: "FINALIZE_VM",
     5: "GET_CPUID",
 }
+# The sub-command ids of each command set (encrypt_family()'s "SEV" and "TDX").
+_ENCRYPT_COMMANDS: Mapping[str, Mapping[int, str]] = {"SEV": SEV_COMMANDS, "TDX": TDX_COMMANDS}
 
 # enum sev_ret_code, include/uapi/linux/psp-sev.h: the PSP firmware status KVM copies into
 # kvm_sev_cmd.error (a __u32). 3 is spelled SEV_RET_INAVLID_CONFIG there, with
@@ -281,8 +277,7 @@ def encrypt_family(vm_type: int, arch: str = "x86_64") -> str:
 
 def encrypt_command_name(family: str, cmd: int) -> str:
     """Name of a KVM_MEMORY_ENCRYPT_OP sub-command id, ``unknown:N`` otherwise."""
-    table = {"SEV": SEV_COMMANDS, "TDX": TDX_COMMANDS}.get(family, {})
-    return table.get(cmd, unknown(cmd))
+    return _ENCRYPT_COMMANDS.get(family, {}).get(cmd, unknown(cmd))
 
 
 def firmware_status_name(family: str, status: int) -> str:
@@ -303,6 +298,14 @@ def firmware_status_name(family: str, status: int) -> str:
     return unknown(status)
 
 
+def firmware_status_label(family: str, status: int, failed: bool) -> str:
+    """firmware_status_name(), except "none" for a failed call that left no status (0):
+    KVM refused it before the firmware was asked (ENOTTY, EINVAL, ...)."""
+    return "none" if failed and status == 0 else firmware_status_name(family, status)
+
+
+# --- A process's end, as do_exit and wait(2) encode it ---
+
 def exit_status(code: int) -> tuple[str, int]:
     """Decode a ``do_exit`` code / wait status: ("exited", status) or ("killed", signal)."""
     if code & 0x7F == 0:
@@ -312,15 +315,7 @@ def exit_status(code: int) -> tuple[str, int]:
 
 def signal_name(sig: int) -> str:
     """SIGTERM for 15, ``unknown:N`` for a number this host's Python does not name."""
-    import signal  # here, not at the top: this block is appended to an existing module
-
     try:
         return signal.Signals(sig).name
     except ValueError:
         return unknown(sig)
-
-
-def firmware_status_label(family: str, status: int, failed: bool) -> str:
-    """firmware_status_name(), except "none" for a failed call that left no status (0):
-    KVM refused it before the firmware was asked (ENOTTY, EINVAL, ...)."""
-    return "none" if failed and status == 0 else firmware_status_name(family, status)

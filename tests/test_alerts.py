@@ -1,6 +1,7 @@
 """Alerting rules (alerts/kvmtrace.rules.yml): real promtool checks them and runs their unit
 tests; each alert is monitoring-mixin shaped and tested firing and not firing; every metric
-they read is in the exporter's exposition (parsed)."""
+they read is in the exporter's exposition (parsed) and in the metric catalogue
+(kvmtrace.catalogue)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ from pathlib import Path
 
 import yaml
 
-from tests.test_dashboards import PROMETHEUS_OWN, metric_names, recorded_exposition, served_names
+from tests.test_dashboards import (
+    PROMETHEUS_OWN,
+    catalogued_names,
+    metric_names,
+    recorded_exposition,
+    served_names,
+)
 
 ALERTS = Path(__file__).parent.parent / "alerts"
 RULES = ALERTS / "kvmtrace.rules.yml"
@@ -99,3 +106,16 @@ def test_rules_read_only_metrics_the_exporter_serves(recorded_collector):
         names = metric_names(r["expr"])
         assert names, r["alert"]
         assert names - PROMETHEUS_OWN <= served, (r["alert"], names - served)
+
+
+def test_rules_read_only_catalogued_metrics():
+    catalogued = catalogued_names()
+    rules = alert_rules()
+    assert len(catalogued) >= 30 and len(rules) >= 9, (len(catalogued), len(rules))
+    read = set()
+    for r in rules:
+        names = metric_names(r["expr"])
+        assert names, r["alert"]
+        assert names - PROMETHEUS_OWN <= catalogued, (r["alert"], names - catalogued)
+        read |= names - PROMETHEUS_OWN
+    assert len(read) >= 5, read

@@ -3,15 +3,19 @@
 import shutil
 import subprocess
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
-from kvmtrace import contract
+from kvmtrace import catalogue, collector, contract, families
 from kvmtrace import plan as planmod
 from kvmtrace.collector import KvmtraceCollector
 from kvmtrace.decode import Decoder
+from kvmtrace.facts import HostFacts
 from kvmtrace.kvmdev import KvmInfo
 from kvmtrace.plan import Attachment
 from kvmtrace.runtime import Runtime
+from tests.conftest import HERE
 from tests.recorded import RecordedSource
 
 
@@ -62,6 +66,42 @@ def test_host_support_attachments_health_and_build_info(recorded_collector):
     assert g("kvmtrace_collect_success") == 1
     assert g("kvmtrace_build_info", {"version": "t", "bcc_version": "0.26.0",
                                      "kernel": "6.3"}) == 1
+
+
+@pytest.mark.parametrize(("with_pid", "host", "fail"), [
+    (False, None, False), (True, "constructed-amd-snp-ready", False),
+    (False, "constructed-intel-tdx-ready", True)])
+def test_the_catalogue_and_a_recorded_exposition_agree(recorded_collector, with_pid, host,
+                                                       fail):
+    """Every catalogued family is served, in catalogue order, with its type and help, and
+    nothing else is; each sample has the catalogue's labels (pid too with --pid-label)."""
+    facts = HostFacts.load(HERE / "hosts" / f"{host}.json") if host else None
+    reg, _, _ = recorded_collector(with_pid=with_pid, fail=fail,
+                                   kvm=facts.kvm if facts else None,
+                                   evidence=facts.evidence if facts else None)
+    served = list(text_string_to_metric_families(generate_latest(reg).decode()))
+    assert len(served) >= 30 and len(catalogue.FAMILIES) >= 30
+    assert [f.name for f in served] == [f.name for f in catalogue.FAMILIES]
+    samples = 0
+    for fam in served:
+        entry = catalogue.family(fam.name)
+        assert (fam.type, fam.documentation) == (entry.type, entry.help), fam.name
+        for s in fam.samples:
+            assert set(s.labels) - {"le"} == set(families.label_names(entry, with_pid)), (
+                fam.name, s.labels)
+            samples += 1
+    assert samples >= 30
+
+
+def test_the_per_series_indices_name_the_catalogues_per_process_families():
+    names = [f.name for f in collector.per_series()]
+    assert len(names) == collector.N_SERIES
+    assert [names[i] for i in (collector.ATTEMPTS, collector.REJECTED, collector.CHECKS,
+                               collector.CHECK_REJECTED, collector.QUERIES,
+                               collector.ENCRYPT)] == [
+        "kvmtrace_vm_create_attempts", "kvmtrace_vm_create_rejected",
+        "kvmtrace_vm_type_checks", "kvmtrace_vm_type_check_rejected",
+        "kvmtrace_vm_types_queries", "kvmtrace_encrypt_ops"]
 
 
 def test_without_dev_kvm_no_support_series_and_health_says_so(recorded_collector):

@@ -1,23 +1,27 @@
-"""kvmtrace/contract.py against bpf/kvmtrace.bpf.c: the two sides of every shared layout.
+"""kvmtrace/contract.py and kvmtrace/programs.py against bpf/kvmtrace.bpf.c: the two
+sides of every shared layout and name.
 
 Parses the C (no compiler, no root): the structs the kernel writes and Python reads,
-the declarations of the maps Python reads, and every define the C uses without
-defining it. The privileged tier checks the same maps as the kernel reports them
-(kvmtrace.reader.Reader refuses a map that differs).
+the declarations of the maps, every define the C uses without defining it or tests with
+#ifdef, and its programs (the ones it declares and the ones its FN_* macros write);
+each must be the contract's, and each of the contract's must be in the C. The
+privileged tier checks the same maps as the kernel reports them (kvmtrace.reader.Reader
+refuses a map that differs).
 """
 
 from __future__ import annotations
 
+import ast
 import ctypes
 import re
 import struct
 
 import pytest
 
-from kvmtrace import contract, loader
+from kvmtrace import contract, loader, programs
 from kvmtrace import plan as planmod
 from kvmtrace.facts import HostFacts
-from tests.conftest import HERE, KERNELS
+from tests.conftest import HERE, KERNELS, with_follow_points
 
 C = loader.bpf_source()
 # C type -> (struct format character, size); char[TASK_COMM_LEN] is a fixed string.
@@ -130,8 +134,12 @@ def _defined_in_c() -> set[str]:
 
 
 def _knobs_in_c() -> set[str]:
-    """Names the C only tests with #ifdef / #ifndef / defined(): optional by design."""
-    return {a or b for a, b in re.findall(r"#ifn?def (\w+)|defined\((\w+)\)", C)}
+    """Names the C tests with #ifdef / #ifndef / #if / #elif: optional by design."""
+    out = set()
+    for expr in re.findall(r"^[ \t]*#[ \t]*(?:ifdef|ifndef|if|elif)\b(.*)$",
+                           _without_comments(C), re.M):
+        out |= set(re.findall(r"[A-Za-z_]\w*", expr)) - {"defined"}
+    return out
 
 
 def _used_in_c() -> set[str]:
@@ -147,17 +155,13 @@ def _used_in_c() -> set[str]:
             and not w.startswith("PT_REGS_PARM")}
 
 
-def test_every_benchmark_knob_is_a_variant_and_documented():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("variants", HERE.parent / "bench/variants.py")
-    variants = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(variants)
-    knobs = {k for k in _knobs_in_c() if k.startswith("BENCH_")}
-    used = {k for defines in variants.VARIANTS.values() for k in defines}
-    assert knobs == used, (knobs, used)
-    header = C.split("*/", 1)[0]
-    assert all(k in header for k in knobs)
+def test_every_define_the_c_tests_is_a_contract_feature_and_back():
+    tested = _knobs_in_c()
+    unknown = tested - set(contract.FEATURES)
+    assert not unknown, f"bpf/kvmtrace.bpf.c tests {sorted(unknown)}: not in contract.FEATURES"
+    unused = set(contract.FEATURES) - tested
+    assert not unused, f"contract.FEATURES has {sorted(unused)}: bpf/kvmtrace.bpf.c never tests it"
+    assert "BENCH" not in C, "benchmark knobs belong in bench/overlay.py, not the product's C"
 
 
 def test_every_define_the_c_uses_is_given_by_the_loader():
@@ -190,3 +194,182 @@ def test_check_map_names_what_differs():
     assert contract.check_map("events", rb, 10240, True, 64) is None
     assert contract.check_map("events", rb, 10240, False, 64)
     assert contract.check_map("events", rb, 10240, True, 32)
+
+
+# ---- every map of the C ------------------------------------------------------------
+
+
+def c_map_names() -> set[str]:
+    """The name of every map the C declares at its top level: BPF_<KIND>(name, ...), or
+    BPF_TABLE(type, key, leaf, name, ...) and its kin."""
+    out = set()
+    for macro, args in re.findall(r"^(BPF_\w+)\(([^;]*)\);", _without_comments(C), re.M):
+        args = [a.strip() for a in args.split(",")]
+        name = args[3] if "TABLE" in macro else args[0]
+        assert re.fullmatch(r"\w+", name), f"cannot read the map name of {macro}({args})"
+        out.add(name)
+    return out
+
+
+def test_every_map_of_the_c_is_the_contracts_and_back():
+    declared = c_map_names()
+    unknown = declared - set(contract.ALL_MAPS)
+    assert not unknown, (f"bpf/kvmtrace.bpf.c declares maps {sorted(unknown)} that "
+                         f"kvmtrace/contract.py does not name (MAPS or PRIVATE_MAPS)")
+    missing = set(contract.ALL_MAPS) - declared
+    assert not missing, f"kvmtrace/contract.py names maps {sorted(missing)} the C lacks"
+
+
+# ---- every program of the C --------------------------------------------------------
+
+
+def c_programs() -> set[str]:
+    """Every program the C declares by itself, spelled as kvmtrace.programs spells them:
+    a non-static top-level function (bcc loads each as a program: int NAME(struct
+    pt_regs *ctx, ...), syscall__*), or a bcc probe macro at the top level with its
+    first arguments (TRACEPOINT_PROBE(category, event), KFUNC_PROBE(function), ...)."""
+    text = _without_comments(C)
+    out = set()
+    for name in re.findall(r"^(?!static\b)(?:\w+[ \t]+)+\**(\w+)\s*\([^;{]*\)\s*\{", text, re.M):
+        out.add(name)
+    for macro, first, second in re.findall(
+            r"^([A-Z][A-Z0-9_]*_PROBE|KMOD_RET)\(\s*(\w+)(?:\s*,\s*(\w+))?", text, re.M):
+        out.add(f"{macro}({first}, {second})" if macro == programs.TRACEPOINT_PROBE
+                else f"{macro}({first})")
+    return out
+
+
+def c_fn_macros() -> dict[str, set[str]]:
+    """FN_* macro -> the programs its body writes, spelled as kvmtrace.programs spells
+    them: "{id}" for its first parameter, "{target}" for the function it is given."""
+    out = {}
+    for name, params, body in re.findall(r"^#define (FN_\w+)\(([^)]*)\)((?:[^\n]*\\\n)*[^\n]*)",
+                                         C, re.M):
+        params = [p.strip() for p in params.split(",")]
+        made = {fn.replace(f"##{params[0]}", "{id}")
+                for fn in re.findall(r"\bint ([\w#]+)\(struct pt_regs", body)}
+        for macro, arg in re.findall(r"\b([A-Z][A-Z0-9_]*_PROBE)\((\w+)", body):
+            arg = "{id}" if arg == params[0] else "{target}" if arg in params else arg
+            made.add(f"{macro}({arg})")
+        out[name] = made
+    return out
+
+
+def test_every_contract_program_is_in_the_c():
+    missing = programs.c_programs() - c_programs()
+    assert not missing, (f"kvmtrace/programs.py names programs bpf/kvmtrace.bpf.c does not "
+                         f"declare: {sorted(missing)}")
+
+
+def test_every_program_of_the_c_is_the_contracts():
+    unknown = c_programs() - programs.c_programs()
+    assert not unknown, (f"bpf/kvmtrace.bpf.c declares programs kvmtrace/programs.py does "
+                         f"not know: {sorted(unknown)}")
+
+
+def test_every_fn_macro_writes_the_programs_the_contract_says():
+    macros = c_fn_macros()
+    assert set(macros) == set(programs.FN_MACROS), (sorted(macros), sorted(programs.FN_MACROS))
+    for name, progs in programs.FN_MACROS.items():
+        want = {p.c_spelling() for p in progs}
+        assert macros[name] == want, (f"bpf/kvmtrace.bpf.c: {name} writes "
+                                      f"{sorted(macros[name])}, kvmtrace/programs.py says "
+                                      f"{sorted(want)}")
+    # Every line the loader writes calls a macro of the C with its number of arguments.
+    arity = {n: len(p.split(",")) for n, p in re.findall(r"^#define (FN_\w+)\(([^)]*)\)", C, re.M)}
+    for line in programs.FN_LINES.values():
+        assert line.count(",") + 1 == arity[programs.fn_macro(line)], line
+
+
+def test_every_mechanism_the_plan_can_choose_has_programs():
+    plans = [planmod.make_plan(f) for f in _facts()]
+    for p in (p for plan in plans for p in plan.points if p.planned):
+        assert programs.of(p), p.name
+    got = {(programs.key(p), p.mechanism) for plan in plans for p in plan.points if p.planned}
+    assert got == set(programs.PROGRAMS), set(programs.PROGRAMS) ^ got
+
+
+def _facts() -> list[HostFacts]:
+    """Captured kernels, with the process-following points, and a fentry-only host with
+    function points (kvm_arch_init_vm, a type check) it can fentry."""
+    import dataclasses
+
+    from kvmtrace.facts import Symbol
+
+    out = []
+    for path in sorted(KERNELS.glob("*.json")):
+        facts = HostFacts.load(path)
+        out += [facts, with_follow_points(facts)]
+    fentry = HostFacts.load(KERNELS / "fentry-only-constructed.json")
+    out.append(dataclasses.replace(fentry, traceable=None, symbols={
+        **fentry.symbols, **{n: Symbol(n, None) for n in (
+            "kvm_arch_init_vm", "vmx_is_vm_type_supported")}}))
+    return out
+
+
+class _FakeBPF:
+    """What the loader calls on a bcc BPF object to attach, recorded."""
+
+    def __init__(self):
+        self.attached: list[tuple[str, str, str]] = []
+
+    def attach_kprobe(self, event: bytes, fn_name: bytes) -> None:
+        self.attached.append(("kprobe", event.decode(), fn_name.decode()))
+
+    def attach_kretprobe(self, event: bytes, fn_name: bytes) -> None:
+        self.attached.append(("kretprobe", event.decode(), fn_name.decode()))
+
+
+def test_the_loader_attaches_programs_the_c_has():
+    """Every program the loader attaches by name is a function of the C, or one an FN_*
+    line of the text it compiles writes (expanded with the C's own macro bodies)."""
+    bodies = c_fn_macros()
+    for facts in _facts():
+        plan = planmod.make_plan(facts)
+        text = loader.build_text(plan, loader.Options())
+        written = set()
+        for macro, args in re.findall(r"^(FN_\w+)\(([^)]*)\)$", text.split(C, 1)[1], re.M):
+            args = [a.strip() for a in args.split(",")]
+            written |= {fn.format(id=args[0], target=args[-1]) for fn in bodies[macro]}
+        bpf = _FakeBPF()
+        for p in plan.points:
+            if p.planned and p.mechanism != planmod.Mechanism.TRACEPOINT:
+                loader._attach(bpf, p)
+        for _, event, fn in bpf.attached:
+            assert fn in c_programs() | written, (facts.kernel_release, event, fn)
+    # The seed with its process-following points: each execve flavour its own program.
+    plan = planmod.make_plan(with_follow_points(HostFacts.load(
+        KERNELS / "seed-tdx-v12-kprobes.json")))
+    bpf = _FakeBPF()
+    loader._attach(bpf, plan.by_id()[contract.PROBE_EXEC])
+    assert bpf.attached == [("kprobe", "__x64_sys_execve", "syscall__execve"),
+                            ("kprobe", "__x64_sys_execveat", "syscall__execveat")]
+
+
+# ---- no name of the contract spelled anywhere else ---------------------------------
+
+# Modules that handle the program's maps (the other modules' "events", "totals" are
+# tracefs directories, metric families and attributes, not maps).
+MAP_MODULES = {"loader.py", "reader.py", "handoff.py", "libbpf.py"}
+
+
+def _literals(path) -> list[tuple[int, str]]:
+    """Every string constant of a Python file (f-strings' literal parts included)."""
+    return [(n.lineno, n.value) for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+def test_no_program_map_or_define_name_is_spelled_outside_the_contract():
+    names = {p.name.split("{", 1)[0] for progs in programs.PROGRAMS.values() for p in progs
+             if p.form == programs.FUNCTION} | set(programs.FN_MACROS) | set(contract.FEATURES)
+    files = [*(HERE.parent / "kvmtrace").glob("*.py"), *(HERE.parent / "bench").glob("*.py")]
+    spelled = []
+    for path in files:
+        if path.name in ("contract.py", "programs.py"):
+            continue
+        maps = set(contract.ALL_MAPS) if path.parent.name == "bench" \
+            or path.name in MAP_MODULES else set()
+        spelled += [f"{path.relative_to(HERE.parent)}:{line}: {s!r}" for line, s in _literals(path)
+                    if s in maps or any(s.startswith(n) for n in names)]
+    assert not spelled, "spell these with kvmtrace.contract / kvmtrace.programs:\n" + \
+        "\n".join(spelled)

@@ -72,7 +72,7 @@ def test_the_validator_refuses_a_broken_daemonset(path, value):
 
 def test_podmonitor_has_no_crd_schema_offline():
     """No Prometheus Operator CRD schema ships in a registry package this project can
-    use without side effects (README): the PodMonitor is checked by hand against the
+    use without side effects (docs/service.md): the PodMonitor is checked by hand against the
     fields of monitoring.coreos.com/v1 it uses, and against the exporter."""
     pm = manifest("PodMonitor")
     with pytest.raises(kubernetes_validate.SchemaNotFoundError):

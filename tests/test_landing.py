@@ -1,4 +1,4 @@
-"""The landing page at / (kvmtrace.server._landing) from the shapes the exporter really hands
+"""The landing page at / (kvmtrace.landing.page) from the shapes the exporter really hands
 it: the probe plan rows, TypeReadiness.to_json(), Start.to_json() and Attempt.to_json(). The
 browser check is tests/privileged/test_privileged_prometheus.py (headless Chromium)."""
 
@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from html.parser import HTMLParser
 
-from kvmtrace import readiness
+from kvmtrace import landing, readiness
 from kvmtrace.attempts import Attempt
 from kvmtrace.kvmdev import KvmInfo
-from kvmtrace.server import _landing
 from kvmtrace.starts import Start
 
 PLAN = [["KVM_CREATE_VM", "tracepoint", "yes", "syscalls:sys_enter_ioctl: the ioctl layer"],
@@ -63,7 +62,7 @@ def render(**kw) -> Cells:
     types = [t.to_json() for t in readiness.assess_parts("x86_64", KvmInfo(True, 12, 0x1),
                                                          None)]
     args = {"readiness": types, "rejections": [failed_start(), rejected_attempt()], **kw}
-    page = _landing("kvmtrace t on h", PLAN, [], "/m", **args).decode()
+    page = landing.page("kvmtrace t on h", PLAN, [], "/m", **args).decode()
     cells = Cells()
     cells.feed(page)
     return cells
@@ -85,12 +84,12 @@ def test_plan_readiness_starts_attempts_and_links():
 def test_hostile_names_are_escaped():
     c = render(rejections=[rejected_attempt("<script>x</script>")])
     assert c.tables["attempts"][1][1] == "<script>x</script>"  # shown as text
-    page = _landing("t", PLAN, [], rejections=[rejected_attempt("<b>")]).decode()
+    page = landing.page("t", PLAN, [], rejections=[rejected_attempt("<b>")]).decode()
     assert "<b>" not in page and "&lt;b&gt;" in page
 
 
 def test_nothing_rejected_says_none():
-    page = _landing("t", PLAN, [], rejections=[]).decode()
+    page = landing.page("t", PLAN, [], rejections=[]).decode()
     assert page.count("<small>none</small>") == 4  # readiness, starts, attempts, processes
     c = render(rejections=[rejected_attempt()] * 50)
-    assert len(c.tables["attempts"]) == 1 + 20  # header + the newest 20
+    assert len(c.tables["attempts"]) == 1 + landing.REJECTIONS_SHOWN == 1 + 20  # the newest

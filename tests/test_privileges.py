@@ -1,5 +1,6 @@
-"""kvmtrace.privileges: the requirements judged on other hosts' facts (pure), this
-process's facts, and the capability drop (in a child process, which it changes)."""
+"""kvmtrace.privileges: the requirements judged on other hosts' facts (pure); this
+process's facts (kvmtrace.access); and the capability drop (kvmtrace.capdrop, in a child
+process, which it changes)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 
 import pytest
 
+from kvmtrace import access
 from kvmtrace import privileges as pv
 from kvmtrace.privileges import Access
 
@@ -57,7 +59,7 @@ NO_DAC = dataclasses.replace(without(SERVICE_HOST, "CAP_DAC_READ_SEARCH"),
                                        "/sys/kernel/tracing")))
 
 
-@pytest.mark.parametrize(("access", "name", "needles"), [
+@pytest.mark.parametrize(("host", "name", "needles"), [
     (without(SERVICE_HOST, "CAP_BPF"), "CAP_BPF",
      ["missing capability CAP_BPF", "load BPF programs", "ambient"]),
     (without(SERVICE_HOST, "CAP_PERFMON"), "CAP_PERFMON",
@@ -74,10 +76,10 @@ NO_DAC = dataclasses.replace(without(SERVICE_HOST, "CAP_DAC_READ_SEARCH"),
      "/proc/kallsyms", ["cannot read /proc/kallsyms (Permission denied)",
                         "ProtectKernelTunables"]),
 ])
-def test_each_missing_piece_is_one_line_naming_it(access, name, needles):
-    lines = pv.missing(access)
+def test_each_missing_piece_is_one_line_naming_it(host, name, needles):
+    lines = pv.missing(host)
     assert len(lines) == 1, lines
-    assert by_name(access)[name].ok is False
+    assert by_name(host)[name].ok is False
     for n in needles:
         assert n in lines[0], lines[0]
     assert "\n" not in lines[0]
@@ -143,10 +145,10 @@ def test_an_unreadable_paranoid_is_unknown_not_missing():
 def test_the_probe_asks_this_kernel():
     """This process's own perf_event_open of a user-only dummy event: it opens here
     (pytest runs as root, or at mainline's paranoid <= 2), and gather() records it."""
-    assert pv.perf_open_probe() == 0
-    assert pv.perf_open_probe("unknown-machine") is None
-    assert pv.gather().perf_open_errno == 0
-    assert pv.gather("/nonexistent").perf_open_errno is None  # a fixture root: not tried
+    assert access.perf_open_probe() == 0
+    assert access.perf_open_probe("unknown-machine") is None
+    assert access.gather().perf_open_errno == 0
+    assert access.gather("/nonexistent").perf_open_errno is None  # a fixture root: not tried
 
 
 def test_all_missing_one_line_each_and_the_error_prints_them_so():
@@ -282,7 +284,7 @@ def test_parse_status_and_file_caps():
 
 
 def test_this_process_facts_are_read():
-    a = pv.gather()
+    a = access.gather()
     status = pv.parse_status(open("/proc/self/status").read())
     assert a.effective == status["CapEff"] and a.ambient == status["CapAmb"]
     assert a.kernel >= (3, 0)
@@ -295,7 +297,7 @@ def run_drop(code: str) -> subprocess.CompletedProcess:
 
 
 def test_drop_clears_everything_and_sets_no_new_privs():
-    proc = run_drop("from kvmtrace import privileges as p; print(p.drop(0))\n"
+    proc = run_drop("from kvmtrace import capdrop; print(capdrop.drop(0))\n"
                     "print(open('/proc/self/status').read())")
     assert proc.returncode == 0, proc.stderr
     after = pv.parse_status(proc.stdout.split("}", 1)[1])
@@ -308,7 +310,7 @@ def test_drop_keeps_what_it_is_asked_to_keep():
     if not have >> pv.CAPS["CAP_BPF"] & 1:
         pytest.fail("needs CAP_BPF to keep it (CI runs as root)")
     keep = pv.mask_of(["CAP_BPF"])
-    proc = run_drop(f"from kvmtrace import privileges as p; a = p.drop({keep}); "
+    proc = run_drop(f"from kvmtrace import capdrop; a = capdrop.drop({keep}); "
                     "print(a['CapEff'], a['CapPrm'], a['NoNewPrivs'])")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [str(keep), str(keep), "1"]
@@ -317,7 +319,8 @@ def test_drop_keeps_what_it_is_asked_to_keep():
 def test_drop_refuses_once_another_thread_runs():
     proc = run_drop("import threading, time\n"
                     "threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n"
-                    "from kvmtrace import privileges as p\n"
-                    "try:\n    p.drop(0)\nexcept p.PrivilegeError as e:\n    print(e)\n")
+                    "from kvmtrace import capdrop, privileges\n"
+                    "try:\n    capdrop.drop(0)\n"
+                    "except privileges.PrivilegeError as e:\n    print(e)\n")
     assert proc.returncode == 0, proc.stderr
     assert "2 threads are running" in proc.stdout

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from kvmtrace import doctor, evidence, readiness
+from kvmtrace import checks, doctor, evidence, readiness, sevchain, tdxchain, x86chain
 from kvmtrace.facts import HostFacts
 from tests.conftest import HERE, KVMTRACE
 
@@ -76,6 +76,14 @@ def by_name(facts: HostFacts) -> dict[str, readiness.TypeReadiness]:
     return {t.name: t for t in readiness.assess(facts)}
 
 
+def test_each_x86_type_has_one_chain_from_one_module():
+    """The vendor-neutral types' chains, AMD's and Intel's, each type in one of them."""
+    names = [n for m in (x86chain, sevchain, tdxchain) for n in m.chains()]
+    assert sorted(names) == sorted(readiness.type_names("x86_64"))
+    assert list(sevchain.chains()) == ["SEV", "SEV_ES", "SNP"]
+    assert list(tdxchain.chains()) == ["TDX"]
+
+
 def test_every_fixture_has_expectations():
     assert {p.stem for p in HOSTS.glob("*.json")} == set(EXPECTED)
 
@@ -91,10 +99,10 @@ def test_fixture_verdicts_failing_checks_and_hints(stem):
             assert hint in t.reason, (name, t.reason)
         failing = next((c for c in t.checks if c.id == check), None)
         if verdict == NR:  # the failing check says what it read and what to do
-            assert failing.status == readiness.FAIL and failing.evidence and failing.hint
+            assert failing.status == checks.FAIL and failing.evidence and failing.hint
         for c in t.checks:  # a check after a FAIL or N/A was not made
             if c.blocked_by:
-                assert c.status in (readiness.SKIP, readiness.NA) and c.hint is None
+                assert c.status in (checks.SKIP, checks.NA) and c.hint is None
         assert t.disagreement == (None if (stem, name) not in DISAGREE else t.disagreement)
         if (stem, name) in DISAGREE:
             assert DISAGREE[(stem, name)] in t.disagreement
@@ -110,7 +118,7 @@ def test_a_guest_never_fails_a_host_feature_and_names_what_it_read():
         for name in ("SEV", "SEV_ES", "SNP", "TDX"):
             t = by_name(load(stem))[name]
             assert t.verdict == NA
-            assert not [c for c in t.checks if c.status == readiness.FAIL], name
+            assert not [c for c in t.checks if c.status == checks.FAIL], name
     sev = by_name(load("captured-firecracker-6.18-pvm"))["SEV"].checks[0]
     assert sev.evidence[:2] == ["cpuinfo: hypervisor flag (running as a guest)",
                                 "cpuinfo: no sev flag"]
@@ -134,10 +142,10 @@ def test_missing_prerequisites_are_skip_not_fail():
 
     snp = by_name(replace(f, evidence=blind))["SNP"]
     status = {c.id: c.status for c in snp.checks}
-    assert status["snp.cpu"] == status["snp.bios"] == readiness.SKIP
+    assert status["snp.cpu"] == status["snp.bios"] == checks.SKIP
     assert "modprobe cpuid" in next(c.hint for c in snp.checks if c.id == "snp.cpu")
-    assert status["snp.firmware"] == readiness.SKIP  # /dev/sev there, the log unreadable
-    assert not [c for c in snp.checks if c.status == readiness.FAIL and c.id != "snp.kvm"
+    assert status["snp.firmware"] == checks.SKIP  # /dev/sev there, the log unreadable
+    assert not [c for c in snp.checks if c.status == checks.FAIL and c.id != "snp.kvm"
                 and c.id != "snp.mask"]
     from kvmtrace.kvmdev import KvmInfo
 

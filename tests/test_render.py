@@ -169,7 +169,8 @@ def test_odd_label_values_are_escaped_like_the_library():
             return [], [0, 0]
 
     for with_pid in (False, True):
-        collector = KvmtraceCollector(Residual(), [], Host().query, "x86_64", {"v": "é\"\n"},
+        collector = KvmtraceCollector(Residual(), [], Host().query, "x86_64",
+                                      {"version": "é\"\n", "bcc_version": "b\\", "kernel": ""},
                                       with_pid=with_pid)
         reg = CollectorRegistry()
         reg.register(collector)
