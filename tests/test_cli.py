@@ -136,3 +136,25 @@ def test_help_has_examples():
     for cmd in ("serve", "trace", "doctor"):
         proc = run(cmd, "--help")
         assert proc.returncode == 0 and "examples:" in proc.stdout
+
+
+def test_pid_and_name_filters_let_through_only_whom_they_name():
+    """-p and -n as trace and explain apply them (the privileged tier's shared trace and
+    explain run unfiltered, so the filter itself is held here)."""
+    from argparse import Namespace
+
+    from kvmtrace.cli import build_parser
+    from kvmtrace.commands.common import wanted
+
+    everyone = Namespace(pid=0, name=None)
+    assert wanted(everyone, 1, "qemu-system-x86") and wanted(everyone, 2, "")
+    by_name = Namespace(pid=0, name="qemu")
+    assert wanted(by_name, 7, "qemu-system-x86")  # a substring of the comm, as bcc tools
+    assert not wanted(by_name, 7, "kvmtool")
+    by_pid = Namespace(pid=42, name=None)
+    assert wanted(by_pid, 42, "x") and not wanted(by_pid, 43, "x")
+    both = Namespace(pid=42, name="qemu")
+    assert wanted(both, 42, "qemu-kvm") and not wanted(both, 42, "crosvm")
+    assert not wanted(both, 41, "qemu-kvm")
+    parsed = build_parser().parse_args(["trace", "-p", "42", "-n", "qemu"])
+    assert wanted(parsed, 42, "qemu-system-x86") and not wanted(parsed, 42, "vmm")

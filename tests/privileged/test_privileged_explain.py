@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 
@@ -16,10 +15,8 @@ import pytest
 from kvmtrace import kvmdev, tables
 from tests.privileged.conftest import (
     VMMAKER,
-    Serve,
     host_has_kprobes,
     samples,
-    start_attached,
 )
 
 pytestmark = pytest.mark.privileged
@@ -35,24 +32,24 @@ def vmmaker(*args) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def explained():
+def explained(shared):
+    """The session's exporter and `explain --json` watching this module's rejected
+    creations (every one of them: each rejected create is one explained attempt)."""
     prefix = f"kx{os.getpid() % 10000}{os.urandom(1).hex()}"
-    serve = Serve("-q", "--rejections", "1000")
-    explain = start_attached("explain", "--json", "-n", prefix, "--duration", "60")
+    serve, explain = shared.serve, shared.explain
     calls = {
         "types": vmmaker("--name", f"{prefix}-t", "--types", ",".join(map(str, TYPES))),
         "fds": vmmaker("--name", f"{prefix}-f", "--types", "0", "--exhaust-fds"),
         "threads": vmmaker("--name", f"{prefix}-m", "--types", "2,5", "--threads", "2",
                            "--repeat", str(THREAD_REPEAT)),
     }
-    time.sleep(1.0)
-    explain.send_signal(signal.SIGINT)
-    out, err = explain.communicate(timeout=60)
-    assert explain.returncode == 0, err
-    attempts = [json.loads(line) for line in out.splitlines()]
+    rejected = sum(c.get("ret", 0) < 0 for cs in calls.values() for c in cs if "vm_type" in c)
+    assert rejected == len(TYPES) - 1 + 1 + 2 * THREAD_REPEAT, calls
+    attempts = explain.wait(lambda a: a.get("comm", "").startswith(prefix), rejected)
+    time.sleep(1.0)  # one more poll: nothing beyond what was waited for
+    attempts = [a for a in explain.records() if a.get("comm", "").startswith(prefix)]
     text = serve.metrics()
     rejections = json.loads(serve.get("/api/rejections"))
-    serve.stop()
     yield prefix, calls, attempts, text, rejections
 
 

@@ -25,7 +25,7 @@ import pytest
 
 from kvmtrace import privileges
 from tests.conftest import HERE, free_port, unique_comm
-from tests.privileged.conftest import START_TIMEOUT, VMMAKER, samples
+from tests.privileged.conftest import START_TIMEOUT, VMMAKER, held_bpf, maps_alive, samples
 
 pytestmark = pytest.mark.privileged
 
@@ -231,12 +231,20 @@ def test_telemetry_path_is_the_only_metrics_path(documented):
 
 
 def test_stop_notifies_and_exits_cleanly(documented):
+    """SIGTERM: a clean exit, and the kernel frees every map (and so every program) the
+    exporter held -- nothing of it stays attached."""
     svc, _, _, _ = documented
+    map_ids, _ = held_bpf(svc.proc.pid)
+    assert len(map_ids) >= 4 and maps_alive(map_ids) == map_ids
     code, out, err = svc.stop()
     assert code == 0, err
     assert "Traceback" not in err
     kept = kept_after_attach()
     assert f"capabilities after attach: {', '.join(kept) or 'none'}" in out, out
+    deadline = time.monotonic() + 10  # maps are freed after an RCU grace period
+    while maps_alive(map_ids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not maps_alive(map_ids), "maps (and programs) outlived serve"
 
 
 def unit_settings() -> dict[str, list[str]]:

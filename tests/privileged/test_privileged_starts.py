@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from kvmtrace import kvmdev, tables
-from tests.privileged.conftest import VMMAKER, Serve, samples, start_attached
+from tests.privileged.conftest import VMMAKER, samples
 
 pytestmark = pytest.mark.privileged
 
@@ -45,7 +45,9 @@ def run_as(link: Path, argv: list[str], **kw) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def started(tmp_path_factory):
+def started(tmp_path_factory, shared):
+    """Three QEMUs and a driver under the session's exporter, `trace --json` and
+    `explain --json`; what each showed of this module's processes (by pid and comm)."""
     if QEMU is None or qemu_major() < 9:
         pytest.fail("needs qemu-system-x86_64 >= 9 (python3 tests/qemu.py install; "
                     "make setup-test does it)")
@@ -55,9 +57,7 @@ def started(tmp_path_factory):
     for kind in ("snp", "sev", "run"):
         links[kind] = d / f"{tag}-{kind}"
         links[kind].symlink_to(QEMU)
-    serve = Serve("--retire-interval", "1")
-    trace = start_attached("trace", "--json", "--duration", "120")
-    explain = start_attached("explain", "--json", "--duration", "120")
+    serve, trace, explain = shared.serve, shared.trace, shared.explain
     plan = json.loads(serve.get("/api/plan"))
     out: dict = {"tag": tag, "plan": {r["probe"]: r for r in plan}}
 
@@ -83,19 +83,17 @@ def started(tmp_path_factory):
     out["enc"] = [json.loads(ln) for ln in drv.stdout.splitlines()]
     out["enc_comm"] = f"{tag}-enc"
 
-    time.sleep(3.0)  # two retirement passes (--retire-interval 1, trace/explain: 1 s)
+    # Every followed process's end is a start record in trace (explain: failed ones).
+    pids = {out[k][0] for k in ("snp", "sev", "run")}
+    trace.wait(lambda r: r.get("kind") == "start" and r["pid"] in pids, len(pids))
+    trace.wait(lambda r: r.get("kind") == "start" and r["comm"] == out["enc_comm"])
+    time.sleep(3.0)  # retirement passes (--retire-interval 0.5) and polls settle
     out["rejections"] = json.loads(serve.get("/api/rejections"))
     out["metrics"] = serve.metrics()
-    for proc in (trace, explain):
-        proc.send_signal(signal.SIGINT)
-    t_out, t_err = trace.communicate(timeout=60)
-    e_out, e_err = explain.communicate(timeout=60)
-    assert trace.returncode == 0 and explain.returncode == 0, (t_err, e_err)
-    out["trace"] = [json.loads(ln) for ln in t_out.splitlines()]
-    out["explain"] = [json.loads(ln) for ln in e_out.splitlines()]
-    code, live_view, err = serve.stop()
-    assert code == 0, err
-    out["live_view"] = live_view
+    ours = {*pids, *(r["pid"] for r in trace.records() if r.get("comm") == out["enc_comm"])}
+    out["trace"] = [r for r in trace.records() if r.get("pid") in ours]
+    out["explain"] = [r for r in explain.records() if r.get("pid") in ours]
+    out["live_view"] = serve.out.text()
     yield out
 
 
@@ -129,7 +127,7 @@ def test_qemu_refusing_snp_before_create_is_a_rejected_start(started):
     want = frozenset({("comm", comm), ("stage", "before_create"),
                       ("reason", "vmm_refused_type"), ("requested_type", wanted)})
     assert mine == {want: 1.0}, mine
-    assert "VM start failed before_create" in started["live_view"]
+    assert f"VM start failed before_create: pid {pid} " in started["live_view"]
 
 
 def test_qemu_failing_sev_after_a_default_create_is_a_failed_launch(started):

@@ -1,8 +1,8 @@
 #!/bin/bash
 # Runs INSIDE a stock-kernel guest booted by tests/vm/kernel_tier.py (virtme-ng, TCG):
-#   guest.sh RUNDIR REPO SEEDSIM_KO PYTEST_TIMEOUT MARKERS
-# MARKERS: the pytest -m expression for this guest (tests/vm/kernels.py GUEST_TESTS, by
-# the kernels.txt line's tests=).
+#   guest.sh RUNDIR REPO SEEDSIM_KO PYTEST_TIMEOUT MARKERS PATH...
+# MARKERS and PATHs: the pytest -m expression and the test paths for this guest
+# (tests/vm/kernels.py GUEST_TESTS, by the kernels.txt line's tests=).
 # RUNDIR is the guest-writable results directory (vng --rwdir); everything this script
 # learns goes there, because the exit code of a vng --exec script does not reach the host
 # on a machine without udev. The host driver reads:
@@ -14,6 +14,8 @@
 #   done         the script reached its end
 set -u
 RUN=$1 REPO=$2 SEEDSIM_KO=$3 PYTEST_TIMEOUT=$4 MARKERS=${5:-}
+shift 5 || true
+TESTS=("$@")
 # The console goes to the host's log too (vng -v), so echo there as well.
 exec > >(tee -a "$RUN/guest.log") 2>&1
 
@@ -70,9 +72,11 @@ t0=$(date +%s)
 cat /usr/lib/*-linux-gnu/libbcc.so.0* /usr/lib/*-linux-gnu/libclang-cpp.so.* \
     /usr/lib/*-linux-gnu/libLLVM*.so* > /dev/null 2>&1
 echo "guest: warmed bcc/clang/LLVM libraries in $(( $(date +%s) - t0 )) s"
-# kvmtrace's privileged tier (tests/privileged/) and the guest-only tests. Named
-# explicitly: other privileged tests (benchmarks) do not belong under emulation.
-tests=(tests/privileged tests/vm/guest_kprobes.py)
+# kvmtrace's privileged tier (tests/privileged/) and the guest-only tests, as the host
+# chose them. Named explicitly: other privileged tests (benchmarks) do not belong under
+# emulation.
+(( ${#TESTS[@]} )) || fail "no test paths given (guest.sh's sixth argument on)"
+tests=("${TESTS[@]}")
 echo "guest: running ${tests[*]} -m '$MARKERS'"
 timeout -k 10 "$PYTEST_TIMEOUT" "$REPO/.venv/bin/python" -m pytest -p no:cacheprovider -v \
     --durations=10 -m "$MARKERS" --junitxml="$RUN/junit.xml" "${tests[@]}"

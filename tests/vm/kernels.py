@@ -64,12 +64,32 @@ LISTS_MAX_AGE = int(os.environ.get("KVMTRACE_APT_LISTS_MAX_AGE", "3600"))
 FORCE_ENV = "KVMTRACE_KERNEL_VERSION"
 # The userlands a line can ask for: the host's root, or a debootstrapped Debian release.
 USERLANDS = ("host", "bookworm", "trixie")
-# What a guest runs: "kernel", the privileged tests whose outcome depends on which kernel
-# it is; "all", those and the `one_guest` tests too, which depend on the probe mechanism
-# (kprobes in every guest) but not on the kernel's version. Exactly one line says "all".
+# What a guest runs, by its kernels.txt line's tests=: the pytest -m expression, the test
+# paths, and its time bound (seconds from vng start to power-off; past it the VM is killed
+# and the tier says which guest ran out). "kernel": the privileged tests whose outcome
+# depends on which kernel it is. "all": those and the `one_guest` tests too, which depend
+# on the probe mechanism (kprobes in every guest) but not on the kernel's version; exactly
+# one line says "all". "core": for a kernel another line already covers with another
+# userland -- the probes compile, attach and count on it (test_privileged.py) and the
+# kprobe paths (guest_kprobes.py), not the VM-start, explain, doctor and service tests.
+# The bounds are about twice a guest's time in the dry runs (docs/testing.md).
+PRIVILEGED_PATHS = ("tests/privileged", "tests/vm/guest_kprobes.py")
+
+
+@dataclass(frozen=True)
+class GuestTests:
+    markers: str
+    paths: tuple[str, ...]
+    bound: int
+
+
 GUEST_TESTS = {
-    "kernel": "privileged and not host_only and not one_guest",
-    "all": "privileged and not host_only",
+    "kernel": GuestTests("privileged and not host_only and not one_guest", PRIVILEGED_PATHS,
+                         1800),
+    "all": GuestTests("privileged and not host_only", PRIVILEGED_PATHS, 2100),
+    "core": GuestTests("privileged and not host_only and not one_guest",
+                       ("tests/privileged/test_privileged.py", "tests/vm/guest_kprobes.py"),
+                       1200),
 }
 
 
@@ -90,7 +110,17 @@ class Spec:
     @property
     def markers(self) -> str:
         """The guest's pytest -m expression."""
-        return GUEST_TESTS[self.tests]
+        return GUEST_TESTS[self.tests].markers
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The test paths the guest runs (relative to the checkout)."""
+        return GUEST_TESTS[self.tests].paths
+
+    @property
+    def bound(self) -> int:
+        """Seconds the guest may take, vng start to power-off."""
+        return GUEST_TESTS[self.tests].bound
 
     @property
     def headers_meta(self) -> str:
@@ -146,13 +176,14 @@ class Kernel:
         """What was booted, for the results and the log."""
         return {"name": self.name, "suite": self.spec.suite, "metapackage": self.spec.image_meta,
                 "userland": self.spec.userland, "tests": self.spec.tests,
-                "markers": self.spec.markers, "release": self.release,
+                "markers": self.spec.markers, "paths": list(self.spec.paths),
+                "bound_seconds": self.spec.bound, "release": self.release,
                 "version": self.version, "forced": self.forced,
                 "packages": [f"{p}={v}" for p, v in self.packages]}
 
 
 def parse_kernels(text: str, where: str = "kernels.txt") -> list[Spec]:
-    """Lines ``NAME SUITE IMAGE-METAPACKAGE [userland=host|CODENAME] [tests=kernel|all]``;
+    """Lines ``NAME SUITE IMAGE-METAPACKAGE [userland=host|CODENAME] [tests=kernel|all|core]``;
     # comments. At most one line may say tests=all (read_kernels: exactly one)."""
     specs: list[Spec] = []
     for n, line in enumerate(text.splitlines(), 1):

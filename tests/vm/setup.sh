@@ -5,8 +5,6 @@
 #                     version with it), make, gcc-12 and dwarves (pahole: kbuild runs it on
 #                     the seedsim module for 6.12)
 #   virtme-ng         pinned, in its own venv under the kernel cache (not the project .venv)
-#   kernels           every line of tests/vm/kernels.txt, resolved against the mirror now,
-#                     fetched and unpacked by tests/vm/kernels.py
 # The project .venv (make setup-test) is used inside the host-userland guests as it is;
 # the userland roots are made and set up by the tier itself (tests/vm/userland.py).
 set -euo pipefail
@@ -41,4 +39,6 @@ if ! "$venv/bin/vng" --version 2>/dev/null | grep -q "$VNG_VERSION"; then
     "$venv/bin/pip" install -q --disable-pip-version-check "virtme-ng==$VNG_VERSION"
 fi
 
-/usr/bin/python3 tests/vm/kernels.py fetch
+# The kernels are resolved and fetched by the tier itself, each just before its guest, so
+# the first guests boot while the others download (tests/vm/kernels.py fetch does it by
+# hand).

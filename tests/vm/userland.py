@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -79,9 +80,31 @@ def _sh(cmd: list[str], timeout: int = 120, **kw) -> subprocess.CompletedProcess
     return p
 
 
+def private_kvm_node(root: Path, dev: Path = Path("/dev/kvm")) -> Path | None:
+    """The root's own /dev/kvm: a device node with the host's numbers, next to ``root``
+    (made once, devtmpfs's 0600 root:root), bound over the host's inside the chroot.
+
+    The root's scripts/setup-host.sh --test gives /dev/kvm the root's own kvm group, as
+    udev would on a Debian host; on the host's node that would hand the host's device to
+    whatever group has that gid here (measured: the host's kvm gid 995 is trixie's
+    "clock"). None where the host has no /dev/kvm."""
+    try:
+        rdev = os.stat(dev).st_rdev
+    except FileNotFoundError:
+        return None
+    node = root.parent / "dev-kvm"
+    if node.exists() and os.stat(node).st_rdev != rdev:
+        node.unlink()
+    if not node.exists():
+        os.mknod(node, 0o600 | stat.S_IFCHR, rdev)
+        os.chown(node, 0, 0)
+    return node
+
+
 @contextlib.contextmanager
 def mounted(root: Path, binds: tuple[Path, ...] = ()) -> Iterator[Path]:
-    """This machine's /proc, /sys (with tracefs, debugfs), /dev and a /run inside ``root``.
+    """This machine's /proc, /sys (with tracefs, debugfs), /dev and a /run inside ``root``,
+    with a /dev/kvm of the root's own (:func:`private_kvm_node`).
 
     Recursive binds are made slaves so that unmounting them never unmounts the host's.
     ``binds`` are host directories shown at the same path inside.
@@ -98,6 +121,9 @@ def mounted(root: Path, binds: tuple[Path, ...] = ()) -> Iterator[Path]:
         for d in ("sys", "dev"):
             mount(["--rbind", f"/{d}"], root / d)
             _sh(["mount", "--make-rslave", str(root / d)])
+        node = private_kvm_node(root)
+        if node is not None:
+            _sh(["mount", "--bind", str(node), str(root / "dev/kvm")])
         mount(["-t", "tmpfs", "tmpfs"], root / "run")
         for b in binds:
             mount(["--bind", str(b)], root / b.relative_to("/"))
