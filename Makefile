@@ -46,8 +46,9 @@ bench-quick: setup
 # debootstrapped Debian 13 root set up by scripts/setup-host.sh) and runs kvmtrace's
 # privileged tests plus tests/vm/guest_kprobes.py inside it: real kprobes
 # on kvm_dev_ioctl and kvm_arch_init_vm, and on seedsim, a test-only SIMULATION of the
-# 2023 TDX v12 vm_type dispatch. Every boot is bounded (KVMTRACE_VM_TIMEOUT, 2400 s);
-# the guests run side by side, one per CPU (KVMTRACE_VM_PARALLEL); results in
+# 2023 TDX v12 vm_type dispatch. Every guest is bounded (its tests= class's bound, and
+# the tier's deadline, KVMTRACE_TIER_DEADLINE); the guests and the Debian 13 root's
+# README job run side by side, one per CPU (KVMTRACE_VM_PARALLEL); results in
 # build/vm/<kernel>/. On Debian 13's root it also runs `make test` and
 # `make run` (chroot, this kernel). Fails, never skips.
 .PHONY: test-kernels

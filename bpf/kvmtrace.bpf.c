@@ -9,10 +9,11 @@
  * indices below as defines (tests/test_contract.py holds this file to it):
  *
  *   PROBE_CREATE_VM, PROBE_VM_TYPES_QUERY, PROBE_ARCH_INIT_VM,
- *   PROBE_ENCRYPT_OP, PROBE_PROCESS_END
- *       probe ids of the ioctl points, kvm_arch_init_vm, KVM_MEMORY_ENCRYPT_OP
- *       and the end of a followed process; every further function point is
- *       a type check or a launch function (LAUNCH_FIRST.. in plan order)
+ *   PROBE_ENCRYPT_OP, PROBE_PROCESS_END, PROBE_KVM_CALL, PROBE_KVM_RUN
+ *       probe ids of the ioctl points, kvm_arch_init_vm, KVM_MEMORY_ENCRYPT_OP,
+ *       the end of a followed process, and a start's failing KVM ioctls and
+ *       first KVM_RUN; every further function point is a type check or a
+ *       launch function (LAUNCH_FIRST.. in plan order)
  *   PROC_*         bits of what a followed process did (struct proc.flags)
  *   PROCS_MAX, VM_FDS_MAX, EXEC_ARGS_MAX, EXEC_ARGS_BYTES, EXEC_ARG_MAX,
  *   EXEC_ARGV_MAX  sizes of the process-following state
@@ -25,15 +26,20 @@
  *
  * The loader (kvmtrace/loader.py) adds:
  *
- *   KVM_CREATE_VM, KVM_CHECK_EXTENSION, KVM_CAP_VM_TYPES, KVM_MEMORY_ENCRYPT_OP
- *       ioctl numbers from include/uapi/linux/kvm.h (kvmtrace/tables.py)
+ *   KVM_CREATE_VM, KVM_CHECK_EXTENSION, KVM_CAP_VM_TYPES, KVM_MEMORY_ENCRYPT_OP,
+ *   KVM_RUN, KVMIO
+ *       ioctl numbers from include/uapi/linux/kvm.h (kvmtrace/kvmabi.py)
+ *   ENDING_EXITS   bit N set: exit reason N (KVM_EXIT_*), returned by a start's
+ *                  first KVM_RUN, ends the start (kvmtrace/kvmabi.py)
  *   TDX_VM_TYPE    KVM_X86_TDX_VM: its KVM_MEMORY_ENCRYPT_OP argument is a
  *                  struct kvm_tdx_cmd (64-bit hw_error), else a kvm_sev_cmd
  *   FOLLOW_PROCS   follow processes that touch /dev/kvm to their end
  *                  (sched:sched_process_exit); with EXIT_TRACEPOINT or
  *                  EXIT_KPROBE for the exit status, SIGNAL_TRACEPOINT for the
- *                  signal that killed it, ENCRYPT_KPROBE for
- *                  KVM_MEMORY_ENCRYPT_OP on kprobe hosts (kvm_arch_vm_ioctl)
+ *                  signal that killed it, FD_IOCTL_KPROBE for
+ *                  KVM_MEMORY_ENCRYPT_OP on kprobe hosts (the VM and vCPU ioctl
+ *                  functions); KVM_CALLS for a start's failing KVM ioctls,
+ *                  RUN_TRACEPOINT for its first KVM_RUN (kvm:kvm_userspace_exit)
  *   EXEC_TRACEPOINT (+ EXECVEAT_TRACEPOINT) | EXEC_KPROBE
  *                  the command line of every execve, kept per process
  *   FIRST_LAUNCH   probe id of the first launch function point
@@ -160,6 +166,11 @@ BPF_HASH(fn_calls, struct fn_key, struct fn_call, CALLS_MAX);
 /* Number of tracked ioctls in flight host-wide: the return hook of every
  * ioctl on the host reads it first and stops at once when it is 0. */
 BPF_ARRAY(inflight, u64, 1);
+/* Number of followed processes in their start: a VM created, no vCPU ran yet.
+ * Every KVM ioctl and every KVM_RUN return on the host reads it first and stops
+ * at once when it is 0: a process that ran (or any VM once no start is under
+ * way) costs nothing more. */
+BPF_ARRAY(starting, u64, 1);
 /*
  * Health counters, exported as kvmtrace_*_total, at index HEALTH_*:
  * COUNTS_DROPPED (counts map full: an update failed), EVENTS_LOST (ring buffer
@@ -453,8 +464,33 @@ static __always_inline u64 proc_vm_type(struct proc *p, s32 fd)
 	return p->last_type;
 }
 
+/* Whether p is in its start: it created a VM and no KVM_RUN has ended the start. */
+static __always_inline int proc_starting(struct proc *p)
+{
+	return (p->flags & (PROC_CREATED | PROC_RAN | PROC_RUN_FAILED)) == PROC_CREATED;
+}
+
+static __always_inline void starting_add(s64 n)
+{
+	u32 zero = 0;
+	u64 *v = starting.lookup(&zero);
+	if (v)
+		__sync_fetch_and_add(v, n);
+}
+
+/* Its start is over: a vCPU ran (PROC_RAN), the first run failed
+ * (PROC_RUN_FAILED), or the process ended (flag 0). */
+static __always_inline void proc_start_over(struct proc *p, u32 flag)
+{
+	if (proc_starting(p))
+		starting_add(-1);
+	p->flags |= flag;
+}
+
 static __always_inline void proc_created(struct proc *p, s64 fd, u64 vm_type)
 {
+	if (!(p->flags & PROC_CREATED))
+		starting_add(1); /* its first VM: its start is under way */
 	p->flags |= PROC_CREATED;
 	p->last_type = vm_type;
 	u32 n = p->nfds;
@@ -477,6 +513,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	struct proc *p = procs.lookup(&tgid);
 	if (!p)
 		return 0;
+	proc_start_over(p, 0);
 	u64 first = p->first_ns, mask = p->mask;
 	u32 flags = p->flags, code = p->exit_code, sig = p->last_signal;
 	procs.delete(&tgid);
@@ -535,6 +572,8 @@ static __always_inline struct proc *proc_find(u32 tgid) { return 0; }
 static __always_inline struct proc *proc_follow(u32 tgid, u64 now) { return 0; }
 static __always_inline u64 proc_vm_type(struct proc *p, s32 fd) { return (u64)-1; }
 static __always_inline void proc_created(struct proc *p, s64 fd, u64 vm_type) {}
+static __always_inline int proc_starting(struct proc *p) { return 0; }
+static __always_inline void proc_start_over(struct proc *p, u32 flag) {}
 #endif /* FOLLOW_PROCS */
 
 #if defined(EXEC_TRACEPOINT) || defined(EXEC_KPROBE)
@@ -611,7 +650,30 @@ int syscall__execveat(struct pt_regs *ctx, int dfd, const char *filename,
 #endif /* EXEC_TRACEPOINT || EXEC_KPROBE */
 
 /* ---- ioctl layer: KVM_CREATE_VM, KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES),
- *      KVM_MEMORY_ENCRYPT_OP */
+ *      KVM_MEMORY_ENCRYPT_OP, and a start's other KVM ioctls */
+
+static __always_inline int is_query(u32 cmd, u64 arg)
+{
+	return cmd == KVM_CHECK_EXTENSION && arg == KVM_CAP_VM_TYPES;
+}
+
+/* Another KVM ioctl of a process in its start (KVM_RUN is seen where it returns
+ * to userspace instead: kvm:kvm_userspace_exit). */
+static __always_inline int start_call(u32 cmd)
+{
+#ifdef KVM_CALLS
+	if ((cmd >> 8 & 0xff) != KVMIO || cmd == KVM_RUN)
+		return 0;
+	u32 zero = 0;
+	u64 *n = starting.lookup(&zero);
+	if (!n || *n == 0)
+		return 0;
+	struct proc *p = proc_find(bpf_get_current_pid_tgid() >> 32);
+	return p && proc_starting(p);
+#else
+	return 0;
+#endif
+}
 
 static __always_inline int ioctl_enter(u32 cmd, u64 arg, s32 fd)
 {
@@ -625,8 +687,7 @@ static __always_inline int ioctl_enter(u32 cmd, u64 arg, s32 fd)
 			return 0;
 		bpf_probe_read_user(&enc_id, sizeof(enc_id), (void *)arg);
 		bpf_probe_read_user(&status_in, sizeof(status_in), (void *)(arg + 16));
-	} else if (cmd != KVM_CREATE_VM &&
-		   !(cmd == KVM_CHECK_EXTENSION && arg == KVM_CAP_VM_TYPES)) {
+	} else if (cmd != KVM_CREATE_VM && !is_query(cmd, arg) && !start_call(cmd)) {
 		return 0;
 	}
 	u64 id = bpf_get_current_pid_tgid();
@@ -718,13 +779,21 @@ static __always_inline int ioctl_return(void *ctx, s64 ret)
 		/* Success returns a new fd: count it as 0 to keep keys bounded. */
 		count(tgid, PROBE_CREATE_VM, call.arg, ret < 0 ? ret : 0, call.verdicts, 0);
 		emit(ctx, id, PROBE_CREATE_VM, call.arg, ret, call.start_ns, call.verdicts, now);
-	} else {
+	} else if (is_query(call.cmd, call.arg)) {
 		if (p) {
 			p->flags |= PROC_QUERIED;
 			p->mask = ret;
 		}
 		count(tgid, PROBE_VM_TYPES_QUERY, 0, ret, 0, 0);
 		emit(ctx, id, PROBE_VM_TYPES_QUERY, 0, ret, call.start_ns, 0, now);
+	} else if (ret < 0 && p) {
+		/* A start's KVM ioctl failed: its command, errno, and its VM's type. */
+		u64 vm_type = proc_vm_type(p, call.fd);
+		p->flags |= PROC_CALL_FAILED;
+		count(tgid, PROBE_KVM_CALL, vm_type, ret, call.cmd, 0);
+		struct event_extra x = {};
+		x.fd = (u32)call.fd;
+		emit_x(ctx, id, PROBE_KVM_CALL, vm_type, ret, call.start_ns, call.cmd, now, x);
 	}
 	return 0;
 }
@@ -763,26 +832,61 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 }
 #endif
 
-#ifdef ENCRYPT_KPROBE
+#ifdef FD_IOCTL_KPROBE
 /*
- * KVM_MEMORY_ENCRYPT_OP where kvm_dev_ioctl is kprobed: the VM (and vCPU)
- * ioctls reach long kvm_arch_vm_ioctl(struct file *, unsigned int ioctl,
- * unsigned long arg) (kvm_arch_vcpu_ioctl likewise); the fd is not known, so
- * an op is given its process's last created VM type.
+ * KVM_MEMORY_ENCRYPT_OP and a start's other KVM ioctls on VM and vCPU fds where
+ * kvm_dev_ioctl is kprobed: they reach long kvm_vm_ioctl(struct file *,
+ * unsigned int ioctl, unsigned long arg) (else kvm_arch_vm_ioctl, which only
+ * sees the architecture's) and kvm_arch_vcpu_ioctl (the same arguments; not
+ * kvm_vcpu_ioctl, which every KVM_RUN passes). The fd is not known, so a call
+ * is given its process's last created VM type. ioctl_enter decides which
+ * commands are followed.
  */
-int kvmtrace_encrypt_enter(struct pt_regs *ctx)
+int kvmtrace_fd_ioctl_enter(struct pt_regs *ctx)
 {
-	u32 cmd = (u32)PT_REGS_PARM2(ctx);
-	if (cmd != KVM_MEMORY_ENCRYPT_OP)
-		return 0;
-	return ioctl_enter(cmd, PT_REGS_PARM3(ctx), -1);
+	return ioctl_enter((u32)PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx), -1);
 }
 
-int kvmtrace_encrypt_return(struct pt_regs *ctx)
+int kvmtrace_fd_ioctl_return(struct pt_regs *ctx)
 {
-	/* int on 6.12+ (long before, and for the vCPU one): its upper half is not
-	 * part of the value; an encrypt op returns 0 or -errno either way. */
+	/* kvm_arch_vm_ioctl returns int on 6.12+ (long before), the others long:
+	 * 0, an fd or -errno, all of which fit an int. */
 	return ioctl_return(ctx, (s64)(int)PT_REGS_RC(ctx));
+}
+#endif
+
+#if defined(RUN_TRACEPOINT) && defined(FOLLOW_PROCS)
+/*
+ * A start's first KVM_RUN, where it returns to userspace (fields from
+ * events/kvm/kvm_userspace_exit/format: u32 reason, int errno, 0 or -errno).
+ * -EINTR is a signal kicking the vCPU out: neither. An exit that ran (errno 0,
+ * a reason not in ENDING_EXITS) ends the start well and costs nothing more;
+ * an error or an ending exit is counted once, and ends it too.
+ */
+TRACEPOINT_PROBE(kvm, kvm_userspace_exit)
+{
+	u32 zero = 0;
+	u64 *n = starting.lookup(&zero);
+	if (!n || *n == 0)
+		return 0;
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tgid = id >> 32;
+	struct proc *p = proc_find(tgid);
+	if (!p || !proc_starting(p))
+		return 0;
+	s64 err = (s64)args->errno;
+	u32 reason = args->reason;
+	if (err == -4) /* -EINTR */
+		return 0;
+	if (err == 0 && !(reason < 64 && (ENDING_EXITS >> reason & 1))) {
+		proc_start_over(p, PROC_RAN);
+		return 0;
+	}
+	proc_start_over(p, PROC_RUN_FAILED);
+	u64 vm_type = p->last_type;
+	count(tgid, PROBE_KVM_RUN, vm_type, err, reason, 0);
+	emit(args, id, PROBE_KVM_RUN, vm_type, err, 0, reason, bpf_ktime_get_ns());
+	return 0;
 }
 #endif
 

@@ -137,6 +137,8 @@ def per_process(live: Iterable[CountRecord]) -> list[dict]:
                 t["accepted"] += r.count
         elif r.layer == Layer.IOCTL:
             p["vm_types_queries"] += r.count
+        elif r.layer in (Layer.PROCESS, Layer.START):
+            continue  # a process's end and its start's failed calls: its start record
         else:
             p["type_checks"] += r.count
             if r.rejected:

@@ -39,9 +39,11 @@ VMM_EXITED = "vmm_exited"  # exited non-zero before creating, without a mask to 
 LAUNCH_FAILED = "launch_failed"  # a KVM_MEMORY_ENCRYPT_OP failed
 EXITED_AFTER_CREATE = "exited_after_create"  # exited non-zero after KVM made its VM
 VMM_CRASHED = "vmm_crashed"  # killed by a signal that is not an operator's stop
+SETUP_FAILED = "setup_failed"  # another KVM ioctl of its setup failed (memory, vCPUs)
+FIRST_RUN_FAILED = "first_run_failed"  # its first KVM_RUN failed or ended the VM
 REASONS = (TYPE_UNSUPPORTED, ARCH_INIT_FAILED, FD_EXHAUSTED, NO_MEMORY, VIRTUALIZATION_BUSY,
            INTERRUPTED, OTHER, VMM_REFUSED_TYPE, VMM_EXITED, LAUNCH_FAILED,
-           EXITED_AFTER_CREATE, VMM_CRASHED)
+           EXITED_AFTER_CREATE, VMM_CRASHED, SETUP_FAILED, FIRST_RUN_FAILED)
 
 _ERRNO_REASONS: Mapping[str, str] = {
     "EMFILE": FD_EXHAUSTED,
@@ -88,6 +90,10 @@ HINTS: Mapping[tuple[str, str], str] = {
                                  "before or while running it: its own error output (journal, "
                                  "libvirt's log of the VM) says why"),
     (VMM_CRASHED, "*"): "the VMM was killed by a signal: look for a core dump (coredumpctl)",
+    (SETUP_FAILED, "*"): ("a KVM ioctl of the VM's setup failed after KVM made the VM: its "
+                          "command and errno are in the start's calls"),
+    (FIRST_RUN_FAILED, "*"): ("the VM's first KVM_RUN failed or ended it: its errno and exit "
+                              "reason are in the start's run"),
 }
 # Hints of a failed KVM_MEMORY_ENCRYPT_OP, by errno (vm-start-paths.md §3).
 LAUNCH_HINTS: Mapping[str, str] = {

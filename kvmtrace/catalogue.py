@@ -61,8 +61,9 @@ FAMILIES: tuple[Family, ...] = (
            ("outcome",)),
     Family("kvmtrace_vm_start_failures", COUNTER,
            "Followed processes whose VM start failed, by stage (before_create, at_create, "
-           "during_launch), reason and the VM type their command line asked for.",
-           ("comm", "stage", "reason", "requested_type")),
+           "during_launch, at_first_run), reason, cause (kvmtrace's fixed table) and the "
+           "VM type their command line asked for.",
+           ("comm", "stage", "reason", "cause", "requested_type")),
     Family("kvmtrace_probe_calls", COUNTER,
            "Calls seen at each probe point, host-wide and exact whatever processes do "
            "(VM types above 255 count as vm_type=\"other\"), by result (ok, an errno, "

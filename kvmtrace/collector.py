@@ -229,8 +229,10 @@ class KvmtraceCollector(Collector):
                 key = (*base, tables.encrypt_command_name(kind, verdicts), errno or "none",
                        tables.firmware_status_label(
                            kind, firmware_status(kind == "TDX", detail), errno is not None))
-            elif layer == planmod.Layer.PROCESS:
-                out.append(())  # a process's end: kept by the runtime (start failures)
+            elif layer in (planmod.Layer.PROCESS, planmod.Layer.START):
+                # a process's end, a start's failed calls: kept by the runtime for the
+                # start records (and in the host-wide totals)
+                out.append(())
                 continue
             else:
                 f, key = CHECKS, (probe, *base)

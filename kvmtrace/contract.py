@@ -37,7 +37,11 @@ PROBE_ENCRYPT_OP = 3  # KVM_MEMORY_ENCRYPT_OP on a followed process's VM or vCPU
 PROBE_PROCESS_END = 4  # a followed process ended (its thread-group leader exited)
 # Points that make no counts of their own (they feed PROBE_PROCESS_END's).
 PROBE_EXIT_STATUS, PROBE_SIGNAL, PROBE_EXEC = 5, 6, 7
-FIRST_TYPE_CHECK = 8  # every further function point, in plan order (type checks, then
+# A VM start, from its first accepted KVM_CREATE_VM to its first KVM_RUN that ran:
+PROBE_KVM_CALL = 8  # a KVM ioctl of it that failed (result -errno, verdicts the command)
+PROBE_KVM_RUN = 9  # its first KVM_RUN that failed or ended it (result -errno or 0,
+# verdicts the exit reason: kvm:kvm_userspace_exit)
+FIRST_TYPE_CHECK = 10  # every further function point, in plan order (type checks, then
 # the confidential launch's functions)
 
 # ---- VERDICT_* bits: what the function probes saw inside one KVM_CREATE_VM ----
@@ -61,11 +65,15 @@ PROC_LAUNCH_OK = 8  # a KVM_MEMORY_ENCRYPT_OP succeeded
 PROC_LAUNCH_FAILED = 16  # a KVM_MEMORY_ENCRYPT_OP failed (errno or firmware status)
 PROC_EXIT_CODE = 32  # its exit code was seen (exit_group / the leader's do_exit)
 PROC_FDS_FULL = 64  # more VMs than VM_FDS_MAX: later ops get the last create's type
+PROC_RAN = 128  # a KVM_RUN returned from a vCPU that ran: its start ended well there
+PROC_RUN_FAILED = 256  # its first KVM_RUN failed or ended the start (PROBE_KVM_RUN)
+PROC_CALL_FAILED = 512  # another KVM ioctl of its start failed (PROBE_KVM_CALL)
 PROC_BITS = {
     "PROC_QUERIED": PROC_QUERIED, "PROC_CREATED": PROC_CREATED,
     "PROC_CREATE_FAILED": PROC_CREATE_FAILED, "PROC_LAUNCH_OK": PROC_LAUNCH_OK,
     "PROC_LAUNCH_FAILED": PROC_LAUNCH_FAILED, "PROC_EXIT_CODE": PROC_EXIT_CODE,
-    "PROC_FDS_FULL": PROC_FDS_FULL,
+    "PROC_FDS_FULL": PROC_FDS_FULL, "PROC_RAN": PROC_RAN,
+    "PROC_RUN_FAILED": PROC_RUN_FAILED, "PROC_CALL_FAILED": PROC_CALL_FAILED,
 }
 
 # VM types above this count as VM_TYPE_OTHER in the host-wide totals (the raw value
@@ -177,10 +185,11 @@ EXEC_ARGS_MAP = "exec_args"
 PROC_KEYS_MAP = "proc_keys"
 EVENTS_MAP = "events"  # BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES) or BPF_PERF_OUTPUT(events)
 # Maps only the C reads: the in-flight calls (function points, ioctls), the count of
-# ioctls in flight, the event budget, followed processes, the execve scratch buffer.
+# ioctls in flight, the event budget, followed processes, the execve scratch buffer, the
+# count of processes in their start (created a VM, no vCPU ran yet).
 # Named so that a map added to the C is a decision about this contract, not an accident.
 PRIVATE_MAPS = ("fn_calls", "inflight", "event_budget", "ioctl_calls", "procs",
-                "exec_scratch")
+                "exec_scratch", "starting")
 
 
 @dataclass(frozen=True)
@@ -239,6 +248,8 @@ def defines(counts_max: int, calls_max: int, ringbuf_pages: int,
         "PROBE_ARCH_INIT_VM": str(PROBE_ARCH_INIT_VM),
         "PROBE_ENCRYPT_OP": str(PROBE_ENCRYPT_OP),
         "PROBE_PROCESS_END": str(PROBE_PROCESS_END),
+        "PROBE_KVM_CALL": str(PROBE_KVM_CALL),
+        "PROBE_KVM_RUN": str(PROBE_KVM_RUN),
         **{k: str(v) for k, v in VERDICTS.items()},
         **{k: str(v) for k, v in PROC_BITS.items()},
         "PROCS_MAX": str(PROCS_MAX),
@@ -272,14 +283,16 @@ IOCTL_DEFINES = {"kprobe": "IOCTL_KPROBE", "fentry": "IOCTL_FENTRY",
 FOLLOW_PROCS = "FOLLOW_PROCS"  # follow processes that touch /dev/kvm to their end
 EXIT_DEFINES = {"tracepoint": "EXIT_TRACEPOINT", "kprobe": "EXIT_KPROBE"}  # exit status
 SIGNAL_DEFINE = "SIGNAL_TRACEPOINT"  # the signal that killed a followed process
-ENCRYPT_KPROBE = "ENCRYPT_KPROBE"  # KVM_MEMORY_ENCRYPT_OP by kprobes (kvm_arch_*_ioctl)
+FD_IOCTL_KPROBE = "FD_IOCTL_KPROBE"  # VM and vCPU fds' ioctls by kprobes (encrypt op, ...)
+KVM_CALLS = "KVM_CALLS"  # a start's failing KVM ioctls (PROBE_KVM_CALL)
+RUN_TRACEPOINT = "RUN_TRACEPOINT"  # a start's first KVM_RUN (kvm:kvm_userspace_exit)
 EXEC_DEFINES = {"tracepoint": "EXEC_TRACEPOINT", "kprobe": "EXEC_KPROBE"}  # command lines
 EXECVEAT_DEFINE = "EXECVEAT_TRACEPOINT"  # with EXEC_TRACEPOINT: execveat's too
 USE_RINGBUF = "USE_RINGBUF"  # BPF ring buffer (5.8+), else a perf buffer
 USE_TASK_STORAGE = "USE_TASK_STORAGE"  # in-flight ioctls in task storage, else a hash
 FEATURES = (*IOCTL_DEFINES.values(), FOLLOW_PROCS, *EXIT_DEFINES.values(), SIGNAL_DEFINE,
-            ENCRYPT_KPROBE, *EXEC_DEFINES.values(), EXECVEAT_DEFINE, USE_RINGBUF,
-            USE_TASK_STORAGE)
+            FD_IOCTL_KPROBE, KVM_CALLS, RUN_TRACEPOINT, *EXEC_DEFINES.values(),
+            EXECVEAT_DEFINE, USE_RINGBUF, USE_TASK_STORAGE)
 
 
 def expected_entries(name: str, counts_max: int) -> int:

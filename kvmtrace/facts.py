@@ -43,14 +43,22 @@ EXIT_TRACEPOINT = "sched:sched_process_exit"  # every task's exit: the leader's 
 SIGNAL_TRACEPOINT = "signal:signal_deliver"  # the signal that killed it
 EXIT_GROUP_TRACEPOINT = "syscalls:sys_enter_exit_group"  # its exit status
 EXEC_TRACEPOINTS = ("syscalls:sys_enter_execve", "syscalls:sys_enter_execveat")
+# A start's KVM_RUN, where it returns to userspace (reason, errno): kvm.ko's.
+RUN_TRACEPOINT = "kvm:kvm_userspace_exit"
 FOLLOW_TRACEPOINTS = (EXIT_TRACEPOINT, SIGNAL_TRACEPOINT, EXIT_GROUP_TRACEPOINT,
-                      *EXEC_TRACEPOINTS)
+                      *EXEC_TRACEPOINTS, RUN_TRACEPOINT)
 # Kernel functions of the same, for kprobe hosts (no syscall tracepoint then): the
 # execve syscall's entry under each architecture's syscall-wrapper prefix.
 EXEC_FUNCTIONS = tuple(f"__{arch}_sys_{call}" for call in ("execve", "execveat")
                        for arch in ("x64", "arm64", "s390x", "riscv", "powerpc"))
 GROUP_EXIT_FUNCTION = "do_exit"  # void do_exit(long code): the leader's, the group's code
-ENCRYPT_FUNCTIONS = ("kvm_arch_vm_ioctl", "kvm_arch_vcpu_ioctl")  # (filp, ioctl, arg)
+# The VM and vCPU fds' ioctls, (filp, ioctl, arg), for KVM_MEMORY_ENCRYPT_OP and a
+# start's other KVM ioctls on kprobe hosts: kvm_vm_ioctl sees every VM ioctl (the memory
+# setup, KVM_CREATE_VCPU, and the architecture's through kvm_arch_vm_ioctl, the fallback
+# where it is absent); kvm_arch_vcpu_ioctl the architecture's vCPU ioctls (not
+# kvm_vcpu_ioctl: every KVM_RUN passes there).
+VM_IOCTL_FUNCTIONS = ("kvm_vm_ioctl", "kvm_arch_vm_ioctl")
+VCPU_IOCTL_FUNCTION = "kvm_arch_vcpu_ioctl"
 # The confidential launch's own functions on current kernels (optional points).
 LAUNCH_FUNCTIONS = ("sev_mem_enc_ioctl", "__sev_guest_init", "sev_asid_new",
                     "snp_launch_start", "tdx_vm_ioctl", "tdx_td_init", "svm_vm_init",
@@ -211,7 +219,7 @@ def kernel_version(release: str) -> tuple[int, int]:
 def read_kallsyms(text: str) -> tuple[dict[str, Symbol], dict[str, list[str]]]:
     """Relevant symbols (and their clones) from /proc/kallsyms text."""
     wanted = {IOCTL_FUNCTION, ARCH_INIT_FUNCTION, *TYPE_CHECK_FUNCTIONS, GROUP_EXIT_FUNCTION,
-              *ENCRYPT_FUNCTIONS, *LAUNCH_FUNCTIONS, *EXEC_FUNCTIONS}
+              *VM_IOCTL_FUNCTIONS, VCPU_IOCTL_FUNCTION, *LAUNCH_FUNCTIONS, *EXEC_FUNCTIONS}
     symbols: dict[str, Symbol] = {}
     clones: dict[str, list[str]] = {}
     for line in text.splitlines():

@@ -6,7 +6,7 @@ import ctypes
 import os
 from dataclasses import dataclass
 
-from kvmtrace import tables
+from kvmtrace import kvmabi, tables
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,8 @@ def query(path: str = "/dev/kvm") -> KvmInfo:
         return KvmInfo(present=True, error=f"cannot open {path}: {exc.strerror}")
     libc = ctypes.CDLL(None, use_errno=True)
     try:
-        api = _ioctl(libc, fd, tables.KVM_GET_API_VERSION, 0)
-        mask = _ioctl(libc, fd, tables.KVM_CHECK_EXTENSION, tables.KVM_CAP_VM_TYPES)
+        api = _ioctl(libc, fd, kvmabi.KVM_GET_API_VERSION, 0)
+        mask = _ioctl(libc, fd, kvmabi.KVM_CHECK_EXTENSION, kvmabi.KVM_CAP_VM_TYPES)
     except OSError as exc:
         return KvmInfo(present=True, error=f"ioctl on {path} failed: {exc.strerror}")
     finally:

@@ -43,15 +43,16 @@ def _rejections(rejections: Sequence[dict]) -> tuple[str, str]:
     """The tables of the newest failed starts and rejected attempts."""
     shown = list(rejections)[:REJECTIONS_SHOWN]
     starts = [[r["pid"], r["comm"], r.get("vm_name") or "", r["stage"], r["reason"],
-               r["requested_type"], r.get("summary") or "", r.get("hint") or ""]
+               r.get("cause") or "", r["requested_type"], r.get("summary") or "",
+               r.get("cause_hint") or r.get("hint") or ""]
               for r in shown if r.get("kind") == "start" and r.get("outcome") == "failed"]
     attempts = [[r["pid"], r["comm"], "not observed" if r.get("vm_type") is None
                  else f"{r['vm_type']} {r.get('vm_type_name') or ''}",
                  r.get("errno") or "", r.get("reason") or "", r.get("explanation") or "",
                  r.get("hint") or ""]
                 for r in shown if r.get("kind") == "attempt"]
-    return (_table(["pid", "comm", "VM name", "stage", "reason", "requested", "summary",
-                    "hint"], starts, ["bad"] * len(starts), "starts"),
+    return (_table(["pid", "comm", "VM name", "stage", "reason", "cause", "requested",
+                    "summary", "fix"], starts, ["bad"] * len(starts), "starts"),
             _table(["pid", "comm", "VM type", "errno", "reason", "explanation", "hint"],
                    attempts, ["bad"] * len(attempts), "attempts"))
 

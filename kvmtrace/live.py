@@ -48,7 +48,8 @@ class Live:
         self.runtime = Runtime(reader, Decoder(self.plan, facts.arch), aggregator,
                                series_ttl=series_ttl, arch=facts.arch,
                                vendor_modules=tuple(facts.vendor_modules),
-                               recent_starts=recent_starts)
+                               recent_starts=recent_starts,
+                               params=facts.evidence.params if facts.evidence else {})
         self.stitcher = Stitcher(reader.attachments, facts.arch,
                                  host_mask=facts.kvm.vm_types_mask,
                                  vendor_modules=facts.vendor_modules)

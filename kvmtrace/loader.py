@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 
-from kvmtrace import contract, programs, tables
+from kvmtrace import contract, kvmabi, programs, tables
 from kvmtrace import plan as planmod
 from kvmtrace.plan import Attachment
 
@@ -52,10 +52,13 @@ def bpf_source() -> str:
 def build_text(plan: planmod.Plan, opts: Options) -> str:
     """The exact BPF C that is compiled for ``plan`` (what --ebpf prints)."""
     defines = {
-        "KVM_CREATE_VM": hex(tables.KVM_CREATE_VM),
-        "KVM_CHECK_EXTENSION": hex(tables.KVM_CHECK_EXTENSION),
-        "KVM_CAP_VM_TYPES": str(tables.KVM_CAP_VM_TYPES),
-        "KVM_MEMORY_ENCRYPT_OP": hex(tables.KVM_MEMORY_ENCRYPT_OP),
+        "KVM_CREATE_VM": hex(kvmabi.KVM_CREATE_VM),
+        "KVM_CHECK_EXTENSION": hex(kvmabi.KVM_CHECK_EXTENSION),
+        "KVM_CAP_VM_TYPES": str(kvmabi.KVM_CAP_VM_TYPES),
+        "KVM_MEMORY_ENCRYPT_OP": hex(kvmabi.KVM_MEMORY_ENCRYPT_OP),
+        "KVM_RUN": hex(kvmabi.KVM_RUN),
+        "KVMIO": hex(kvmabi.KVMIO),
+        "ENDING_EXITS": f"{sum(1 << r for r in kvmabi.ENDING_EXITS):#x}ULL",
         "TDX_VM_TYPE": str(tables.vm_type_number("TDX")),
         **contract.defines(opts.counts_max, opts.calls_max, opts.ringbuf_pages,
                            opts.counts_per_process),
@@ -79,7 +82,11 @@ def build_text(plan: planmod.Plan, opts: Options) -> str:
         if points[contract.PROBE_SIGNAL].planned:
             defines[contract.SIGNAL_DEFINE] = "1"
         if points[contract.PROBE_ENCRYPT_OP].mechanism == planmod.Mechanism.KPROBE:
-            defines[contract.ENCRYPT_KPROBE] = "1"
+            defines[contract.FD_IOCTL_KPROBE] = "1"
+        if points[contract.PROBE_KVM_CALL].planned:
+            defines[contract.KVM_CALLS] = "1"
+        if points[contract.PROBE_KVM_RUN].planned:
+            defines[contract.RUN_TRACEPOINT] = "1"
     exec_point = points[contract.PROBE_EXEC]
     if exec_point.mechanism is not None:
         defines[contract.EXEC_DEFINES[exec_point.mechanism]] = "1"
@@ -179,13 +186,15 @@ def load(plan: planmod.Plan, opts: Options) -> Session:
         except Exception as exc:  # bcc raises bare Exception
             raise LoadError(f"loading the BPF program failed: {_first_line(exc, err)}") from exc
     attachments = []
-    done: dict[str, str | None] = {}  # the two ioctl points share one attachment
+    # Points with the same mechanism and targets share one attachment: the two ioctl
+    # points; the ioctl tracepoints' followers; KVM_MEMORY_ENCRYPT_OP's kprobes and
+    # the failed KVM ioctls'.
+    done: dict[tuple[str, str], str | None] = {}
     for p in plan.points:
         if p.mechanism is None:
             attachments.append(Attachment(p, False))
             continue
-        key = p.target if p.mechanism == planmod.Mechanism.TRACEPOINT else (
-            planmod.Layer.IOCTL if p.layer == planmod.Layer.IOCTL else p.name)
+        key = (p.mechanism, p.target)
         if key not in done:
             with _stderr_captured() as err:
                 try:

@@ -17,13 +17,14 @@ from kvmtrace.contract import (
     PROBE_ENCRYPT_OP,
     PROBE_EXEC,
     PROBE_EXIT_STATUS,
+    PROBE_KVM_CALL,
+    PROBE_KVM_RUN,
     PROBE_PROCESS_END,
     PROBE_SIGNAL,
     PROBE_VM_TYPES_QUERY,
 )
 from kvmtrace.facts import (
     ARCH_INIT_FUNCTION,
-    ENCRYPT_FUNCTIONS,
     EXEC_FUNCTIONS,
     EXEC_TRACEPOINTS,
     EXIT_GROUP_TRACEPOINT,
@@ -32,9 +33,12 @@ from kvmtrace.facts import (
     IOCTL_FUNCTION,
     IOCTL_TRACEPOINTS,
     LAUNCH_FUNCTIONS,
+    RUN_TRACEPOINT,
     SIGNAL_TRACEPOINT,
     TYPE_CHECK_FUNCTIONS,
     TYPE_CHECK_PATTERN,
+    VCPU_IOCTL_FUNCTION,
+    VM_IOCTL_FUNCTIONS,
     HostFacts,
 )
 
@@ -46,6 +50,8 @@ PROCESS_END = "process exit"  # a followed process's end (its leader's exit)
 EXIT_STATUS = "exit status"  # its exit_group status
 SIGNAL = "fatal signal"  # the signal that killed it
 EXEC = "command line at exec"  # its argv, captured at execve
+KVM_CALL = "failed KVM ioctl"  # a KVM ioctl of a start that failed
+KVM_RUN = "first KVM_RUN"  # a start's first KVM_RUN that failed or ended it
 
 
 class Mechanism(StrEnum):
@@ -64,6 +70,7 @@ class Layer(StrEnum):
     ARCH_INIT = "arch_init"  # kvm_arch_init_vm
     TYPE_CHECK = "type_check"  # *_is_vm_type_supported
     LAUNCH = "launch"  # KVM_MEMORY_ENCRYPT_OP and the confidential launch's functions
+    START = "start"  # a start's other KVM ioctls (memory, vCPUs) and its first KVM_RUN
     PROCESS = "process"  # a followed process: its command line and its end
 
     @property
@@ -291,19 +298,36 @@ def _follow_points(facts: HostFacts, ioctl: Mechanism | None) -> list[Point]:
             + "; command lines are read from /proc while the process lives")
     out.append(Point(PROBE_EXEC, EXEC, Layer.PROCESS, RETURNS_NONE, *exec_plan,
                      optional=True))
-    # KVM_MEMORY_ENCRYPT_OP: with the ioctl tracepoints, or kprobes on kvm_arch_*_ioctl.
+    # KVM_MEMORY_ENCRYPT_OP and a start's other KVM ioctls: with the ioctl tracepoints,
+    # or kprobes on the VM and vCPU fds' ioctl functions (one attachment for both).
+    vm_fn = next((f for f in VM_IOCTL_FUNCTIONS if f in facts.symbols), None)
     if on_syscalls:
         enc = (Mechanism.TRACEPOINT, "+".join(IOCTL_TRACEPOINTS),
                "with the ioctl tracepoints; VM type from the create that returned its fd")
-    elif ioctl == Mechanism.KPROBE and ENCRYPT_FUNCTIONS[0] in facts.symbols:
-        targets = [f for f in ENCRYPT_FUNCTIONS if f in facts.symbols]
+        calls = (*enc[:2], "with the ioctl tracepoints: every KVM ioctl of a start, from "
+                 "its first KVM_CREATE_VM to its first KVM_RUN that ran")
+    elif ioctl == Mechanism.KPROBE and vm_fn:
+        targets = [vm_fn] + ([VCPU_IOCTL_FUNCTION] if VCPU_IOCTL_FUNCTION in facts.symbols
+                             else [])
         enc = (Mechanism.KPROBE, "+".join(targets),
                "kprobe + kretprobe; VM type: the process's last created VM")
+        seen = ("every VM ioctl" if vm_fn == VM_IOCTL_FUNCTIONS[0] else
+                f"the architecture's VM ioctls only ({VM_IOCTL_FUNCTIONS[0]} is absent)")
+        calls = (*enc[:2], f"with {enc[1]}: {seen}, the architecture's vCPU ioctls and "
+                 f"/dev/kvm's ({IOCTL_FUNCTION}); not the generic vCPU ones "
+                 "(KVM_SET_REGS...: their function is every KVM_RUN's path)")
     else:
-        enc = (None, None, f"{ENCRYPT_FUNCTIONS[0]}: "
-               f"{_function_mechanism(facts, ENCRYPT_FUNCTIONS[0])[1]}"
-               + ("; fentry not built for it" if ioctl == Mechanism.FENTRY else ""))
+        no = (f"{VM_IOCTL_FUNCTIONS[0]}: "
+              f"{_function_mechanism(facts, VM_IOCTL_FUNCTIONS[0])[1]}"
+              + ("; fentry not built for it" if ioctl == Mechanism.FENTRY else ""))
+        enc = calls = (None, None, no)
     out.insert(0, dependent(PROBE_ENCRYPT_OP, ENCRYPT_OP, enc, Layer.LAUNCH, RETURNS_INT))
+    out.append(dependent(PROBE_KVM_CALL, KVM_CALL, calls, Layer.START, RETURNS_INT))
+    no = _tracepoint(facts, RUN_TRACEPOINT)
+    out.append(dependent(PROBE_KVM_RUN, KVM_RUN, (None, None, no) if no else (
+        Mechanism.TRACEPOINT, RUN_TRACEPOINT,
+        "where KVM_RUN returns to userspace (reason, errno), until a vCPU ran"),
+        Layer.START, RETURNS_INT))
     return out
 
 

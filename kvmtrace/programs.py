@@ -26,6 +26,7 @@ from kvmtrace.facts import (
     EXIT_TRACEPOINT,
     IOCTL_FUNCTION,
     IOCTL_TRACEPOINTS,
+    RUN_TRACEPOINT,
     SIGNAL_TRACEPOINT,
 )
 from kvmtrace.plan import Layer, Mechanism, Point
@@ -80,6 +81,8 @@ IOCTL_KPROBES = (Program(FUNCTION, "kvmtrace_ioctl_enter", ENTRY),
                  Program(FUNCTION, "kvmtrace_ioctl_return", RETURN))
 IOCTL_FENTRY = (Program(KFUNC_PROBE, IOCTL_FUNCTION), Program(KRETFUNC_PROBE, IOCTL_FUNCTION))
 IOCTL_TRACEPOINT_PROGRAMS = _tracepoints(*IOCTL_TRACEPOINTS)
+FD_IOCTL_KPROBES = (Program(FUNCTION, "kvmtrace_fd_ioctl_enter", ENTRY),
+                    Program(FUNCTION, "kvmtrace_fd_ioctl_return", RETURN))
 
 # ---- function points: kvm_arch_init_vm, the type checks, the launch functions ----
 # The programs each FN_* macro of the C writes for the point of its line.
@@ -118,10 +121,13 @@ PROGRAMS: dict[tuple[Key, Mechanism], tuple[Program, ...]] = {
     (contract.PROBE_VM_TYPES_QUERY, KPROBE): IOCTL_KPROBES,
     (contract.PROBE_VM_TYPES_QUERY, FENTRY): IOCTL_FENTRY,
     (contract.PROBE_VM_TYPES_QUERY, TRACEPOINT): IOCTL_TRACEPOINT_PROGRAMS,
-    # On kprobe hosts, kvm_arch_vm_ioctl / kvm_arch_vcpu_ioctl (ENCRYPT_KPROBE).
-    (contract.PROBE_ENCRYPT_OP, KPROBE): (Program(FUNCTION, "kvmtrace_encrypt_enter", ENTRY),
-                                 Program(FUNCTION, "kvmtrace_encrypt_return", RETURN)),
+    # On kprobe hosts, the VM and vCPU fds' ioctl functions (FD_IOCTL_KPROBE): one set
+    # for KVM_MEMORY_ENCRYPT_OP and a start's failed KVM ioctls.
+    (contract.PROBE_ENCRYPT_OP, KPROBE): FD_IOCTL_KPROBES,
     (contract.PROBE_ENCRYPT_OP, TRACEPOINT): IOCTL_TRACEPOINT_PROGRAMS,
+    (contract.PROBE_KVM_CALL, KPROBE): FD_IOCTL_KPROBES,
+    (contract.PROBE_KVM_CALL, TRACEPOINT): IOCTL_TRACEPOINT_PROGRAMS,
+    (contract.PROBE_KVM_RUN, TRACEPOINT): _tracepoints(RUN_TRACEPOINT),
     (contract.PROBE_PROCESS_END, TRACEPOINT): _tracepoints(EXIT_TRACEPOINT),
     (contract.PROBE_EXIT_STATUS, TRACEPOINT): _tracepoints(EXIT_GROUP_TRACEPOINT),
     (contract.PROBE_EXIT_STATUS, KPROBE): (Program(FUNCTION, "kvmtrace_group_exit", ENTRY),),

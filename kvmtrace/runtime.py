@@ -71,15 +71,17 @@ class Runtime:
                  series_ttl: float = 3600.0, clock: Callable[[], float] = time.monotonic,
                  request: Callable[[int], vmm.VmmRequest] | None = None,
                  arch: str = "x86_64", vendor_modules: tuple[str, ...] = (),
-                 recent_starts: int = RECENT_STARTS, fold_live_at: float = 0.5):
+                 recent_starts: int = RECENT_STARTS, fold_live_at: float = 0.5,
+                 params: dict[str, str] | None = None):
         self.source = source
         self.decoder = decoder
         self._request = request or (lambda pid: request_of(source, pid))
         self._fold_live_at = fold_live_at  # fraction of the counts map: fold live entries
         self._arch = arch
         self._vendor_modules = vendor_modules
+        self._params = params or {}  # vendor module parameters (kvmtrace.causes)
         self._requests: dict[int, vmm.VmmRequest] = {}  # followed pids seen so far
-        self._failures: Counter[tuple[str, str, str, str]] = Counter()
+        self._failures: Counter[tuple[str, str, str, str, str]] = Counter()
         self.recent_starts: deque[Start] = deque(maxlen=recent_starts)
         self.on_start: Callable[[Start], None] | None = None  # every stitched start
         self.aggregator = aggregator or Aggregator()
@@ -159,7 +161,8 @@ class Runtime:
         name_of = self.aggregator.budget.name
         for pid, records in by_pid.items():
             request = self._requests.pop(pid, vmm.NOT_KNOWN)
-            for start in startsmod.stitch(records, request, self._arch, self._vendor_modules):
+            for start in startsmod.stitch(records, request, self._arch, self._vendor_modules,
+                                          self._params):
                 if start.failed:
                     comm = name_of(start.comm, cost=1)
                     self._failures[startsmod.failure_labels(start, comm)] += 1
@@ -167,9 +170,9 @@ class Runtime:
                 if self.on_start is not None:
                     self.on_start(start)
 
-    def start_failures(self) -> dict[tuple[str, str, str, str], int]:
-        """kvmtrace_vm_start_failures_total: (comm, stage, reason, requested type) ->
-        failed starts (names past the series budget as comm="other")."""
+    def start_failures(self) -> dict[tuple[str, str, str, str, str], int]:
+        """kvmtrace_vm_start_failures_total: (comm, stage, reason, cause, requested
+        type) -> failed starts (names past the series budget as comm="other")."""
         with self._lock:
             return dict(self._failures)
 

@@ -10,34 +10,40 @@ evidence, and what to do about it.
 
 Stages: ``before_create`` (the VMM read the mask and gave up: QEMU >= 9 does this for a
 type KVM does not offer), ``at_create`` (KVM_CREATE_VM failed), ``during_launch``
-(KVM made the VM; the confidential launch failed or the VMM exited with an error).
-A clean exit, or a stop by SIGTERM/SIGINT/SIGHUP/SIGKILL, is not a failure.
+(KVM made the VM; the confidential launch or another KVM ioctl of its setup failed, or
+the VMM exited with an error), ``at_first_run`` (its first KVM_RUN failed or ended the
+VM). A start ends well at its first KVM_RUN that ran (``ran``: whatever ends the process
+later is not a failed start); a clean exit, or a stop by SIGTERM/SIGINT/SIGHUP/SIGKILL,
+is not a failure either. Every failed start gets one cause (kvmtrace.causes).
 """
 
 from __future__ import annotations
 
 import signal
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from kvmtrace import attempts as attemptsmod
+from kvmtrace import causes as causesmod
+from kvmtrace import kvmabi, tables
 from kvmtrace import plan as planmod
-from kvmtrace import tables
 from kvmtrace.contract import (
     PROC_CREATE_FAILED,
     PROC_CREATED,
     PROC_EXIT_CODE,
     PROC_LAUNCH_FAILED,
     PROC_QUERIED,
+    PROC_RAN,
     firmware_status,
 )
 from kvmtrace.decode import CountRecord
 from kvmtrace.vmm import VmmRequest
 
 BEFORE_CREATE, AT_CREATE, DURING_LAUNCH = "before_create", "at_create", "during_launch"
-STAGES = (BEFORE_CREATE, AT_CREATE, DURING_LAUNCH)
+AT_FIRST_RUN = "at_first_run"
+STAGES = (BEFORE_CREATE, AT_CREATE, DURING_LAUNCH, AT_FIRST_RUN)
 # Outcomes of a followed process.
-FAILED, CLEAN, STOPPED = "failed", "clean_exit", "stopped"
+FAILED, CLEAN, STOPPED, RAN = "failed", "clean_exit", "stopped", "ran"
 NOT_KNOWN = "not_known"  # requested_type when the command line does not say
 # An operator's (or a supervisor's) stop: not a failed start.
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGKILL})
@@ -59,6 +65,11 @@ class Start:
     exit: dict  # {"how": "exited", "status": 1} | {"how": "killed", "signal": "SIGSEGV"}
     creates: list[dict] = field(default_factory=list)
     launch: list[dict] = field(default_factory=list)
+    calls: list[dict] = field(default_factory=list)  # its start's failed KVM ioctls
+    run: dict | None = None  # its first KVM_RUN that failed or ended the VM
+    cause: str | None = None  # kvmtrace.causes, when failed
+    cause_evidence: str | None = None  # what decided the cause
+    cause_hint: str | None = None  # the cause's fix
     hint: str | None = None
     summary: str = ""  # one line for the live view and explain
 
@@ -98,18 +109,36 @@ def _launch_row(r: CountRecord, arch: str) -> dict:
             "firmware_status_code": status, "count": r.count}
 
 
+def _call_row(r: CountRecord, arch: str) -> dict:
+    return {"command": kvmabi.ioctl_name(r.verdicts, arch), "errno": r.errno,
+            "vm_type": r.vm_type, "vm_type_name": r.vm_type_name, "count": r.count}
+
+
+def _run_row(r: CountRecord) -> dict:
+    return {"errno": r.errno, "exit_reason": kvmabi.exit_reason_name(r.verdicts),
+            "vm_type": r.vm_type, "vm_type_name": r.vm_type_name}
+
+
 def stitch(records: Sequence[CountRecord], request: VmmRequest, arch: str = "x86_64",
-           vendor_modules: Sequence[str] = ()) -> list[Start]:
+           vendor_modules: Sequence[str] = (),
+           params: Mapping[str, str] | None = None) -> list[Start]:
     """One Start per end record among one process's ``records`` (none: it has not
-    ended, or was not followed to its end)."""
-    ends = [r for r in records if r.probe == planmod.PROCESS_END]
-    creates = [r for r in records if r.probe == planmod.CREATE_VM]
-    launch = [r for r in records if r.probe == planmod.ENCRYPT_OP]
-    return [_one(end, creates, launch, request, arch, vendor_modules) for end in ends]
+    ended, or was not followed to its end). ``params``: the host's vendor module
+    parameters (kvm_amd.sev_snp ...), to tell a feature left off at bring-up."""
+    by_probe: dict[str, list[CountRecord]] = {}
+    for r in records:
+        by_probe.setdefault(r.probe, []).append(r)
+    seen = {"creates": by_probe.get(planmod.CREATE_VM, []),
+            "launch": by_probe.get(planmod.ENCRYPT_OP, []),
+            "calls": by_probe.get(planmod.KVM_CALL, []),
+            "runs": by_probe.get(planmod.KVM_RUN, [])}
+    return [_one(end, seen, request, arch, vendor_modules, params or {})
+            for end in by_probe.get(planmod.PROCESS_END, [])]
 
 
-def _one(end: CountRecord, creates: list[CountRecord], launch: list[CountRecord],
-         request: VmmRequest, arch: str, vendor_modules: Sequence[str]) -> Start:
+def _one(end: CountRecord, seen: Mapping[str, list[CountRecord]], request: VmmRequest,
+         arch: str, vendor_modules: Sequence[str], params: Mapping[str, str]) -> Start:
+    creates, launch = seen["creates"], seen["launch"]
     mask = end.vm_type if end.verdicts & PROC_QUERIED else None
     ex = exit_of(end.result, end.verdicts, end.detail)
     # What it did, from the end record's bits (exact even when a busy map made the
@@ -124,17 +153,25 @@ def _one(end: CountRecord, creates: list[CountRecord], launch: list[CountRecord]
                     "result": r.errno or "ok", "count": r.count} for r in creates]
     offered = [tables.vm_type_name(t, arch) for t in tables.supported_vm_types(mask)] \
         if mask is not None and mask >= 0 else []
+    calls = [_call_row(r, arch) for r in seen["calls"]]
+    run = _run_row(seen["runs"][-1]) if seen["runs"] else None
     base = dict(pid=end.pid or 0, comm=end.comm, requested_type=wanted,
                 vm_name=request.name, vmm=request.kind, request_evidence=request.evidence,
                 mask=mask, offered=offered, exit=ex, creates=create_rows,
-                launch=[_launch_row(r, arch) for r in launch])
+                launch=[_launch_row(r, arch) for r in launch], calls=calls, run=run)
     if ex["how"] == "exited" and ex["status"] == 0:
         return Start(outcome=CLEAN, stage=None, reason=None, **base)
     if _stopped(ex):
         return Start(outcome=STOPPED, stage=None, reason=None, **base)
+    if flags & PROC_RAN:  # a vCPU ran: the start went well; a later end is not its
+        return Start(outcome=RAN, stage=None, reason=None, **base)
     crashed = ex["how"] == "killed"
-    if failed_launch:
+    if run is not None and not failed_launch and not calls:
+        stage, reason = AT_FIRST_RUN, attemptsmod.FIRST_RUN_FAILED
+    elif failed_launch:
         stage, reason = DURING_LAUNCH, attemptsmod.LAUNCH_FAILED
+    elif calls:
+        stage, reason = DURING_LAUNCH, attemptsmod.SETUP_FAILED
     elif accepted:
         stage = DURING_LAUNCH
         reason = attemptsmod.VMM_CRASHED if crashed else attemptsmod.EXITED_AFTER_CREATE
@@ -154,7 +191,14 @@ def _one(end: CountRecord, creates: list[CountRecord], launch: list[CountRecord]
     text = attemptsmod.hint(reason, hint_type, vendor_modules)
     if failed_ops:
         text = attemptsmod.LAUNCH_HINTS.get(failed_ops[-1].errno or "EIO", text)
-    start = Start(outcome=FAILED, stage=stage, reason=reason, hint=text, **base)
+    cause = causesmod.decide(causesmod.Failure(
+        stage=stage, reason=reason, requested_type=wanted, exit=ex,
+        creates=[c for c in create_rows if c["result"] != "ok"],
+        launch=[op for op in base["launch"] if op["errno"] or op["firmware_status_code"]],
+        calls=calls, run=run,
+        disabled=causesmod.disabled_at_bringup(wanted, params)))
+    start = Start(outcome=FAILED, stage=stage, reason=reason, hint=text, cause=cause.name,
+                  cause_evidence=cause.evidence, cause_hint=cause.hint, **base)
     return Start(**{**asdict(start), "summary": summary(start)})
 
 
@@ -193,17 +237,23 @@ def summary(s: Start) -> str:
             op = bad[-1]
             parts.append(f"{op['family']} {op['command']} failed with {op['errno'] or 'ok'}"
                          f" (firmware status {op['firmware_status']})")
+        elif s.calls:
+            parts.append(f"{s.calls[0]['command']} failed with {s.calls[0]['errno']}")
         else:
             made = ", ".join(sorted({c["vm_type_name"] for c in s.creates
                                      if c["result"] == "ok"}))
             parts.append(f"KVM created a {made + ' ' if made else ''}VM")
+    elif s.stage == AT_FIRST_RUN and s.run is not None:
+        parts.append(f"its first KVM_RUN failed with {s.run['errno']}" if s.run["errno"]
+                     else f"its first KVM_RUN ended the VM (exit {s.run['exit_reason']})")
     elif s.stage == BEFORE_CREATE:
         parts.append("no KVM_CREATE_VM")
     parts.append(_exit_text(s.exit))
-    return f"{s.stage}: " + "; ".join(parts) + f" [{s.reason}]"
+    return f"{s.stage}: " + "; ".join(parts) + f" [{s.reason}; cause {s.cause}]"
 
 
-def failure_labels(s: Start, comm: str) -> tuple[str, str, str, str]:
-    """The labels of kvmtrace_vm_start_failures_total for a failed start."""
-    return (comm, s.stage or "", s.reason or "", s.requested_type)
+def failure_labels(s: Start, comm: str) -> tuple[str, str, str, str, str]:
+    """The labels of kvmtrace_vm_start_failures_total for a failed start: comm, stage,
+    reason, cause, requested type."""
+    return (comm, s.stage or "", s.reason or "", s.cause or "", s.requested_type)
 

@@ -10,15 +10,7 @@ import errno as _errno
 import signal
 from collections.abc import Mapping
 
-# include/uapi/linux/kvm.h: #define KVMIO 0xAE, KVM_*: _IO(KVMIO, nr)
-KVM_GET_API_VERSION = 0xAE00
-KVM_CREATE_VM = 0xAE01
-KVM_CHECK_EXTENSION = 0xAE03
-# _IOWR(KVMIO, 0xba, unsigned long): direction 3 (read|write) << 30, size 8 << 16,
-# type 0xAE << 8, number 0xba. x86 only (SEV and TDX): the confidential launch.
-KVM_MEMORY_ENCRYPT_OP = 0xC008AEBA
-# include/uapi/linux/kvm.h (upstream since 6.8). The 2023 TDX v12 series used 227.
-KVM_CAP_VM_TYPES = 235
+# KVM's ioctl numbers and KVM_RUN's exit reasons: kvmtrace.kvmabi.
 
 # arch/x86/include/uapi/asm/kvm.h: KVM_X86_*_VM
 _X86_VM_TYPES: Mapping[int, str] = {0: "DEFAULT", 1: "SW_PROTECTED", 2: "SEV", 3: "SEV_ES",

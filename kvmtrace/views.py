@@ -6,8 +6,8 @@ import json
 import time
 from collections.abc import Sequence
 
+from kvmtrace import kvmabi, tables
 from kvmtrace import plan as planmod
-from kvmtrace import tables
 from kvmtrace.attempts import Attempt, Step
 from kvmtrace.decode import Event
 from kvmtrace.plan import Attachment, Layer, layer_depth
@@ -50,6 +50,10 @@ def describe_result(ev: Event, arch: str) -> str:
         return encrypt_text(ev, arch)
     if ev.probe == planmod.PROCESS_END:
         return end_text(ev, arch)
+    if ev.probe == planmod.KVM_CALL:  # the ioctl that failed (its errno is in ERRNO)
+        return kvmabi.ioctl_name(ev.verdicts, arch).removeprefix("KVM_")
+    if ev.probe == planmod.KVM_RUN:
+        return f"exit={kvmabi.exit_reason_name(ev.verdicts)}"
     return str(ev.result)
 
 
@@ -104,12 +108,17 @@ def event_json(ev: Event, arch: str) -> str:
         data.update(encrypt_fields(ev, arch))
     elif ev.probe == planmod.PROCESS_END:
         data.update(exit=exit_of(ev.result, ev.verdicts, ev.detail), mask=ev.vm_type)
+    elif ev.probe == planmod.KVM_CALL:
+        data["command"] = kvmabi.ioctl_name(ev.verdicts, arch)
+    elif ev.probe == planmod.KVM_RUN:
+        data["exit_reason"] = kvmabi.exit_reason_name(ev.verdicts)
     return json.dumps(data, sort_keys=True)
 
 
 def start_note(s: Start) -> list[str]:
     """The lines `trace`, `serve` and `explain` print for a failed VM start."""
-    return [f"    ↳ VM start failed {s.summary}", f"    ↳ hint: {s.hint}"]
+    return [f"    ↳ VM start failed {s.summary}",
+            f"    ↳ cause {s.cause}: {s.cause_evidence}", f"    ↳ hint: {s.cause_hint}"]
 
 
 def start_report(s: Start, number: int) -> str:
@@ -127,6 +136,14 @@ def start_report(s: Start, number: int) -> str:
         lines.append(f"  KVM_MEMORY_ENCRYPT_OP {op['family']}:{op['command']}: "
                      f"{op['errno'] or 'ok'}, firmware status {op['firmware_status']} "
                      f"(x{op['count']})")
+    for c in s.calls:
+        lines.append(f"  {c['command']} ({c['vm_type_name']} VM): {c['errno']} "
+                     f"(x{c['count']})")
+    if s.run is not None:
+        lines.append(f"  first KVM_RUN: {s.run['errno'] or 'ok'}, exit "
+                     f"{s.run['exit_reason']}")
+    lines.append(f"  cause: {s.cause} ({s.cause_evidence})")
+    lines.append(f"  fix: {s.cause_hint}")
     lines.append(f"  hint: {s.hint}")
     return "\n".join(lines)
 

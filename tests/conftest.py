@@ -89,7 +89,9 @@ def with_follow_points(f: HostFacts) -> HostFacts:
     syms = {**f.symbols, **{n: Symbol(n, None) for n in (
         "do_exit", "kvm_arch_vm_ioctl", "__x64_sys_execve", "__x64_sys_execveat")},
         "kvm_arch_vcpu_ioctl": Symbol("kvm_arch_vcpu_ioctl", "kvm"),
+        "kvm_vm_ioctl": Symbol("kvm_vm_ioctl", "kvm"),
         "sev_mem_enc_ioctl": Symbol("sev_mem_enc_ioctl", "kvm_amd")}
     return dataclasses.replace(f, symbols=syms, tracepoints=[
         *f.tracepoints, "sched:sched_process_exit", "signal:signal_deliver",
-        "syscalls:sys_enter_exit_group", "syscalls:sys_enter_execve"])
+        "syscalls:sys_enter_exit_group", "syscalls:sys_enter_execve",
+        "kvm:kvm_userspace_exit"])

@@ -21,7 +21,7 @@ def test_this_host_uses_syscall_tracepoints_and_names_every_missing_point(kernel
     assert [p.name for p in plan.points] == [
         "KVM_CREATE_VM", "KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES)", "kvm_arch_init_vm",
         "KVM_MEMORY_ENCRYPT_OP", "process exit", "exit status", "fatal signal",
-        "command line at exec",
+        "command line at exec", "failed KVM ioctl", "first KVM_RUN",
         "kvm_is_vm_type_supported", "vmx_is_vm_type_supported", "svm_is_vm_type_supported",
         *facts.LAUNCH_FUNCTIONS]
     assert pts["KVM_CREATE_VM"].mechanism == planmod.Mechanism.TRACEPOINT
@@ -179,7 +179,20 @@ def test_following_processes_on_a_kprobe_host_stays_off_the_syscall_tracepoints(
     assert (pts["exit status"].mechanism, pts["exit status"].target) == \
         (planmod.Mechanism.KPROBE, "do_exit")
     assert (pts["KVM_MEMORY_ENCRYPT_OP"].mechanism, pts["KVM_MEMORY_ENCRYPT_OP"].target) == \
-        (planmod.Mechanism.KPROBE, "kvm_arch_vm_ioctl+kvm_arch_vcpu_ioctl")
+        (planmod.Mechanism.KPROBE, "kvm_vm_ioctl+kvm_arch_vcpu_ioctl")
+    # A start's failed KVM ioctls share those kprobes; its first KVM_RUN is kvm's own
+    # tracepoint (no syscall tracepoint either).
+    assert (pts["failed KVM ioctl"].mechanism, pts["failed KVM ioctl"].target) == \
+        (planmod.Mechanism.KPROBE, "kvm_vm_ioctl+kvm_arch_vcpu_ioctl")
+    assert "every VM ioctl" in pts["failed KVM ioctl"].reason
+    assert (pts["first KVM_RUN"].mechanism, pts["first KVM_RUN"].target) == \
+        (planmod.Mechanism.TRACEPOINT, "kvm:kvm_userspace_exit")
+    # Without kvm_vm_ioctl: kvm_arch_vm_ioctl, and the reason says what is not seen.
+    old = dataclasses.replace(f, symbols={n: s for n, s in f.symbols.items()
+                                          if n != "kvm_vm_ioctl"})
+    calls = by_name(planmod.make_plan(old))["failed KVM ioctl"]
+    assert calls.target == "kvm_arch_vm_ioctl+kvm_arch_vcpu_ioctl"
+    assert "the architecture's VM ioctls only (kvm_vm_ioctl is absent)" in calls.reason
     assert (pts["command line at exec"].mechanism, pts["command line at exec"].target) == \
         (planmod.Mechanism.KPROBE, "__x64_sys_execve+__x64_sys_execveat")
     no_entry = dataclasses.replace(f, symbols={
@@ -196,7 +209,8 @@ def test_without_sched_process_exit_nothing_is_followed_and_each_point_says_why(
     pts = by_name(planmod.make_plan(f))
     assert pts["process exit"].mechanism is None
     assert "sched:sched_process_exit missing" in pts["process exit"].reason
-    for name in ("exit status", "fatal signal", "KVM_MEMORY_ENCRYPT_OP"):
+    for name in ("exit status", "fatal signal", "KVM_MEMORY_ENCRYPT_OP", "failed KVM ioctl",
+                 "first KVM_RUN"):
         assert pts[name].mechanism is None and "needs process exit" in pts[name].reason
 
 
@@ -226,3 +240,22 @@ def test_a_launch_function_left_only_as_a_clone_that_keeps_its_return_is_traced(
     assert "compiler clone" in snp.reason
     td = pts["tdx_td_init"]  # a .part clone is only a part of the function: not traced
     assert td.mechanism is None and "tdx_td_init.part.0" in td.reason
+
+
+def test_a_starts_calls_ride_on_the_ioctl_tracepoints_and_its_first_run_on_kvms(kernel_facts):
+    """A syscall-tracepoint host (this one): the failed KVM ioctls of a start come from
+    the ioctl tracepoints already attached (the loader attaches them once), the first
+    KVM_RUN from kvm:kvm_userspace_exit; without that tracepoint (kvm.ko not loaded)
+    the point is reported missing by name."""
+    f = with_follow_points(kernel_facts("firecracker-6.18-no-kprobes"))
+    pts = by_name(planmod.make_plan(f))
+    ioctl = pts["KVM_CREATE_VM"]
+    calls, run = pts["failed KVM ioctl"], pts["first KVM_RUN"]
+    assert (calls.mechanism, calls.target) == (ioctl.mechanism, ioctl.target)
+    assert calls.layer == run.layer == planmod.Layer.START
+    assert (run.mechanism, run.target) == (planmod.Mechanism.TRACEPOINT,
+                                           "kvm:kvm_userspace_exit")
+    no_kvm = dataclasses.replace(f, tracepoints=[t for t in f.tracepoints
+                                                 if not t.startswith("kvm:")])
+    run = by_name(planmod.make_plan(no_kvm))["first KVM_RUN"]
+    assert run.mechanism is None and run.reason == "tracepoint kvm:kvm_userspace_exit missing"

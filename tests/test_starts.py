@@ -47,7 +47,8 @@ def test_snp_refused_before_create_is_a_failure_with_its_evidence(decode):
     assert s.exit == {"how": "exited", "status": 1}
     assert "SEV" in s.hint and "KVM_CAP_VM_TYPES=0x1" in s.summary
     assert starts.failure_labels(s, "qemu") == ("qemu", "before_create", "vmm_refused_type",
-                                                "SNP")
+                                                "type_not_offered", "SNP")
+    assert s.cause_evidence == ("the VMM read KVM_CAP_VM_TYPES, found no SNP and made no VM")
 
 
 def test_sev_after_a_default_create_is_a_failed_launch(decode):
@@ -145,7 +146,8 @@ def test_the_runtime_counts_failures_by_stage_reason_and_type(kernel_facts):
     rt.on_start = seen.append
     assert rt.retire_exited() == 4
     assert sorted(asked) == [20, 21, 22]  # each followed process looked up once
-    assert rt.start_failures() == {("qemu-a", "before_create", "vmm_refused_type", "SNP"): 2}
+    assert rt.start_failures() == {
+        ("qemu-a", "before_create", "vmm_refused_type", "type_not_offered", "SNP"): 2}
     assert [s.pid for s in seen] == [20, 21] and len(rt.recent_starts) == 2
     rt.retire_exited()
     assert sorted(asked) == [20, 21, 22]
@@ -203,3 +205,57 @@ def test_a_filling_map_asks_for_a_pass_before_the_interval(kernel_facts):
     assert rt.filling()
     del source._health["counts_inserted"]  # a source that does not count inserts
     assert not rt.filling()
+
+
+# ---- a start's other KVM ioctls and its first KVM_RUN (hand-built records, in the
+# shape the kernel writes them: measured on this host by tests/privileged/
+# test_privileged_starts.py) ----
+
+MEMFD, REGION2 = 0xC040AED4, 0x40A0AE49
+
+
+def test_failed_setup_call_run_and_ran(decode):
+    from kvmtrace.contract import PROC_CALL_FAILED, PROC_RAN, PROC_RUN_FAILED
+
+    created = PROC_CREATED | PROC_EXIT_CODE
+    # KVM_CREATE_GUEST_MEMFD refused with ENOTTY (a DEFAULT VM), then exit 1.
+    recs = decode([(30, C.PROBE_CREATE_VM, 0, 0, 0, 0, 1),
+                   (30, C.PROBE_KVM_CALL, 0, -25, MEMFD, 0, 1),
+                   end(30, 0, 1 << 8, created | PROC_CALL_FAILED)])
+    (s,) = starts.stitch(recs, vmm.NOT_KNOWN)
+    assert (s.outcome, s.stage, s.reason, s.cause) == (
+        "failed", "during_launch", "setup_failed", "memory_setup")
+    assert s.calls == [{"command": "KVM_CREATE_GUEST_MEMFD", "errno": "ENOTTY", "vm_type": 0,
+                        "vm_type_name": "DEFAULT", "count": 1}]
+    assert "KVM_CREATE_GUEST_MEMFD failed with ENOTTY" in s.summary
+    assert s.summary.endswith("[setup_failed; cause memory_setup]")
+    # KVM_SET_USER_MEMORY_REGION2 on a bad slot: EINVAL, memory setup too.
+    recs = decode([(31, C.PROBE_CREATE_VM, 0, 0, 0, 0, 1),
+                   (31, C.PROBE_KVM_CALL, 0, -22, REGION2, 0, 1),
+                   end(31, 0, 1 << 8, created | PROC_CALL_FAILED)])
+    (s,) = starts.stitch(recs, vmm.NOT_KNOWN)
+    assert (s.cause, s.cause_evidence) == (
+        "memory_setup", "KVM_SET_USER_MEMORY_REGION2 failed with EINVAL")
+    # The first KVM_RUN on a vCPU without memory: ENOSPC.
+    recs = decode([(32, C.PROBE_CREATE_VM, 0, 0, 0, 0, 1),
+                   (32, C.PROBE_KVM_RUN, 0, -28, 0, 0, 1),
+                   end(32, 0, 1 << 8, created | PROC_RUN_FAILED)])
+    (s,) = starts.stitch(recs, vmm.NOT_KNOWN)
+    assert (s.stage, s.reason, s.cause) == ("at_first_run", "first_run_failed",
+                                             "first_run_failed")
+    assert s.run == {"errno": "ENOSPC", "exit_reason": "UNKNOWN", "vm_type": 0,
+                     "vm_type_name": "DEFAULT"}
+    assert "its first KVM_RUN failed with ENOSPC" in s.summary
+    # An ending exit with no errno: a triple fault (SHUTDOWN).
+    recs = decode([(33, C.PROBE_CREATE_VM, 0, 0, 0, 0, 1),
+                   (33, C.PROBE_KVM_RUN, 0, 0, 8, 0, 1),
+                   end(33, 0, 1 << 8, created | PROC_RUN_FAILED)])
+    (s,) = starts.stitch(recs, vmm.NOT_KNOWN)
+    assert s.run["exit_reason"] == "SHUTDOWN" and s.run["errno"] is None
+    assert "ended the VM (exit SHUTDOWN)" in s.summary
+    assert s.cause_evidence == "the first KVM_RUN ended the VM with exit SHUTDOWN"
+    # A vCPU ran: the start went well, whatever ends the process later.
+    recs = decode([(34, C.PROBE_CREATE_VM, 0, 0, 0, 0, 1),
+                   end(34, 0, 1 << 8, created | PROC_RAN)])
+    (s,) = starts.stitch(recs, vmm.NOT_KNOWN)
+    assert (s.outcome, s.stage, s.cause, s.failed) == ("ran", None, None, False)

@@ -56,19 +56,7 @@ def test_escape_comm(raw, text):
     assert tables.escape_comm(raw) == text
 
 
-def test_ioctl_numbers_match_uapi_encoding():
-    # _IO(KVMIO=0xAE, nr): direction 0, size 0, type 0xAE, number nr.
-    assert tables.KVM_GET_API_VERSION == (0xAE << 8) | 0x00
-    assert tables.KVM_CREATE_VM == (0xAE << 8) | 0x01
-    assert tables.KVM_CHECK_EXTENSION == (0xAE << 8) | 0x03
-
-
 # --- the confidential launch ---
-
-
-def test_memory_encrypt_op_matches_uapi_encoding():
-    # include/uapi/linux/kvm.h: _IOWR(KVMIO, 0xba, unsigned long): dir 3, size 8.
-    assert tables.KVM_MEMORY_ENCRYPT_OP == (3 << 30) | (8 << 16) | (0xAE << 8) | 0xBA
 
 
 def test_sev_numbers_against_the_headers():

@@ -10,6 +10,15 @@ closed at once. Uses ctypes so 64-bit types (2**32+1) reach the kernel intact.
 issues KVM_MEMORY_ENCRYPT_OP with a struct kvm_sev_cmd of that id on each accepted VM
 fd (before closing it) and prints {"sev_cmd", "vm_fd", "ret", "errno", "error"}; --exit
 ends with that exit_group status.
+
+    python tests/vmmaker.py --name kvmt-mem --types 0 --step memfd --step run-nomem --exit 1
+
+takes a VM start's steps on each accepted VM, in order, and prints {"step", "cmd",
+"ret", "errno"} for each: ``memfd`` KVM_CREATE_GUEST_MEMFD with an undefined flag,
+``region2`` KVM_SET_USER_MEMORY_REGION2 on slot 0xffff (past every VM's slots),
+``attributes`` KVM_SET_MEMORY_ATTRIBUTES (private) on the first page, ``run-nomem`` a
+vCPU with no memory at all run once, ``run-io`` a vCPU whose real-mode guest writes to
+an I/O port, run once (it ran).
 """
 
 from __future__ import annotations
@@ -27,6 +36,19 @@ KVM_CHECK_EXTENSION = 0xAE03
 KVM_CAP_VM_TYPES = 235
 KVM_MEMORY_ENCRYPT_OP = 0xC008AEBA  # _IOWR(KVMIO, 0xba, unsigned long)
 PR_SET_NAME = 15
+# include/uapi/linux/kvm.h (x86-64 sizes; kvmtrace/kvmabi.py holds the same numbers)
+KVM_GET_VCPU_MMAP_SIZE = 0xAE04
+KVM_CREATE_VCPU = 0xAE41
+KVM_SET_USER_MEMORY_REGION = 0x4020AE46
+KVM_SET_USER_MEMORY_REGION2 = 0x40A0AE49
+KVM_CREATE_GUEST_MEMFD = 0xC040AED4
+KVM_SET_MEMORY_ATTRIBUTES = 0x4020AED2
+KVM_RUN = 0xAE80
+KVM_GET_SREGS = 0x8138AE83
+KVM_SET_SREGS = 0x4138AE84
+KVM_SET_REGS = 0x4090AE82
+KVM_EXIT_IO = 2
+STEPS = ("memfd", "region2", "attributes", "run-nomem", "run-io")
 
 
 class KvmSevCmd(ctypes.Structure):
@@ -48,10 +70,72 @@ def ioctl(fd: int, request: int, arg: int) -> tuple[int, int]:
     return ret, (ctypes.get_errno() if ret < 0 else 0)
 
 
+def _buf_ioctl(fd: int, request: int, buf) -> tuple[int, int]:
+    ret = libc.ioctl(fd, ctypes.c_ulong(request), ctypes.byref(buf))
+    return ret, (ctypes.get_errno() if ret < 0 else 0)
+
+
+def _vcpu(kvm_fd: int, vm_fd: int) -> tuple[int, int, object]:
+    """A vCPU of ``vm_fd``: (fd or -1, errno, its mmap'd struct kvm_run or None)."""
+    import mmap
+    vcpu, err = ioctl(vm_fd, KVM_CREATE_VCPU, 0)
+    if vcpu < 0:
+        return vcpu, err, None
+    size, _ = ioctl(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0)
+    return vcpu, 0, mmap.mmap(vcpu, size)
+
+
+def step(kvm_fd: int, vm_fd: int, name: str, record) -> None:
+    """One step of a VM start on ``vm_fd`` (see the module's docstring)."""
+    import mmap
+    if name == "memfd":  # struct kvm_create_guest_memfd: size, flags, reserved[6]
+        arg, req = (ctypes.c_uint64 * 8)(4096, 1 << 63), KVM_CREATE_GUEST_MEMFD
+    elif name == "region2":  # struct kvm_userspace_memory_region2 (160 bytes)
+        arg, req = (ctypes.c_uint32 * 40)(0xFFFF), KVM_SET_USER_MEMORY_REGION2
+    elif name == "attributes":  # struct kvm_memory_attributes: address, size, attributes
+        arg, req = (ctypes.c_uint64 * 4)(0, 4096, 1 << 3), KVM_SET_MEMORY_ATTRIBUTES
+    if name in ("memfd", "region2", "attributes"):
+        ret, err = _buf_ioctl(vm_fd, req, arg)
+        record(step=name, cmd=hex(req), ret=ret, errno=err)
+        if ret >= 0 and name == "memfd":
+            os.close(ret)
+        return
+    guest = None
+    if name == "run-io":  # out 0x10, al; inc al; jmp back -- at guest physical 0x1000
+        guest = mmap.mmap(-1, 4096)
+        guest.write(bytes([0xE6, 0x10, 0xFE, 0xC0, 0xEB, 0xFA]))
+        region = (ctypes.c_uint64 * 4)(0, 0x1000, 4096, ctypes.addressof(
+            ctypes.c_char.from_buffer(guest)))  # slot 0, flags 0
+        ret, err = _buf_ioctl(vm_fd, KVM_SET_USER_MEMORY_REGION, region)
+        if ret < 0:
+            record(step=name, cmd=hex(KVM_SET_USER_MEMORY_REGION), ret=ret, errno=err)
+            return
+    vcpu, err, run = _vcpu(kvm_fd, vm_fd)
+    if vcpu < 0:
+        record(step=name, cmd=hex(KVM_CREATE_VCPU), ret=vcpu, errno=err)
+        return
+    if guest is not None:  # real mode at 0x1000: cs.base and cs.selector 0, rip 0x1000
+        sregs = (ctypes.c_uint8 * 312)()
+        _buf_ioctl(vcpu, KVM_GET_SREGS, sregs)
+        ctypes.memset(ctypes.addressof(sregs), 0, 8)  # cs.base
+        ctypes.memset(ctypes.addressof(sregs) + 12, 0, 2)  # cs.selector
+        _buf_ioctl(vcpu, KVM_SET_SREGS, sregs)
+        regs = (ctypes.c_uint64 * 18)()
+        regs[16], regs[17] = 0x1000, 2  # rip, rflags
+        _buf_ioctl(vcpu, KVM_SET_REGS, regs)
+    ret, err = ioctl(vcpu, KVM_RUN, 0)
+    exit_reason = int.from_bytes(run[8:12], "little")  # struct kvm_run.exit_reason
+    record(step=name, cmd=hex(KVM_RUN), ret=ret, errno=err, exit_reason=exit_reason)
+    run.close()
+    os.close(vcpu)
+
+
 def create_vm(kvm_fd: int, vm_type: int, sev_cmd: int | None = None,
-              record=None) -> tuple[int, int]:
+              record=None, steps: tuple[str, ...] = ()) -> tuple[int, int]:
     ret, err = ioctl(kvm_fd, KVM_CREATE_VM, vm_type)
     if ret >= 0:
+        for name in steps:
+            step(kvm_fd, ret, name, record)
         if sev_cmd is not None:
             cmd = KvmSevCmd(id=sev_cmd, sev_fd=0xFFFFFFFF)
             r = libc.ioctl(ret, ctypes.c_ulong(KVM_MEMORY_ENCRYPT_OP), ctypes.byref(cmd))
@@ -75,6 +159,8 @@ def main() -> int:
                     help="N threads; thread i creates types[i %% len(types)] --repeat times")
     ap.add_argument("--sev-cmd", type=int, default=None,
                     help="KVM_MEMORY_ENCRYPT_OP with this kvm_sev_cmd id on each VM made")
+    ap.add_argument("--step", action="append", choices=STEPS, default=[],
+                    help="a VM start's step on each VM made, in order (repeatable)")
     ap.add_argument("--exit", type=int, default=0, help="exit status (exit_group)")
     args = ap.parse_args()
     set_comm(args.name)
@@ -116,7 +202,7 @@ def main() -> int:
                 set_comm(f"{args.name}-{i}")
             for _ in range(args.repeat):
                 for t in types:
-                    ret, err = create_vm(fd, t, args.sev_cmd, record)
+                    ret, err = create_vm(fd, t, args.sev_cmd, record, tuple(args.step))
                     record(vm_type=t, ret=ret, errno=err, tid=threading.get_native_id())
     for o in out:
         print(json.dumps(o))
