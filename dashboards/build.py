@@ -142,12 +142,15 @@ def panels() -> list[dict]:
                      "totals dropped")], w=8, thresholds=RED),
 
         row("VM starts"),
-        timeseries("Failed VM starts by stage, reason and requested type",
-                   "kvmtrace_vm_start_failures_total: before_create (the VMM refused the "
-                   "type or exited first), at_create (KVM_CREATE_VM failed), during_launch "
-                   "(a KVM_MEMORY_ENCRYPT_OP failed, or the VMM exited after creating).",
-                   [target(rate(fail, "stage, reason, requested_type"),
-                           "{{stage}} {{reason}} {{requested_type}}")]),
+        timeseries("Failed VM starts by cause, stage and requested type",
+                   "kvmtrace_vm_start_failures_total: the cause (kvmtrace's fixed table: "
+                   "type_not_offered, feature_disabled_at_bringup, firmware_error, "
+                   "memory_setup, first_run_failed, vmm_config, ...) and the stage: "
+                   "before_create (the VMM refused the type or exited first), at_create "
+                   "(KVM_CREATE_VM failed), during_launch (the launch or another setup ioctl "
+                   "failed, or the VMM exited after creating), at_first_run.",
+                   [target(rate(fail, "cause, stage, requested_type"),
+                           "{{cause}} {{stage}} {{requested_type}}")]),
         timeseries("Rejected KVM_CREATE_VM by VM type, reason and errno",
                    "kvmtrace_vm_create_rejected_total; reason as kvmtrace explain gives it.",
                    [target(rate(rej, "vm_type_name, reason, errno"),

@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "/api/rejections (default 100)")
     s.add_argument("--strict", action="store_true",
                    help="fail unless every probe point that is not optional attaches")
+    s.add_argument("--log.format", dest="log_format", choices=("logfmt", "json"),
+                   default="logfmt",
+                   help="the one line on stderr per failed VM start (default logfmt; "
+                        "under systemd, journal fields instead)")
 
     t = sub.add_parser("trace", help="one line per VM creation attempt and type check",
                        epilog=EXAMPLES_TRACE, formatter_class=fmt)

@@ -70,6 +70,10 @@ class Start:
     cause: str | None = None  # kvmtrace.causes, when failed
     cause_evidence: str | None = None  # what decided the cause
     cause_hint: str | None = None  # the cause's fix
+    # The VMM's own last words on its stderr (at most 4 KiB, escaped), or None with
+    # vmm_words_note saying why they could not be had.
+    vmm_words: str | None = None
+    vmm_words_note: str | None = None
     hint: str | None = None
     summary: str = ""  # one line for the live view and explain
 

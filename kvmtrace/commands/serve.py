@@ -6,13 +6,23 @@ collector, the landing page and the APIs while the poll loop feeds the live view
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import threading
 from collections import deque
 from collections.abc import Callable
 
-from kvmtrace import __version__, capdrop, kvmdev, notify, privileges, views, webconfig
+from kvmtrace import (
+    __version__,
+    capdrop,
+    kvmdev,
+    logline,
+    notify,
+    privileges,
+    views,
+    webconfig,
+)
 from kvmtrace import evidence as evidencemod
 from kvmtrace import plan as planmod
 from kvmtrace import readiness as readinessmod
@@ -118,8 +128,14 @@ def _live_view(args, live: Live, sink: LineSink, rejections: deque[Attempt]):
                 lines += views.attempt_note(done[-1])
             sink.write("\n".join(lines))
 
+    start_log = logline.StartLog(args.log_format, sys.stderr,
+                                 logline.stderr_is_journal(os.environ))
+
     def on_start(st: Start) -> None:
-        if st.failed and not args.quiet:
+        if not st.failed:
+            return
+        start_log(st)  # the structured line, -q or not
+        if not args.quiet:
             sink.write("\n".join(views.start_note(st)))
 
     return on_attempt, on_event, on_start

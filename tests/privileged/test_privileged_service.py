@@ -366,8 +366,8 @@ def test_perf_event_paranoid_decides_whether_cap_sys_admin_is_needed(command):
             and "/etc/sysctl.d" in line, line
         return
     proc = subprocess.run([*setpriv(caps, groups), PYTHON, "-m", "kvmtrace", "doctor",
-                           "--json"], capture_output=True, text=True, timeout=120, cwd="/",
-                          check=False)
+                           "--json"], capture_output=True, text=True, cwd="/", check=False,
+                          timeout=max(120, START_TIMEOUT))  # a bcc compile
     assert "Traceback" not in proc.stderr, proc.stderr
     (req,) = [r for r in json.loads(proc.stdout)["requirements"]
               if r["name"] == "perf_event_open"]

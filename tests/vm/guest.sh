@@ -66,7 +66,7 @@ export PYTHONPATH="$REPO"
 export KVMTRACE_SEEDSIM_KO="$SEEDSIM_KO"
 # Under emulation the first bcc compile also pages clang/LLVM in over 9p; do that now
 # (tests/privileged/ gives kvmtrace 60 s to attach, unless it honours this:)
-export KVMTRACE_TEST_START_TIMEOUT=240
+export KVMTRACE_TEST_START_TIMEOUT=420
 t0=$(date +%s)
 # (Debian 12: LLVM 14; Debian 13: LLVM 19 -- whatever this userland's bcc links.)
 cat /usr/lib/*-linux-gnu/libbcc.so.0* /usr/lib/*-linux-gnu/libclang-cpp.so.* \
