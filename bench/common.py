@@ -33,15 +33,19 @@ WORKLOADS = {
     "fork_exit": "fork(); the child _exit(0)s at once; waitpid() (process creation and exit)",
     "fork_exec_exit": "fork(); the child execve()s the driver with 20 arguments of 40 bytes "
                       "(a VMM's command line), which exits 0 at once; waitpid()",
+    "write_pipe": "write() 8 bytes to a pipe and read() them back (small writes, host-wide)",
+    "write_null": "write() 64 bytes to /dev/null",
+    "kvm_run_io": "KVM_RUN of a tiny guest writing to an I/O port in a loop (a VM that ran)",
 }
-# --quick's default workloads: all but fork_exit and fork_exec_exit for now, because
+# --quick's default workloads: all but the fork, write and KVM_RUN ones for now, because
 # tests/test_bench_quick.py expects exactly the five syscall workloads in the quick JSON;
 # once it lists the two, make this list(WORKLOADS). `--quick --workloads` runs any.
-QUICK_WORKLOADS = [w for w in WORKLOADS if not w.startswith("fork_")]
+QUICK_WORKLOADS = [w for w in WORKLOADS if not w.startswith(("fork_", "write_", "kvm_run"))]
 # Short codes for per-run comms ("kb<round><code>", at most 15 bytes).
 CODES = {"fionread": "fio", "getppid": "ppid", "create_rejected": "rej",
          "create_accepted": "acc", "check_ext": "cap", "fork_exit": "fork",
-         "fork_exec_exit": "exec"}
+         "fork_exec_exit": "exec", "write_pipe": "wpip", "write_null": "wnul",
+         "kvm_run_io": "run"}
 
 # bpftrace 0.17: count KVM_CREATE_VM (0xae01) by comm, VM type and result, on the
 # same two tracepoints kvmtrace uses here. Type is stored +1 so type 0 is not

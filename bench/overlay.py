@@ -35,10 +35,10 @@ def _gone(line: str, knob: str) -> Edit:
 KNOBS: dict[str, tuple[Edit, ...]] = {
     # No event from the ioctl return path.
     "no_emit": (
-        _gone("\t\temit(ctx, id, PROBE_CREATE_VM, call.arg, ret, call.start_ns, "
-              "call.verdicts, now);\n", "no_emit"),
-        _gone("\t\temit(ctx, id, PROBE_VM_TYPES_QUERY, 0, ret, call.start_ns, 0, now);\n",
-              "no_emit"),
+        _gone("\t\temit_w(ctx, id, PROBE_CREATE_VM, call.arg, ret, call.start_ns, "
+              "call.verdicts, now,\n\t\t       first);\n", "no_emit"),
+        _gone("\t\temit_w(ctx, id, PROBE_VM_TYPES_QUERY, 0, ret, call.start_ns, 0, now, "
+              "first);\n", "no_emit"),
     ),
     # No latency histogram.
     "no_latency": (_gone("\t\tlatency_record(ret < 0, now - call.start_ns);\n", "no_latency"),),
@@ -49,8 +49,8 @@ KNOBS: dict[str, tuple[Edit, ...]] = {
         _gone("\t\tcount(tgid, PROBE_VM_TYPES_QUERY, 0, ret, 0, 0);\n", "no_count"),
     ),
     # A reader wakeup per event (as shipped until 2026-11-26).
-    "rb_wakeup": (Edit("ringbuf_output(&ev, sizeof(ev), BPF_RB_NO_WAKEUP)",
-                       "ringbuf_output(&ev, sizeof(ev), 0 /* bench overlay rb_wakeup */)"),),
+    "rb_wakeup": (Edit("u64 rb_flags = x.wake ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;",
+                       "u64 rb_flags = 0; /* bench overlay rb_wakeup */"),),
     # The latency histogram in per-CPU arrays, without atomics.
     "percpu_latency": (
         Edit("BPF_ARRAY(create_latency, u64, LATENCY_ENTRIES);\n"

@@ -326,11 +326,13 @@ static __always_inline void count(u32 tgid, u32 probe, u64 vm_type, s64 result,
 	__sync_fetch_and_add(v, 1);
 }
 
-/* What an event carries beyond a count key's fields. */
+/* What an event carries beyond a count key's fields; wake: wake the reader for it (a
+ * process's first KVM call: the reader resolves its stderr while it lives). */
 struct event_extra {
 	u32 detail;
 	u32 fd;
 	u64 status;
+	u32 wake;
 };
 
 /* now: bpf_ktime_get_ns() of the caller, read once per call. */
@@ -369,8 +371,10 @@ static __always_inline void emit_x(void *ctx, u64 id, u32 probe, u64 vm_type,
 	bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
 #ifdef USE_RINGBUF
 	/* No wakeup per event: the reader drains the ring at its poll timeout
-	 * (100-200 ms), so a traced VMM never pays for waking it. */
-	if (events.ringbuf_output(&ev, sizeof(ev), BPF_RB_NO_WAKEUP))
+	 * (100-200 ms), so a traced VMM never pays for waking it -- but for a
+	 * process's first call, once per process. */
+	u64 rb_flags = x.wake ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+	if (events.ringbuf_output(&ev, sizeof(ev), rb_flags))
 		health_inc(HEALTH_EVENTS_LOST);
 #else
 	if (events.perf_submit(ctx, &ev, sizeof(ev)))
@@ -378,12 +382,19 @@ static __always_inline void emit_x(void *ctx, u64 id, u32 probe, u64 vm_type,
 #endif
 }
 
-static __always_inline void emit(void *ctx, u64 id, u32 probe, u64 vm_type,
-				 s64 result, u64 start_ns, u32 verdicts, u64 now)
+static __always_inline void emit_w(void *ctx, u64 id, u32 probe, u64 vm_type,
+				   s64 result, u64 start_ns, u32 verdicts, u64 now, u32 wake)
 {
 	struct event_extra x = {};
 	x.fd = (u32)-1;
+	x.wake = wake;
 	emit_x(ctx, id, probe, vm_type, result, start_ns, verdicts, now, x);
+}
+
+static __always_inline void emit(void *ctx, u64 id, u32 probe, u64 vm_type,
+				 s64 result, u64 start_ns, u32 verdicts, u64 now)
+{
+	emit_w(ctx, id, probe, vm_type, result, start_ns, verdicts, now, 0);
 }
 
 /* One KVM_CREATE_VM's latency: its log2(ns) slot and the sum, per outcome. */
@@ -768,6 +779,8 @@ static __always_inline int ioctl_return(void *ctx, s64 ret)
 		return 0;
 	}
 	struct proc *p = proc_follow(tgid, call.start_ns);
+	/* Its first query or create: the reader is woken for it. */
+	u32 first = p && !(p->flags & (PROC_QUERIED | PROC_CREATED | PROC_CREATE_FAILED));
 	if (call.cmd == KVM_CREATE_VM) {
 		if (p) {
 			if (ret >= 0)
@@ -778,14 +791,15 @@ static __always_inline int ioctl_return(void *ctx, s64 ret)
 		latency_record(ret < 0, now - call.start_ns);
 		/* Success returns a new fd: count it as 0 to keep keys bounded. */
 		count(tgid, PROBE_CREATE_VM, call.arg, ret < 0 ? ret : 0, call.verdicts, 0);
-		emit(ctx, id, PROBE_CREATE_VM, call.arg, ret, call.start_ns, call.verdicts, now);
+		emit_w(ctx, id, PROBE_CREATE_VM, call.arg, ret, call.start_ns, call.verdicts, now,
+		       first);
 	} else if (is_query(call.cmd, call.arg)) {
 		if (p) {
 			p->flags |= PROC_QUERIED;
 			p->mask = ret;
 		}
 		count(tgid, PROBE_VM_TYPES_QUERY, 0, ret, 0, 0);
-		emit(ctx, id, PROBE_VM_TYPES_QUERY, 0, ret, call.start_ns, 0, now);
+		emit_w(ctx, id, PROBE_VM_TYPES_QUERY, 0, ret, call.start_ns, 0, now, first);
 	} else if (ret < 0 && p) {
 		/* A start's KVM ioctl failed: its command, errno, and its VM's type. */
 		u64 vm_type = proc_vm_type(p, call.fd);

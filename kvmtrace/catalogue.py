@@ -127,6 +127,12 @@ FAMILIES: tuple[Family, ...] = (
     _health("names_folded",
             "Process names exported as comm=\"other\" instead of their own series (past "
             "--max-series, or unseen for --series-ttl)."),
+    _health("kernel_log_missed",
+            "Kernel log records the kernel overwrote before kvmtrace read them (gaps in "
+            "/dev/kmsg's sequence numbers)."),
+    _health("kernel_log_evicted",
+            "Kernel log lines of kvm, kvm_amd, kvm_intel, SEV or TDX pushed out of the "
+            "kept ones by their bound (512) before a failed start could be given them."),
     Family("kvmtrace_collect_success", GAUGE,
            "1 when the BPF maps were read at this scrape."),
     Family("kvmtrace_scrape_errors", COUNTER,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvmtrace import __version__, checks, tables
+from kvmtrace import __version__, checks, kernellog, tables
 from kvmtrace import facts as factsmod
 from kvmtrace import loader as loadermod
 from kvmtrace import plan as planmod
@@ -150,9 +150,20 @@ def report(facts: factsmod.HostFacts, attachments: Sequence[planmod.Attachment] 
             "types": [t.to_json() for t in shown],
             "capacity": [vars(c) for c in readinessmod.capacities(facts.evidence)],
             "firmware": [vars(f) for f in readinessmod.firmware(facts.evidence)],
+            "kernel_log": bringup_lines(facts.evidence),
         },
         "exit_status": status,
     }
+
+
+def bringup_lines(ev, most: int = 20) -> list[str] | None:
+    """The kernel's own lines of the subsystems that bring VM types up (kvm, kvm_amd,
+    kvm_intel, SEV, TDX: kvmtrace.kernellog), the last ``most``; None: not readable."""
+    if ev is None or ev.dmesg is None:
+        return None
+    out = [ln for ln in ev.dmesg
+           if kernellog.subsystem(ln.split("] ", 1)[1] if "] " in ln else ln)]
+    return out[-most:]
 
 
 def text(r: dict) -> str:
@@ -188,6 +199,10 @@ def text(r: dict) -> str:
     lines += [f"WARNING: {w}" for w in r["warnings"]]
     lines.append("verdict: tracing works here" if r["ok"] else "verdict: tracing cannot work here")
     lines += ["", *readiness_text(r["readiness"])]
+    log = r["readiness"].get("kernel_log")
+    if log:
+        lines += ["", "the kernel's bring-up lines (kvm, kvm_amd, kvm_intel, SEV, TDX):",
+                  *(f"  {ln}" for ln in log)]
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from kvmtrace import facts as factsmod
 from kvmtrace import handoff as handoffmod
+from kvmtrace import kernellog
 from kvmtrace import plan as planmod
 from kvmtrace.aggregate import Aggregator
 from kvmtrace.attempts import Attempt, Stitcher
@@ -40,7 +41,8 @@ class Stop:
 class Live:
     def __init__(self, facts: factsmod.HostFacts, reader: Reader, stop: Stop,
                  aggregator: Aggregator | None = None, series_ttl: float = 3600.0,
-                 recent_starts: int = 100):
+                 recent_starts: int = 100,
+                 kernel_log: tuple[kernellog.KernelLog | None, str | None] = (None, None)):
         self.facts = facts
         self.reader = reader
         self.plan: planmod.Plan = reader.plan
@@ -49,7 +51,8 @@ class Live:
                                series_ttl=series_ttl, arch=facts.arch,
                                vendor_modules=tuple(facts.vendor_modules),
                                recent_starts=recent_starts,
-                               params=facts.evidence.params if facts.evidence else {})
+                               params=facts.evidence.params if facts.evidence else {},
+                               kernel_log=kernel_log[0], kernel_log_error=kernel_log[1])
         self.stitcher = Stitcher(reader.attachments, facts.arch,
                                  host_mask=facts.kvm.vm_types_mask,
                                  vendor_modules=facts.vendor_modules)
@@ -85,7 +88,14 @@ class Live:
             reader.close()
             raise LiveError("--strict: not attached: "
                             + "; ".join(f"{a.point.name} ({a.reason})" for a in required))
-        return cls(facts, reader, stop, aggregator, series_ttl, recent_starts)
+        # The kernel's log, opened now: kernel.dmesg_restrict asks CAP_SYSLOG at open, and
+        # serve drops its capabilities next. Read from its start (the oldest record the
+        # ring holds), so the bring-up lines are there too.
+        log, why = kernellog.open_log()
+        if log is None:
+            print(f"WARNING: {why}: failed starts will not carry the kernel's lines",
+                  file=sys.stderr)
+        return cls(facts, reader, stop, aggregator, series_ttl, recent_starts, (log, why))
 
     def open_events(self, on_event: Callable[[Event, list[Attempt]], None]) -> None:
         """Decode each event, feed it to the stitcher, and hand both to ``on_event``
@@ -110,6 +120,7 @@ class Live:
             self.reader.poll(poll_ms)
             for a in self.stitcher.flush(time.monotonic_ns()):
                 on_attempt(a)
+            self.runtime.poll_kernel_log()
             if tick is not None:
                 tick()
         if drain:
@@ -124,3 +135,5 @@ class Live:
 
     def close(self) -> None:
         self.reader.close()
+        if self.runtime.kernel_log is not None:
+            self.runtime.kernel_log.close()

@@ -6,6 +6,7 @@ constructed with everything it uses, so tests hand it a recorded source.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from kvmtrace import starts as startsmod
-from kvmtrace import vmm
+from kvmtrace import vmm, vmmwords
 from kvmtrace.aggregate import Aggregator, per_process
 from kvmtrace.contract import (
     PROBE_CREATE_VM,
@@ -25,6 +26,8 @@ from kvmtrace.contract import (
     RawCount,
 )
 from kvmtrace.decode import CountRecord, DecodeError, Decoder, Event, Key
+from kvmtrace.kernellog import KernelLog
+from kvmtrace.plan import PROCESS_END as PROCESS_END_NAME
 from kvmtrace.starts import Start
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,8 @@ def proc_pids(proc: str = "/proc") -> set[int]:
 # for is looked up then (kvmtrace.vmm).
 _FOLLOWED = (PROBE_CREATE_VM, PROBE_VM_TYPES_QUERY, PROBE_PROCESS_END)
 RECENT_STARTS = 100  # failed starts kept for /api/rejections (serve: --rejections)
+WINDOWS_MAX = 4096  # followed processes whose start window (first seen, end) is kept
+START_KERNEL_LINES = 20  # kernel log lines given to one failed start
 
 
 def request_of(source: object, pid: int) -> vmm.VmmRequest:
@@ -72,7 +77,10 @@ class Runtime:
                  request: Callable[[int], vmm.VmmRequest] | None = None,
                  arch: str = "x86_64", vendor_modules: tuple[str, ...] = (),
                  recent_starts: int = RECENT_STARTS, fold_live_at: float = 0.5,
-                 params: dict[str, str] | None = None):
+                 params: dict[str, str] | None = None,
+                 kernel_log: KernelLog | None = None, kernel_log_error: str | None = None,
+                 resolve_stderr: Callable[[int], vmmwords.Stderr | str] = vmmwords.resolve,
+                 read_words: Callable[..., tuple[str | None, str]] = vmmwords.words):
         self.source = source
         self.decoder = decoder
         self._request = request or (lambda pid: request_of(source, pid))
@@ -80,6 +88,14 @@ class Runtime:
         self._arch = arch
         self._vendor_modules = vendor_modules
         self._params = params or {}  # vendor module parameters (kvmtrace.causes)
+        # The kernel's log (kvmtrace.kernellog), or why it cannot be read, and each ended
+        # process's start window (first seen, end; ns, from its end event).
+        self.kernel_log = kernel_log
+        self._kernel_log_error = kernel_log_error
+        self._windows: dict[int, tuple[int, int]] = {}
+        # Where each followed process's stderr goes, resolved when first seen alive.
+        self._resolve_stderr, self._read_words = resolve_stderr, read_words
+        self._stderr: dict[int, vmmwords.Stderr | str] = {}
         self._requests: dict[int, vmm.VmmRequest] = {}  # followed pids seen so far
         self._failures: Counter[tuple[str, str, str, str, str]] = Counter()
         self.recent_starts: deque[Start] = deque(maxlen=recent_starts)
@@ -152,6 +168,14 @@ class Runtime:
         known = self._requests
         for pid in {raw[0] for raw in read if raw[1] in _FOLLOWED} - known.keys():
             known[pid] = self._request(pid)
+            self._see_stderr(pid)
+
+    def _see_stderr(self, pid: int) -> None:
+        """Where a newly seen followed process's stderr goes, while it (perhaps) lives."""
+        if pid not in self._stderr:
+            if len(self._stderr) >= WINDOWS_MAX:
+                self._stderr.pop(next(iter(self._stderr)))
+            self._stderr[pid] = self._resolve_stderr(pid)
 
     def _stitch(self, dead: list[CountRecord]) -> None:
         """Stitch the records of exited processes into starts; count the failures."""
@@ -164,11 +188,46 @@ class Runtime:
             for start in startsmod.stitch(records, request, self._arch, self._vendor_modules,
                                           self._params):
                 if start.failed:
+                    start = self._with_kernel_lines(start, self._windows.pop(pid, None))
+                    start = self._with_words(start, self._stderr.pop(pid, None))
                     comm = name_of(start.comm, cost=1)
                     self._failures[startsmod.failure_labels(start, comm)] += 1
                     self.recent_starts.append(start)
                 if self.on_start is not None:
                     self.on_start(start)
+
+    def _with_kernel_lines(self, start: Start,
+                           window: tuple[int, int] | None) -> Start:
+        """A failed start with the kernel's lines of its window (or why none)."""
+        if self.kernel_log is None:
+            note = f"kernel log not read: {self._kernel_log_error or 'not opened'}"
+            return dataclasses.replace(start, kernel_log_note=note)
+        if window is None:
+            return dataclasses.replace(start, kernel_log_note=(
+                "its window is not known (its end event was not seen: events lost or "
+                "throttled)"))
+        self.kernel_log.poll()
+        lines = self.kernel_log.window(window[0] // 1000, window[1] // 1000)
+        note = None if lines else "no line of kvm, kvm_amd, kvm_intel, SEV or TDX in its window"
+        return dataclasses.replace(start, kernel_log=lines[-START_KERNEL_LINES:],
+                                   kernel_log_note=note)
+
+    def _with_words(self, start: Start, where: vmmwords.Stderr | str | None) -> Start:
+        """A failed start with the VMM's own last words (or where they went and why
+        they cannot be had); a cause of vmm_config says them."""
+        text, note = self._read_words(where, start.pid, start.vm_name)
+        out = dataclasses.replace(start, vmm_words=text, vmm_words_note=note)
+        last = next((ln for ln in (text or "").splitlines()[::-1] if ln.strip()), None)
+        if last and start.cause == "vmm_config":
+            out = dataclasses.replace(out, cause_evidence=f"{start.cause_evidence}; it said: "
+                                                          f"{last[:300]}")
+        return out
+
+    def poll_kernel_log(self) -> None:
+        """Read what the kernel logged since the last poll (the live loop's tick)."""
+        if self.kernel_log is not None:
+            with self._lock:
+                self.kernel_log.poll()
 
     def start_failures(self) -> dict[tuple[str, str, str, str, str], int]:
         """kvmtrace_vm_start_failures_total: (comm, stage, reason, cause, requested
@@ -212,11 +271,20 @@ class Runtime:
         h["exited_processes"] = self.aggregator.exited_processes
         h["live_entries_folded"] = self.aggregator.live_folded
         h["names_folded"] = self.aggregator.budget.folded
+        h["kernel_log_missed"] = self.kernel_log.missed if self.kernel_log else 0
+        h["kernel_log_evicted"] = self.kernel_log.evicted if self.kernel_log else 0
         return h
 
     def decode_event(self, data: bytes) -> Event | None:
         try:
-            return self.decoder.event(data)
+            ev = self.decoder.event(data)
         except DecodeError:
             self.decode_errors += 1
             return None
+        if ev.probe == PROCESS_END_NAME:  # its start's window: first seen to its end
+            if len(self._windows) >= WINDOWS_MAX:
+                self._windows.pop(next(iter(self._windows)))
+            self._windows[ev.pid] = (ev.ts_ns - ev.duration_ns, ev.ts_ns)
+        elif ev.pid not in self._stderr:  # its first KVM call: the kernel woke us for it
+            self._see_stderr(ev.pid)
+        return ev

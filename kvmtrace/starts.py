@@ -74,6 +74,10 @@ class Start:
     # vmm_words_note saying why they could not be had.
     vmm_words: str | None = None
     vmm_words_note: str | None = None
+    # The kernel's lines of its window (kvm, kvm_amd, kvm_intel, SEV, TDX, kvm WARNs),
+    # or kernel_log_note saying why there are none.
+    kernel_log: list[str] = field(default_factory=list)
+    kernel_log_note: str | None = None
     hint: str | None = None
     summary: str = ""  # one line for the live view and explain
 

@@ -117,8 +117,15 @@ def event_json(ev: Event, arch: str) -> str:
 
 def start_note(s: Start) -> list[str]:
     """The lines `trace`, `serve` and `explain` print for a failed VM start."""
-    return [f"    ↳ VM start failed {s.summary}",
-            f"    ↳ cause {s.cause}: {s.cause_evidence}", f"    ↳ hint: {s.cause_hint}"]
+    out = [f"    ↳ VM start failed {s.summary}",
+           f"    ↳ cause {s.cause}: {s.cause_evidence}", f"    ↳ hint: {s.cause_hint}"]
+    said = next((ln for ln in (s.vmm_words or "").splitlines()[::-1] if ln.strip()), None)
+    if said:
+        out.append(f"    ↳ the VMM said: {said[:200]}")
+    if s.kernel_log:
+        out.append(f"    ↳ kernel: {s.kernel_log[-1][:200]}"
+                   + (f" (+{len(s.kernel_log) - 1} lines)" if len(s.kernel_log) > 1 else ""))
+    return out
 
 
 def start_report(s: Start, number: int) -> str:
@@ -145,6 +152,15 @@ def start_report(s: Start, number: int) -> str:
     lines.append(f"  cause: {s.cause} ({s.cause_evidence})")
     lines.append(f"  fix: {s.cause_hint}")
     lines.append(f"  hint: {s.hint}")
+    if s.vmm_words:
+        lines += ["  the VMM's own words (stderr):", *(f"    {ln}" for ln in
+                                                     s.vmm_words.splitlines()[-10:])]
+    elif s.vmm_words_note:
+        lines.append(f"  the VMM's own words: {s.vmm_words_note}")
+    if s.kernel_log:
+        lines += ["  the kernel's log in its window:", *(f"    {ln}" for ln in s.kernel_log)]
+    elif s.kernel_log_note:
+        lines.append(f"  the kernel's log: {s.kernel_log_note}")
     return "\n".join(lines)
 
 

@@ -39,7 +39,7 @@ variants = _bench("variants")
 
 # What each knob takes away or swaps: (C function, text its body has only without it).
 KNOB_EFFECTS = {
-    "no_emit": ("ioctl_return", "emit(ctx, id, PROBE_CREATE_VM"),
+    "no_emit": ("ioctl_return", "emit_w(ctx, id, PROBE_CREATE_VM"),
     "no_latency": ("ioctl_return", "latency_record("),
     "no_count": ("ioctl_return", "count(tgid, PROBE_CREATE_VM"),
     "rb_wakeup": ("emit_x", "BPF_RB_NO_WAKEUP"),

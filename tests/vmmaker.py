@@ -18,7 +18,8 @@ takes a VM start's steps on each accepted VM, in order, and prints {"step", "cmd
 ``region2`` KVM_SET_USER_MEMORY_REGION2 on slot 0xffff (past every VM's slots),
 ``attributes`` KVM_SET_MEMORY_ATTRIBUTES (private) on the first page, ``run-nomem`` a
 vCPU with no memory at all run once, ``run-io`` a vCPU whose real-mode guest writes to
-an I/O port, run once (it ran).
+an I/O port, run once (it ran). --kmsg writes a line to the kernel log (root), --say
+one to its stderr before it exits.
 """
 
 from __future__ import annotations
@@ -161,6 +162,10 @@ def main() -> int:
                     help="KVM_MEMORY_ENCRYPT_OP with this kvm_sev_cmd id on each VM made")
     ap.add_argument("--step", action="append", choices=STEPS, default=[],
                     help="a VM start's step on each VM made, in order (repeatable)")
+    ap.add_argument("--kmsg", action="append", default=[],
+                    help="write this line to /dev/kmsg after the VMs' steps (repeatable)")
+    ap.add_argument("--say", action="append", default=[],
+                    help="write this line to stderr before exiting (repeatable)")
     ap.add_argument("--exit", type=int, default=0, help="exit status (exit_group)")
     args = ap.parse_args()
     set_comm(args.name)
@@ -204,10 +209,18 @@ def main() -> int:
                 for t in types:
                     ret, err = create_vm(fd, t, args.sev_cmd, record, tuple(args.step))
                     record(vm_type=t, ret=ret, errno=err, tid=threading.get_native_id())
+    for line in args.kmsg:  # one record per write (Documentation/ABI/testing/dev-kmsg)
+        kmsg = os.open("/dev/kmsg", os.O_WRONLY)
+        try:
+            os.write(kmsg, line.encode())
+        finally:
+            os.close(kmsg)
     for o in out:
         print(json.dumps(o))
     os.close(fd)
     sys.stdout.flush()
+    for line in args.say:
+        print(line, file=sys.stderr, flush=True)
     return args.exit
 
 

@@ -40,8 +40,9 @@ def qemu_major() -> int:
 
 def run_as(link: Path, argv: list[str], **kw) -> subprocess.Popen:
     """QEMU with ``link``'s name as its comm and ``argv`` as its argv."""
-    return subprocess.Popen(argv, executable=str(link), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    kw.setdefault("stderr", subprocess.PIPE)
+    return subprocess.Popen(argv, executable=str(link), stdout=subprocess.PIPE, text=True,
+                            **kw)
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +65,13 @@ def started(tmp_path_factory, shared):
     snp = run_as(links["snp"], [*BASE, *CGS, "-object", f"sev-snp-guest,{OBJ}",
                                 "-name", f"guest={tag}-vm-snp,debug-threads=on"])
     out["snp"] = (snp.pid, snp.wait(timeout=120), snp.communicate()[1])
-    sev = run_as(links["sev"], [*BASE, *CGS, "-object", f"sev-guest,{OBJ}",
-                                "-name", f"{tag}-vm-sev"])
-    out["sev"] = (sev.pid, sev.wait(timeout=120), sev.communicate()[1])
+    # Its stderr into a log file, as libvirt gives QEMU its domain log.
+    sev_log = d / f"{tag}-vm-sev.log"
+    with open(sev_log, "w") as log:
+        sev = run_as(links["sev"], [*BASE, *CGS, "-object", f"sev-guest,{OBJ}",
+                                    "-name", f"{tag}-vm-sev"], stderr=log)
+        out["sev"] = (sev.pid, sev.wait(timeout=120), sev_log.read_text())
+    out["sev_log"] = str(sev_log)
     # A plain QEMU, stopped by the operator once it has made its VM.
     plain = run_as(links["run"], [*BASE, "-M", "none", "-S", "-name", f"{tag}-vm-run"])
     deadline = time.monotonic() + 60
@@ -242,6 +247,12 @@ def test_qemu_failing_sev_after_a_default_create_is_a_failed_launch(started):
         assert s["cause"] in (("vmm_config",) if s["reason"] == "exited_after_create"
                               else ("firmware_error", "abi_skew", "feature_disabled_at_bringup",
                                     "kvm_rejected_arguments", "capacity")), s
+        # QEMU's own words, read back from its log file: the error line it printed.
+        said = [ln for ln in stderr.splitlines() if "kvm" in ln.lower()]
+        assert said and said[-1] in (s["vmm_words"] or ""), (s["vmm_words"], stderr)
+        assert s["vmm_words_note"] == f"stderr: {started['sev_log']}", s
+        if s["cause"] == "vmm_config":
+            assert f"it said: {said[-1]}" in s["cause_evidence"], s
 
 
 def test_a_plain_qemu_stopped_with_sigterm_is_no_failure(started):
@@ -300,3 +311,43 @@ def test_the_encrypt_op_is_traced_with_its_command_and_errno(started):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+@pytest.fixture(scope="module")
+def told(shared, tmp_path_factory):
+    """Two failed starts that say why on their stderr -- one into a file, one into a
+    pipe -- and log a kvm line and another subsystem's line in their windows."""
+    tag = f"kw{os.getpid() % 10000}{os.urandom(1).hex()}"
+    log = tmp_path_factory.mktemp("words") / "vmm.log"
+    common = ["--types", "0", "--step", "memfd", "--exit", "1",
+              "--kmsg", f"kvm: kvmtrace test {tag}: guest_memfd refused",
+              "--kmsg", f"usb 1-1: kvmtrace test {tag}: not the kvm subsystem",
+              "--say", f"{tag}: giving up: guest_memfd refused"]
+    with open(log, "w") as f:
+        subprocess.run([*VMMAKER, "--name", f"{tag}-f", *common], stdout=subprocess.DEVNULL,
+                       stderr=f, timeout=60, check=False)
+    subprocess.run([*VMMAKER, "--name", f"{tag}-p", *common], capture_output=True,
+                   timeout=60, check=False)
+    comms = {f"{tag}-f", f"{tag}-p"}
+    got = shared.explain.wait(lambda r: r.get("kind") == "start" and r["comm"] in comms, 2)
+    return {"tag": tag, "log": str(log), **{r["comm"].rsplit("-", 1)[1]: r for r in got}}
+
+
+def test_the_vmms_own_words_come_back_from_its_stderr_file(told):
+    s = told["f"]
+    assert s["vmm_words"].rstrip().endswith(f"{told['tag']}: giving up: guest_memfd refused")
+    assert s["vmm_words_note"] == f"stderr: {told['log']}"
+
+
+def test_words_written_to_a_pipe_cannot_be_had_and_the_start_says_so(told):
+    s = told["p"]
+    assert s["vmm_words"] is None
+    assert s["vmm_words_note"].startswith("stderr: a pipe (pipe:["), s["vmm_words_note"]
+    assert s["vmm_words_note"].endswith("), not captured")
+
+
+def test_the_kernels_kvm_lines_of_a_starts_window_are_attached_and_only_those(told):
+    for s in (told["f"], told["p"]):
+        mine = [ln for ln in s["kernel_log"] if f"kvmtrace test {told['tag']}" in ln]
+        assert [ln.split("] ", 1)[1] for ln in mine] == [
+            f"kvm: kvmtrace test {told['tag']}: guest_memfd refused"], s["kernel_log"]
