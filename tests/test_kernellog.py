@@ -74,7 +74,8 @@ def test_the_bound_pushes_the_oldest_out_and_counts_it():
 
 def test_a_warn_splat_naming_kvm_is_one_line_and_another_is_not_kept():
     splat = ["------------[ cut here ]------------",
-             "WARNING: CPU: 1 PID: 4242 at arch/x86/kvm/x86.c:11100 kvm_arch_vcpu_ioctl_run+0x5c/0x600 [kvm]",
+             "WARNING: CPU: 1 PID: 4242 at arch/x86/kvm/x86.c:11100 "
+             "kvm_arch_vcpu_ioctl_run+0x5c/0x600 [kvm]",
              "Modules linked in: kvm_amd kvm",
              "Call Trace:",
              " <TASK>",
