@@ -200,7 +200,7 @@ class Shared:
         return self.watch("explain")
 
     def close(self) -> list[str]:
-        """Stop what was started; what went wrong (a non-zero exit, a traceback)."""
+        """Stop what was started (once); what went wrong (a non-zero exit, a traceback)."""
         problems = []
         for name, w in self._watches.items():
             code, err = w.stop()
@@ -210,6 +210,7 @@ class Shared:
             code, _, err = self._serve.stop()
             if code != 0 or "Traceback" in err:
                 problems.append(f"serve stopped with {code}: {err[-2000:]}")
+        self._watches, self._serve = {}, None
         return problems
 
 
@@ -219,6 +220,28 @@ def shared():
     yield s
     problems = s.close()
     assert not problems, problems
+
+
+# The session's kvmtrace processes cost CPU while they idle (under the kernel tier's
+# emulation a tenth of a guest each): the tests that use them run first, one after
+# another, and they stop after the last of them.
+LAST_SHARED = pytest.StashKey[str]()
+
+
+def pytest_collection_modifyitems(config, items):
+    users = [i for i in items if "shared" in getattr(i, "fixturenames", ())]
+    if users:
+        ids = {id(i) for i in users}
+        items[:] = users + [i for i in items if id(i) not in ids]
+        config.stash[LAST_SHARED] = users[-1].nodeid
+
+
+@pytest.fixture(autouse=True)
+def _shared_stops_after_its_last_user(request):
+    yield
+    if request.node.nodeid == request.config.stash.get(LAST_SHARED, None):
+        problems = request.getfixturevalue("shared").close()
+        assert not problems, problems
 
 
 def held_bpf(pid: int) -> tuple[set[int], list[str]]:
