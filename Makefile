@@ -51,7 +51,16 @@ bench-quick: setup
 # README job run side by side, one per CPU (KVMTRACE_VM_PARALLEL); results in
 # build/vm/<kernel>/. On Debian 13's root it also runs `make test` and
 # `make run` (chroot, this kernel). Fails, never skips.
-.PHONY: test-kernels
+.PHONY: test-kernels prepare-kernels
 test-kernels: setup-test
 	tests/vm/setup.sh
 	$(VENV)/bin/python -m pytest -v -s --durations=0 tests/vm/kernel_tier.py
+
+# What the kernel tier fetches and sets up before it boots anything (the kernels, the
+# Debian 13 root): downloads and dpkg, minutes. CI runs it beside `make test` (.ci/run),
+# so the tier finds them cached and its guests have the CPUs to themselves. Run as root
+# after `make setup-test`.
+prepare-kernels:
+	tests/vm/setup.sh
+	/usr/bin/python3 tests/vm/kernels.py fetch
+	/usr/bin/python3 -m tests.vm.userland prepare trixie

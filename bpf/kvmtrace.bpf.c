@@ -9,12 +9,14 @@
  * indices below as defines (tests/test_contract.py holds this file to it):
  *
  *   PROBE_CREATE_VM, PROBE_VM_TYPES_QUERY, PROBE_ARCH_INIT_VM,
- *   PROBE_ENCRYPT_OP, PROBE_PROCESS_END, PROBE_KVM_CALL, PROBE_KVM_RUN
+ *   PROBE_ENCRYPT_OP, PROBE_PROCESS_END, PROBE_KVM_CALL, PROBE_KVM_RUN,
+ *   PROBE_KVM_OPEN
  *       probe ids of the ioctl points, kvm_arch_init_vm, KVM_MEMORY_ENCRYPT_OP,
  *       the end of a followed process, and a start's failing KVM ioctls and
  *       first KVM_RUN; every further function point is a type check or a
  *       launch function (LAUNCH_FIRST.. in plan order)
  *   PROC_*         bits of what a followed process did (struct proc.flags)
+ *   TASK_COMM_LEN  include/linux/sched.h's, which this file does not include
  *   PROCS_MAX, VM_FDS_MAX, EXEC_ARGS_MAX, EXEC_ARGS_BYTES, EXEC_ARG_MAX,
  *   EXEC_ARGV_MAX  sizes of the process-following state
  *   VERDICT_*      bits of what the function probes saw inside a KVM_CREATE_VM
@@ -27,7 +29,7 @@
  * The loader (kvmtrace/loader.py) adds:
  *
  *   KVM_CREATE_VM, KVM_CHECK_EXTENSION, KVM_CAP_VM_TYPES, KVM_MEMORY_ENCRYPT_OP,
- *   KVM_RUN, KVMIO
+ *   KVM_RUN, KVM_GET_API_VERSION, KVMIO
  *       ioctl numbers from include/uapi/linux/kvm.h (kvmtrace/kvmabi.py)
  *   ENDING_EXITS   bit N set: exit reason N (KVM_EXIT_*), returned by a start's
  *                  first KVM_RUN, ends the start (kvmtrace/kvmabi.py)
@@ -62,7 +64,9 @@
  * through its own overlay (bench/overlay.py), never through knobs in it.
  */
 #include <uapi/linux/ptrace.h>
-#include <linux/sched.h>
+/* Not <linux/sched.h>: it pulls in most of the kernel's headers, and TASK_COMM_LEN is all
+ * this file took from it (the contract gives it): a third of every compile, which under
+ * the kernel tier's emulation is a minute per kvmtrace start. */
 
 /* Counts: exact, keyed by process, probe, VM type and result. */
 struct count_key {
@@ -686,11 +690,21 @@ static __always_inline int start_call(u32 cmd)
 #endif
 }
 
-static __always_inline int ioctl_enter(u32 cmd, u64 arg, s32 fd)
+static __always_inline int ioctl_enter(void *ctx, u32 cmd, u64 arg, s32 fd)
 {
 	u32 enc_id = 0;
 	u64 status_in = 0;
 	/* Every ioctl on the host passes here: the command alone decides first. */
+#ifdef FOLLOW_PROCS
+	if (cmd == KVM_GET_API_VERSION) {
+		/* A VMM opening KVM (once, before anything else): an event that wakes the
+		 * reader, which then reads where its stderr goes while it surely lives. */
+		u64 id = bpf_get_current_pid_tgid();
+		if ((u32)(id >> 32) != SELF_TGID)
+			emit_w(ctx, id, PROBE_KVM_OPEN, 0, 0, 0, 0, bpf_ktime_get_ns(), 1);
+		return 0;
+	}
+#endif
 	if (cmd == KVM_MEMORY_ENCRYPT_OP) {
 		/* Only in processes followed since their VM-types query or
 		 * create: the command id is the struct's first u32. */
@@ -816,7 +830,7 @@ static __always_inline int ioctl_return(void *ctx, s64 ret)
 /* static long kvm_dev_ioctl(struct file *filp, unsigned int ioctl, unsigned long arg) */
 int kvmtrace_ioctl_enter(struct pt_regs *ctx)
 {
-	return ioctl_enter((u32)PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx), -1);
+	return ioctl_enter(ctx, (u32)PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx), -1);
 }
 
 int kvmtrace_ioctl_return(struct pt_regs *ctx)
@@ -826,7 +840,7 @@ int kvmtrace_ioctl_return(struct pt_regs *ctx)
 #elif defined(IOCTL_FENTRY)
 KFUNC_PROBE(kvm_dev_ioctl, void *filp, unsigned int ioctl, unsigned long arg)
 {
-	return ioctl_enter(ioctl, arg, -1);
+	return ioctl_enter(ctx, ioctl, arg, -1);
 }
 
 KRETFUNC_PROBE(kvm_dev_ioctl, void *filp, unsigned int ioctl, unsigned long arg, long ret)
@@ -837,7 +851,7 @@ KRETFUNC_PROBE(kvm_dev_ioctl, void *filp, unsigned int ioctl, unsigned long arg,
 /* Fields from events/syscalls/sys_{enter,exit}_ioctl/format. */
 TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 {
-	return ioctl_enter(args->cmd, args->arg, (s32)args->fd);
+	return ioctl_enter(args, args->cmd, args->arg, (s32)args->fd);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
@@ -858,7 +872,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
  */
 int kvmtrace_fd_ioctl_enter(struct pt_regs *ctx)
 {
-	return ioctl_enter((u32)PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx), -1);
+	return ioctl_enter(ctx, (u32)PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx), -1);
 }
 
 int kvmtrace_fd_ioctl_return(struct pt_regs *ctx)

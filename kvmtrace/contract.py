@@ -41,7 +41,9 @@ PROBE_EXIT_STATUS, PROBE_SIGNAL, PROBE_EXEC = 5, 6, 7
 PROBE_KVM_CALL = 8  # a KVM ioctl of it that failed (result -errno, verdicts the command)
 PROBE_KVM_RUN = 9  # its first KVM_RUN that failed or ended it (result -errno or 0,
 # verdicts the exit reason: kvm:kvm_userspace_exit)
-FIRST_TYPE_CHECK = 10  # every further function point, in plan order (type checks, then
+PROBE_KVM_OPEN = 10  # a process asked KVM_GET_API_VERSION (a VMM opening KVM): an event
+# only, which wakes the reader, so what it is can be read while it lives
+FIRST_TYPE_CHECK = 11  # every further function point, in plan order (type checks, then
 # the confidential launch's functions)
 
 # ---- VERDICT_* bits: what the function probes saw inside one KVM_CREATE_VM ----
@@ -243,6 +245,7 @@ def defines(counts_max: int, calls_max: int, ringbuf_pages: int,
             counts_per_proc: int = COUNTS_PER_PROC) -> dict[str, str]:
     """The contract's ``#define``s for the C (the loader adds host and plan ones)."""
     out = {
+        "TASK_COMM_LEN": str(TASK_COMM_LEN),
         "PROBE_CREATE_VM": str(PROBE_CREATE_VM),
         "PROBE_VM_TYPES_QUERY": str(PROBE_VM_TYPES_QUERY),
         "PROBE_ARCH_INIT_VM": str(PROBE_ARCH_INIT_VM),
@@ -250,6 +253,7 @@ def defines(counts_max: int, calls_max: int, ringbuf_pages: int,
         "PROBE_PROCESS_END": str(PROBE_PROCESS_END),
         "PROBE_KVM_CALL": str(PROBE_KVM_CALL),
         "PROBE_KVM_RUN": str(PROBE_KVM_RUN),
+        "PROBE_KVM_OPEN": str(PROBE_KVM_OPEN),
         **{k: str(v) for k, v in VERDICTS.items()},
         **{k: str(v) for k, v in PROC_BITS.items()},
         "PROCS_MAX": str(PROCS_MAX),

@@ -10,8 +10,10 @@ decide VM starts are kept (:func:`subsystem`: kvm, kvm_amd, kvm_intel, the SEV f
 driver ccp and SEV/SNP, TDX and its SEAMCALLs, and WARN splats whose call trace names
 kvm), at most ``keep`` of them; what that bound pushes out is counted too.
 
-A failed start is given the lines logged in its window (:meth:`KernelLog.window`, by
-the records' CLOCK_MONOTONIC-based timestamps, which the BPF events share); doctor the
+A failed start is given the lines logged in its window (:meth:`KernelLog.between`: by
+sequence number, from the last record read when the process was first seen to the last
+one read when its start is judged -- never by timestamp: the log's clock is
+sched_clock, which drifts from CLOCK_MONOTONIC as NTP slews the latter); doctor the
 bring-up lines. Parsing is pure; :class:`KernelLog` is handed an open fd (opened while
 the process may: kernel.dmesg_restrict asks CAP_SYSLOG at open, not at read).
 """
@@ -180,11 +182,12 @@ class KernelLog:
             n += 1
         return n
 
-    def window(self, start_us: int, end_us: int, slack_us: int = 1_000_000) -> list[str]:
-        """The kept lines logged between ``start_us`` and ``end_us`` (CLOCK_MONOTONIC
-        microseconds), ``slack_us`` either side: a start's kernel lines."""
-        lo, hi = start_us - slack_us, end_us + slack_us
-        return [ln.text for ln in self.lines if lo <= ln.ts_us <= hi]
+    def between(self, after_seq: int | None, upto_seq: int | None) -> list[str]:
+        """The kept lines with a sequence number after ``after_seq`` and up to
+        ``upto_seq`` (None: from the first / to the last read): a start's kernel lines."""
+        lo = -1 if after_seq is None else after_seq
+        hi = self.last_seq if upto_seq is None else upto_seq
+        return [ln.text for ln in self.lines if hi is not None and lo < ln.seq <= hi]
 
     def close(self) -> None:
         os.close(self._fd)

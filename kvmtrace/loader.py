@@ -57,6 +57,7 @@ def build_text(plan: planmod.Plan, opts: Options) -> str:
         "KVM_CAP_VM_TYPES": str(kvmabi.KVM_CAP_VM_TYPES),
         "KVM_MEMORY_ENCRYPT_OP": hex(kvmabi.KVM_MEMORY_ENCRYPT_OP),
         "KVM_RUN": hex(kvmabi.KVM_RUN),
+        "KVM_GET_API_VERSION": hex(kvmabi.KVM_GET_API_VERSION),
         "KVMIO": hex(kvmabi.KVMIO),
         "ENDING_EXITS": f"{sum(1 << r for r in kvmabi.ENDING_EXITS):#x}ULL",
         "TDX_VM_TYPE": str(tables.vm_type_number("TDX")),

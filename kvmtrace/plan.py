@@ -18,6 +18,7 @@ from kvmtrace.contract import (
     PROBE_EXEC,
     PROBE_EXIT_STATUS,
     PROBE_KVM_CALL,
+    PROBE_KVM_OPEN,
     PROBE_KVM_RUN,
     PROBE_PROCESS_END,
     PROBE_SIGNAL,
@@ -52,6 +53,7 @@ SIGNAL = "fatal signal"  # the signal that killed it
 EXEC = "command line at exec"  # its argv, captured at execve
 KVM_CALL = "failed KVM ioctl"  # a KVM ioctl of a start that failed
 KVM_RUN = "first KVM_RUN"  # a start's first KVM_RUN that failed or ended it
+KVM_OPEN = "KVM_GET_API_VERSION"  # a VMM opening KVM (its first call, before any VM)
 
 
 class Mechanism(StrEnum):
@@ -328,6 +330,12 @@ def _follow_points(facts: HostFacts, ioctl: Mechanism | None) -> list[Point]:
         Mechanism.TRACEPOINT, RUN_TRACEPOINT,
         "where KVM_RUN returns to userspace (reason, errno), until a vCPU ran"),
         Layer.START, RETURNS_INT))
+    # A VMM's first call: where its stderr goes is read then, while it surely lives.
+    opened = (ioctl, IOCTL_FUNCTION if ioctl in (Mechanism.KPROBE, Mechanism.FENTRY)
+              else "+".join(IOCTL_TRACEPOINTS), "with the ioctl layer: an event that wakes "
+              "the reader, so the VMM's stderr is resolved while it lives") if ioctl else (
+        None, None, "the ioctl layer is not attached")
+    out.append(dependent(PROBE_KVM_OPEN, KVM_OPEN, opened))
     return out
 
 

@@ -128,6 +128,10 @@ PROGRAMS: dict[tuple[Key, Mechanism], tuple[Program, ...]] = {
     (contract.PROBE_KVM_CALL, KPROBE): FD_IOCTL_KPROBES,
     (contract.PROBE_KVM_CALL, TRACEPOINT): IOCTL_TRACEPOINT_PROGRAMS,
     (contract.PROBE_KVM_RUN, TRACEPOINT): _tracepoints(RUN_TRACEPOINT),
+    # In the ioctl layer's programs (its enter, on /dev/kvm's ioctl).
+    (contract.PROBE_KVM_OPEN, KPROBE): IOCTL_KPROBES,
+    (contract.PROBE_KVM_OPEN, FENTRY): IOCTL_FENTRY,
+    (contract.PROBE_KVM_OPEN, TRACEPOINT): IOCTL_TRACEPOINT_PROGRAMS,
     (contract.PROBE_PROCESS_END, TRACEPOINT): _tracepoints(EXIT_TRACEPOINT),
     (contract.PROBE_EXIT_STATUS, TRACEPOINT): _tracepoints(EXIT_GROUP_TRACEPOINT),
     (contract.PROBE_EXIT_STATUS, KPROBE): (Program(FUNCTION, "kvmtrace_group_exit", ENTRY),),

@@ -49,7 +49,7 @@ def proc_pids(proc: str = "/proc") -> set[int]:
 # for is looked up then (kvmtrace.vmm).
 _FOLLOWED = (PROBE_CREATE_VM, PROBE_VM_TYPES_QUERY, PROBE_PROCESS_END)
 RECENT_STARTS = 100  # failed starts kept for /api/rejections (serve: --rejections)
-WINDOWS_MAX = 4096  # followed processes whose start window (first seen, end) is kept
+WINDOWS_MAX = 4096  # followed processes whose stderr and log position are kept
 START_KERNEL_LINES = 20  # kernel log lines given to one failed start
 
 
@@ -88,11 +88,11 @@ class Runtime:
         self._arch = arch
         self._vendor_modules = vendor_modules
         self._params = params or {}  # vendor module parameters (kvmtrace.causes)
-        # The kernel's log (kvmtrace.kernellog), or why it cannot be read, and each ended
-        # process's start window (first seen, end; ns, from its end event).
+        # The kernel's log (kvmtrace.kernellog), or why it cannot be read, and where it
+        # stood when each followed process was first seen (the start of its window).
         self.kernel_log = kernel_log
         self._kernel_log_error = kernel_log_error
-        self._windows: dict[int, tuple[int, int]] = {}
+        self._first_seq: dict[int, int | None] = {}
         # Where each followed process's stderr goes, resolved when first seen alive.
         self._resolve_stderr, self._read_words = resolve_stderr, read_words
         self._stderr: dict[int, vmmwords.Stderr | str] = {}
@@ -187,8 +187,9 @@ class Runtime:
             request = self._requests.pop(pid, vmm.NOT_KNOWN)
             for start in startsmod.stitch(records, request, self._arch, self._vendor_modules,
                                           self._params):
+                after = self._first_seq.pop(pid, -1)
                 if start.failed:
-                    start = self._with_kernel_lines(start, self._windows.pop(pid, None))
+                    start = self._with_kernel_lines(start, after)
                     start = self._with_words(start, self._stderr.pop(pid, None))
                     comm = name_of(start.comm, cost=1)
                     self._failures[startsmod.failure_labels(start, comm)] += 1
@@ -196,18 +197,19 @@ class Runtime:
                 if self.on_start is not None:
                     self.on_start(start)
 
-    def _with_kernel_lines(self, start: Start,
-                           window: tuple[int, int] | None) -> Start:
-        """A failed start with the kernel's lines of its window (or why none)."""
+    def _with_kernel_lines(self, start: Start, after: int | None) -> Start:
+        """A failed start with the kernel's lines of its window (or why none): from where
+        the log stood when the process was first seen to now (its end, and the moments
+        after it, before this pass judged it)."""
         if self.kernel_log is None:
             note = f"kernel log not read: {self._kernel_log_error or 'not opened'}"
             return dataclasses.replace(start, kernel_log_note=note)
-        if window is None:
+        if after == -1:
             return dataclasses.replace(start, kernel_log_note=(
-                "its window is not known (its end event was not seen: events lost or "
-                "throttled)"))
+                "its window is not known (none of its calls' events was seen: events lost "
+                "or throttled)"))
         self.kernel_log.poll()
-        lines = self.kernel_log.window(window[0] // 1000, window[1] // 1000)
+        lines = self.kernel_log.between(after, None)
         note = None if lines else "no line of kvm, kvm_amd, kvm_intel, SEV or TDX in its window"
         return dataclasses.replace(start, kernel_log=lines[-START_KERNEL_LINES:],
                                    kernel_log_note=note)
@@ -281,10 +283,13 @@ class Runtime:
         except DecodeError:
             self.decode_errors += 1
             return None
-        if ev.probe == PROCESS_END_NAME:  # its start's window: first seen to its end
-            if len(self._windows) >= WINDOWS_MAX:
-                self._windows.pop(next(iter(self._windows)))
-            self._windows[ev.pid] = (ev.ts_ns - ev.duration_ns, ev.ts_ns)
-        elif ev.pid not in self._stderr:  # its first KVM call: the kernel woke us for it
+        if ev.probe != PROCESS_END_NAME and ev.pid not in self._first_seq:
+            # First seen (the kernel woke us for its first KVM call): where its stderr
+            # goes, and where the kernel's log stands, while it surely lives.
             self._see_stderr(ev.pid)
+            if len(self._first_seq) >= WINDOWS_MAX:
+                self._first_seq.pop(next(iter(self._first_seq)))
+            self.poll_kernel_log()
+            self._first_seq[ev.pid] = (self.kernel_log.last_seq if self.kernel_log
+                                       else None)
         return ev

@@ -148,7 +148,7 @@ def _used_in_c() -> set[str]:
     bcc = {"BPF_HASH", "BPF_ARRAY", "BPF_PERCPU_ARRAY", "BPF_TASK_STORAGE", "BPF_TABLE",
            "BPF_PERCPU_HASH",
            "BPF_RINGBUF_OUTPUT", "BPF_PERF_OUTPUT", "BPF_RB_NO_WAKEUP", "BPF_RB_FORCE_WAKEUP",
-           "BPF_LOCAL_STORAGE_GET_F_CREATE", "TASK_COMM_LEN", "TRACEPOINT_PROBE",
+           "BPF_LOCAL_STORAGE_GET_F_CREATE", "TRACEPOINT_PROBE",
            "KFUNC_PROBE", "KRETFUNC_PROBE", "PT_REGS_RC", "SPDX", "GPL", "ARGN", "RET_T",
            "FN_KPROBE", "FN_FEXIT_ARCH_INIT_VM", "FN_FEXIT_TYPE_CHECK", "FN"}
     return {w for w in words if w not in bcc and w not in _knobs_in_c()

@@ -21,7 +21,7 @@ def test_this_host_uses_syscall_tracepoints_and_names_every_missing_point(kernel
     assert [p.name for p in plan.points] == [
         "KVM_CREATE_VM", "KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES)", "kvm_arch_init_vm",
         "KVM_MEMORY_ENCRYPT_OP", "process exit", "exit status", "fatal signal",
-        "command line at exec", "failed KVM ioctl", "first KVM_RUN",
+        "command line at exec", "failed KVM ioctl", "first KVM_RUN", "KVM_GET_API_VERSION",
         "kvm_is_vm_type_supported", "vmx_is_vm_type_supported", "svm_is_vm_type_supported",
         *facts.LAUNCH_FUNCTIONS]
     assert pts["KVM_CREATE_VM"].mechanism == planmod.Mechanism.TRACEPOINT

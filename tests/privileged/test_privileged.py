@@ -20,7 +20,6 @@ import pytest
 
 from tests.conftest import KVMTRACE, unique_comm, with_follow_points
 from tests.privileged.conftest import (
-    START_TIMEOUT,
     VMMAKER,
     Serve,
     held_bpf,
@@ -29,7 +28,8 @@ from tests.privileged.conftest import (
     samples,
 )
 
-pytestmark = pytest.mark.privileged
+# core: a kernel-tier line with tests=core runs this module's kernel-dependent tests.
+pytestmark = [pytest.mark.privileged, pytest.mark.core]
 
 TYPES = [0, 1, 2, 5, 99]
 REPEAT = 3
@@ -164,25 +164,6 @@ def test_exporter_holds_fds_not_bcc(served):
     assert maps_alive(map_ids) == map_ids
 
 
-def test_doctor_json_reports_this_host():
-    proc = subprocess.run([*KVMTRACE, "doctor", "--json"], capture_output=True, text=True,
-                          timeout=max(120, START_TIMEOUT), check=False)  # a bcc compile
-    assert proc.returncode == 0, proc.stderr
-    r = json.loads(proc.stdout)
-    assert r["ok"] and r["attach_tested"]
-    pts = {p["probe"]: p for p in r["points"]}
-    if host_has_kprobes():
-        assert r["kprobes"]["available"] is True
-        assert pts["KVM_CREATE_VM"]["mechanism"] == "kprobe"
-    else:
-        assert r["kprobes"]["available"] is False
-        assert pts["KVM_CREATE_VM"]["mechanism"] == "tracepoint"
-        assert pts["kvm_arch_init_vm"]["attached"] is False
-        assert pts["kvm_arch_init_vm"]["detail"]
-    assert pts["KVM_CREATE_VM"]["attached"] is True
-    assert r["kvm"]["vm_types_mask"] is not None and r["kvm"]["vm_types"][0]["name"] == "DEFAULT"
-
-
 def test_port_in_use_is_one_clear_line():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -195,6 +176,10 @@ def test_port_in_use_is_one_clear_line():
     assert len(lines) == 1 and "cannot listen" in lines[0] and "in use" in lines[0], lines
 
 
+# host_only: on a host without kprobes every attach must fail and be reported by name;
+# in the kernel tier's guests each kernel's verifier already passes these programs (the
+# seed's type checks through seedsim: tests/vm/guest_kprobes.py) -- a minute per guest.
+@pytest.mark.host_only
 def test_kprobe_programs_pass_the_verifier_and_failed_attaches_are_reported(kernel_facts):
     """Load the plan of a kprobe kernel (the seed's chain) on this host.
 
@@ -223,11 +208,11 @@ def test_kprobe_programs_pass_the_verifier_and_failed_attaches_are_reported(kern
         session.close()
 
 
-# task-storage is what every kernel of the kernel tier uses (5.11+ with BTF): the shared
-# serve's exact counts hold it in every guest, so this variant runs in one only.
-@pytest.mark.parametrize("task_storage", [
-    pytest.param(True, id="task-storage", marks=pytest.mark.one_guest),
-    pytest.param(False, id="hash")])
+# Every kernel of the kernel tier has task storage (5.11+ with BTF): the shared serve's
+# exact counts hold it in every guest, and the hash (older kernels' fallback) is loaded
+# by no guest's plan, so both variants run in one guest only.
+@pytest.mark.one_guest
+@pytest.mark.parametrize("task_storage", [True, False], ids=["task-storage", "hash"])
 def test_both_in_flight_variants_count_exactly(task_storage):
     """The in-flight ioctl lives in task storage (5.11+) or, on older kernels, a hash."""
     from kvmtrace import facts, loader, plan, reader

@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from tests.conftest import KVMTRACE
+from tests.privileged.conftest import START_TIMEOUT, host_has_kprobes
 
 pytestmark = pytest.mark.privileged
 
@@ -37,14 +38,33 @@ def cpuinfo() -> tuple[str, set[str]]:
 
 @pytest.fixture(scope="module")
 def report():
+    """One `doctor --json` (an attach test: a bcc compile) for the whole module."""
     if os.geteuid() != 0:
         pytest.fail("the privileged tier runs as root")
     proc = subprocess.run([*KVMTRACE, "doctor", "--json"], capture_output=True, text=True,
-                          timeout=180, check=False)
+                          timeout=max(180, START_TIMEOUT), check=False)
     assert "Traceback" not in proc.stderr, proc.stderr
     r = json.loads(proc.stdout)
     assert proc.returncode == r["exit_status"]
     return r
+
+
+def test_doctor_json_reports_this_host(report):
+    """The attach test: every point of this host's plan as attached or not, by mechanism."""
+    r = report
+    assert r["exit_status"] == 0, (r["errors"], r["readiness"]["unusable"])
+    assert r["ok"] and r["attach_tested"], r["errors"]
+    pts = {p["probe"]: p for p in r["points"]}
+    if host_has_kprobes():
+        assert r["kprobes"]["available"] is True
+        assert pts["KVM_CREATE_VM"]["mechanism"] == "kprobe"
+    else:
+        assert r["kprobes"]["available"] is False
+        assert pts["KVM_CREATE_VM"]["mechanism"] == "tracepoint"
+        assert pts["kvm_arch_init_vm"]["attached"] is False
+        assert pts["kvm_arch_init_vm"]["detail"]
+    assert pts["KVM_CREATE_VM"]["attached"] is True
+    assert r["kvm"]["vm_types_mask"] is not None and r["kvm"]["vm_types"][0]["name"] == "DEFAULT"
 
 
 def test_doctor_reports_what_tracing_needs_of_it(report):

@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import HERE, KVMTRACE, free_port, unique_comm
 
-pytestmark = pytest.mark.privileged
+pytestmark = [pytest.mark.privileged, pytest.mark.core]
 
 VMMAKER = [sys.executable, str(HERE / "vmmaker.py")]
 TRIGGER = [sys.executable, str(HERE / "vm" / "seedsim_trigger.py")]

@@ -340,12 +340,12 @@ class Job:
 
 def job_order(specs: list[kernelsmod.Spec], userlands: list[str]) -> list[str]:
     """The order jobs are prepared and started in: the longest first where it can start
-    at once -- the tests=all guest, then the other guests on this host's root (nothing to
+    at once -- the one_guest line's guest, then the other guests on this host's root (nothing to
     debootstrap), then the guests on another userland, newest kernels first (slower under
     TCG), then each userland's README commands (the shortest)."""
     def key(i_spec: tuple[int, kernelsmod.Spec]) -> tuple:
         i, spec = i_spec
-        return (spec.tests != "all", spec.userland != "host", -spec.bound, -i)
+        return (not spec.one_guest, spec.userland != "host", -spec.bound, -i)
     guests = [spec.name for _, spec in sorted(enumerate(specs), key=key)]
     return guests + [f"readme:{codename}" for codename in userlands]
 
@@ -445,11 +445,11 @@ def run_kernel(prepared: tuple, bound: int, stop: threading.Event) -> None:
     if rc != 0 or bad or counts["tests"] == 0:
         pytest.fail(f"{where}: guest pytest exited {rc}, {counts}:\n" + "\n".join(bad)
                     + f"\n(full log: {run / 'guest.log'})")
-    if spec.tests == "all":
+    if spec.one_guest:
         ran = junit_nodeids(run / "junit.xml")
         missing = sorted(one_guest_tests() - ran)
         if missing:
-            pytest.fail(f"{where}: the tests=all guest did not run {len(missing)} one_guest "
+            pytest.fail(f"{where}: the one_guest line's guest did not run {len(missing)} one_guest "
                         f"tests (they run in no other guest): {missing[:5]}")
     for module in ("tests.privileged.test_privileged", "tests.vm.guest_kprobes"):
         if not any(c == module or c.startswith(f"{module}.") for c in classnames):

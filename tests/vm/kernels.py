@@ -67,12 +67,13 @@ USERLANDS = ("host", "bookworm", "trixie")
 # What a guest runs, by its kernels.txt line's tests=: the pytest -m expression, the test
 # paths, and its time bound (seconds from vng start to power-off; past it the VM is killed
 # and the tier says which guest ran out). "kernel": the privileged tests whose outcome
-# depends on which kernel it is. "all": those and the `one_guest` tests too, which depend
-# on the probe mechanism (kprobes in every guest) but not on the kernel's version; exactly
-# one line says "all". "core": for a kernel another line already covers with another
-# userland -- the probes compile, attach and count on it (test_privileged.py) and the
-# kprobe paths (guest_kprobes.py), not the VM-start, explain, doctor and service tests.
-# The bounds are about twice a guest's time in the dry runs (docs/testing.md).
+# depends on which kernel it is. "core": for a kernel series another line runs in full
+# with another userland -- the tests marked `core` (test_privileged.py: the probes
+# compile, attach, count and read on it; guest_kprobes.py: the kprobe paths), not the
+# VM-start, explain, doctor and service tests. Either "+one_guest" (exactly one line):
+# the `one_guest` tests too, which depend on the probe mechanism (kprobes in every guest)
+# but not on the kernel's version. The bounds are about twice a guest's time alone in the
+# dry runs (docs/kernels.md).
 PRIVILEGED_PATHS = ("tests/privileged", "tests/vm/guest_kprobes.py")
 
 
@@ -82,14 +83,19 @@ class GuestTests:
     paths: tuple[str, ...]
     bound: int
 
+    @property
+    def one_guest(self) -> bool:
+        return "not one_guest" not in self.markers
+
 
 GUEST_TESTS = {
     "kernel": GuestTests("privileged and not host_only and not one_guest", PRIVILEGED_PATHS,
-                         1800),
-    "all": GuestTests("privileged and not host_only", PRIVILEGED_PATHS, 2100),
-    "core": GuestTests("privileged and not host_only and not one_guest",
-                       ("tests/privileged/test_privileged.py", "tests/vm/guest_kprobes.py"),
-                       1200),
+                         1500),
+    "core": GuestTests("privileged and core and not host_only and not one_guest",
+                       PRIVILEGED_PATHS, 900),
+    "kernel+one_guest": GuestTests("privileged and not host_only", PRIVILEGED_PATHS, 2100),
+    "core+one_guest": GuestTests("privileged and (core or one_guest) and not host_only",
+                                 PRIVILEGED_PATHS, 1800),
 }
 
 
@@ -121,6 +127,11 @@ class Spec:
     def bound(self) -> int:
         """Seconds the guest may take, vng start to power-off."""
         return GUEST_TESTS[self.tests].bound
+
+    @property
+    def one_guest(self) -> bool:
+        """Whether this is the line that runs the one_guest tests."""
+        return GUEST_TESTS[self.tests].one_guest
 
     @property
     def headers_meta(self) -> str:
@@ -183,8 +194,9 @@ class Kernel:
 
 
 def parse_kernels(text: str, where: str = "kernels.txt") -> list[Spec]:
-    """Lines ``NAME SUITE IMAGE-METAPACKAGE [userland=host|CODENAME] [tests=kernel|all|core]``;
-    # comments. At most one line may say tests=all (read_kernels: exactly one)."""
+    """Lines ``NAME SUITE IMAGE-METAPACKAGE [userland=host|CODENAME] [tests=CLASS]`` (a key
+    of GUEST_TESTS); # comments. At most one line may run the one_guest tests
+    (read_kernels: exactly one)."""
     specs: list[Spec] = []
     for n, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
@@ -208,18 +220,18 @@ def parse_kernels(text: str, where: str = "kernels.txt") -> list[Spec]:
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise FetchError(f"{where}: duplicate names in {names}")
-    full = [s.name for s in specs if s.tests == "all"]
+    full = [s.name for s in specs if s.one_guest]
     if len(full) > 1:
-        raise FetchError(f"{where}: more than one line says tests=all ({full}): the "
-                         "one_guest tests need one guest, not several")
+        raise FetchError(f"{where}: more than one line runs the one_guest tests ({full}): "
+                         "they need one guest, not several")
     return specs
 
 
 def read_kernels(path: Path = KERNELS_TXT) -> list[Spec]:
     specs = parse_kernels(path.read_text(), str(path))
-    if not any(s.tests == "all" for s in specs):
-        raise FetchError(f"{path}: no line says tests=all: the one_guest tests would run "
-                         "in no guest")
+    if not any(s.one_guest for s in specs):
+        raise FetchError(f"{path}: no line says tests=...+one_guest: the one_guest tests "
+                         "would run in no guest")
     return specs
 
 
