@@ -4,7 +4,9 @@
  *
  * Compiled by bcc at run time. Free of kernel struct layouts on purpose, so a
  * mismatch between the running kernel and the headers bcc compiles against
- * cannot corrupt what we read. Every struct, map and index shared with the
+ * cannot corrupt what we read: the one place that reads kernel structs (a
+ * followed process's fd 2, STDERR_CAPTURE) reads them at OFF_* offsets the
+ * loader took from the running kernel's own BTF. Every struct, map and index shared with the
  * Python side is declared in kvmtrace/contract.py, which gives the sizes and
  * indices below as defines (tests/test_contract.py holds this file to it):
  *
@@ -25,6 +27,8 @@
  *   COUNTS_MAX, CALLS_MAX, RINGBUF_PAGES   map sizes (loader options)
  *   COUNTS_PER_PROC, PROC_KEYS_MAX          a process's share of counts (option),
  *                                           processes with a share tracked
+ *   STDERR_MAX, STDERR_NAMES, STDERR_NAME_LEN, STDERR_NAMES_BYTES, STDERR_MOUNTS,
+ *   STDERR_NO_FILE, STDERR_TRUNCATED   struct vmm_stderr's sizes and flags
  *
  * The loader (kvmtrace/loader.py) adds:
  *
@@ -56,6 +60,8 @@
  *   USE_RINGBUF    BPF ring buffer (5.8+), else a perf buffer
  *   USE_TASK_STORAGE   keep the in-flight ioctl in BPF task storage (5.11+,
  *                  BTF), else in a hash keyed by thread id
+ *   STDERR_CAPTURE (+ OFF_*)   where a followed process's fd 2 is, read when it
+ *                  is first followed, at the running kernel's offsets (BTF)
  *
  * and appends one FN_KPROBE / FN_FEXIT_* line per attached function point.
  * Every program below, and what each FN_* macro writes, is in the table of
@@ -441,6 +447,111 @@ struct proc {
 	struct vm_fd fds[VM_FDS_MAX];
 };
 
+#ifdef STDERR_CAPTURE
+/*
+ * Where a followed process's stderr is, read in the kernel when it is first
+ * followed, so what its file is survives the process however fast it gives
+ * up: fd 2's inode (number, device, mode, rdev), its file position then, and
+ * its path as the process's mount namespace names it, the file's own name
+ * first (dentries up to their mount's root, then the mount point, to the
+ * namespace's root). Read at the running kernel's offsets (OFF_*, from its
+ * BTF); a failed read leaves zeros, which the Python side says it could not
+ * use. Once per process; nothing on any other path.
+ */
+struct vmm_stderr {
+	u64 ino;
+	s64 pos;
+	u32 dev;
+	u32 rdev;
+	u16 mode;
+	u16 depth;
+	u32 flags;
+	char names[STDERR_NAMES_BYTES];
+};
+BPF_LRU_HASH(vmm_stderr, u32, struct vmm_stderr, STDERR_MAX);
+BPF_PERCPU_ARRAY(stderr_scratch, struct vmm_stderr, 1);
+
+static __always_inline u64 kread(u64 base, u32 off)
+{
+	u64 v = 0;
+	if (base)
+		bpf_probe_read_kernel(&v, sizeof(v), (void *)(base + off));
+	return v;
+}
+
+static __always_inline void stderr_capture(u32 tgid)
+{
+	u32 zero = 0;
+	struct vmm_stderr *s = stderr_scratch.lookup(&zero);
+	if (!s)
+		return;
+	s->ino = 0;
+	s->pos = 0;
+	s->dev = 0;
+	s->rdev = 0;
+	s->mode = 0;
+	s->depth = 0;
+	s->flags = 0;
+	u64 fdt = kread(kread((u64)bpf_get_current_task(), OFF_TASK_FILES), OFF_FILES_FDT);
+	u64 file = kread(kread(fdt, OFF_FDT_FD), 2 * sizeof(u64));
+	if (!file) {
+		s->flags = STDERR_NO_FILE;
+		vmm_stderr.update(&tgid, s);
+		return;
+	}
+	u64 inode = kread(file, OFF_FILE_INODE);
+	if (inode) {
+		bpf_probe_read_kernel(&s->mode, sizeof(s->mode), (void *)(inode + OFF_INODE_MODE));
+		bpf_probe_read_kernel(&s->ino, sizeof(s->ino), (void *)(inode + OFF_INODE_INO));
+		bpf_probe_read_kernel(&s->rdev, sizeof(s->rdev), (void *)(inode + OFF_INODE_RDEV));
+		u64 sb = kread(inode, OFF_INODE_SB);
+		if (sb)
+			bpf_probe_read_kernel(&s->dev, sizeof(s->dev), (void *)(sb + OFF_SB_DEV));
+	}
+	bpf_probe_read_kernel(&s->pos, sizeof(s->pos), (void *)(file + OFF_FILE_POS));
+	u64 dentry = kread(file, OFF_FILE_DENTRY);
+	u64 vfsmnt = kread(file, OFF_FILE_MNT);
+	u64 mnt = vfsmnt ? vfsmnt - OFF_MOUNT_MNT : 0;
+	u64 root = kread(vfsmnt, OFF_VFSMOUNT_ROOT);
+	/* Mount by mount, and in each the dentries up to its root: loops with one
+	 * path that goes on each, so the verifier's work grows with their length,
+	 * not with its power (the depth is kept in the map value, not a register). */
+	for (int m = 0; m < STDERR_MOUNTS; m++) {
+		u32 stop = 0;
+		for (int i = 0; i < STDERR_NAMES; i++) {
+			if (!dentry || dentry == root)
+				break;
+			u64 up = kread(dentry, OFF_DENTRY_PARENT);
+			u32 n = s->depth;
+			if (!up || up == dentry || n >= STDERR_NAMES) {
+				stop = 1; /* a filesystem's root not mounted here, or full */
+				break;
+			}
+			bpf_probe_read_kernel_str(&s->names[(n & (STDERR_NAMES - 1)) * STDERR_NAME_LEN],
+						  STDERR_NAME_LEN,
+						  (void *)kread(dentry, OFF_DENTRY_NAME));
+			s->depth = n + 1;
+			dentry = up;
+		}
+		if (stop || !dentry || dentry != root) {
+			if (dentry && dentry != root && s->depth >= STDERR_NAMES)
+				s->flags |= STDERR_TRUNCATED;
+			break;
+		}
+		/* Its mount's root: on to where that mount is mounted. */
+		u64 parent = kread(mnt, OFF_MOUNT_PARENT);
+		if (!parent || parent == mnt)
+			break; /* the namespace's root */
+		dentry = kread(mnt, OFF_MOUNT_MOUNTPOINT);
+		mnt = parent;
+		root = kread(mnt + OFF_MOUNT_MNT, OFF_VFSMOUNT_ROOT);
+	}
+	vmm_stderr.update(&tgid, s);
+}
+#else
+static __always_inline void stderr_capture(u32 tgid) {}
+#endif /* STDERR_CAPTURE */
+
 #ifdef FOLLOW_PROCS
 BPF_HASH(procs, u32, struct proc, PROCS_MAX);
 
@@ -458,7 +569,8 @@ static __always_inline struct proc *proc_follow(u32 tgid, u64 now)
 	fresh.first_ns = now;
 	fresh.last_type = (u64)-1;
 	/* EEXIST: another thread of it came first; E2BIG: full. */
-	procs.insert(&tgid, &fresh);
+	if (procs.insert(&tgid, &fresh) == 0)
+		stderr_capture(tgid);
 	p = procs.lookup(&tgid);
 	if (!p)
 		health_inc(HEALTH_PROCS_DROPPED);

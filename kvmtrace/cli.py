@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default="logfmt",
                    help="the one line on stderr per failed VM start (default logfmt; "
                         "under systemd, journal fields instead)")
+    s.add_argument("--no-vmm-words", action="store_true",
+                   help="do not read the VMMs' stderr back (then CAP_SYS_PTRACE and "
+                        "CAP_DAC_READ_SEARCH are not kept after attach)")
 
     t = sub.add_parser("trace", help="one line per VM creation attempt and type check",
                        epilog=EXAMPLES_TRACE, formatter_class=fmt)

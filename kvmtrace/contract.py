@@ -43,7 +43,9 @@ PROBE_KVM_RUN = 9  # its first KVM_RUN that failed or ended it (result -errno or
 # verdicts the exit reason: kvm:kvm_userspace_exit)
 PROBE_KVM_OPEN = 10  # a process asked KVM_GET_API_VERSION (a VMM opening KVM): an event
 # only, which wakes the reader, so what it is can be read while it lives
-FIRST_TYPE_CHECK = 11  # every further function point, in plan order (type checks, then
+PROBE_VMM_STDERR = 11  # where a followed process's fd 2 is, read in the kernel when it is
+# first followed (the vmm_stderr map; no event, no count: the C never names it)
+FIRST_TYPE_CHECK = 12  # every further function point, in plan order (type checks, then
 # the confidential launch's functions)
 
 # ---- VERDICT_* bits: what the function probes saw inside one KVM_CREATE_VM ----
@@ -92,6 +94,13 @@ EXEC_ARGS_BYTES = 4096  # bytes of one command line kept
 EXEC_ARG_MAX = 1024  # bytes of one argument kept
 EXEC_ARGV_MAX = 128  # arguments of one command line kept
 PROC_KEYS_MAX = 16384  # processes whose share of the counts map is tracked (LRU)
+STDERR_MAX = 4096  # followed processes whose fd 2 is kept (LRU)
+STDERR_NAMES = 16  # path components of it kept (a power of 2), the file's own first
+STDERR_NAME_LEN = 64  # bytes of one (NUL included)
+STDERR_NAMES_BYTES = STDERR_NAMES * STDERR_NAME_LEN
+STDERR_MOUNTS = 8  # mounts walked up through
+STDERR_NO_FILE = 1  # vmm_stderr.flags: fd 2 was not open
+STDERR_TRUNCATED = 2  # vmm_stderr.flags: deeper than STDERR_NAMES
 COUNTS_PER_PROC = 256  # a process's share of the counts map (loader option's default)
 
 # ---- health: per-CPU counters, index i is HEALTH[i] (kvmtrace_<name>_total) ----
@@ -150,6 +159,12 @@ EVENT = struct.Struct("<QQQqIIIIIIQ16s")
 # arguments); flags bit 0: truncated.
 EXEC_ARGS_HEAD = struct.Struct("<II")
 
+# struct vmm_stderr: the vmm_stderr map's value: u64 ino; s64 pos (its file position
+# then); u32 dev (super_block.s_dev, the kernel's MAJOR << 20 | MINOR), rdev; u16 mode,
+# depth (names filled); u32 flags (STDERR_*); the path's names, the file's own first,
+# STDERR_NAME_LEN bytes each.
+VMM_STDERR = struct.Struct(f"<QqIIHHI{STDERR_NAMES_BYTES}s")
+
 # The C struct fields, in order, as (C type, name): what tests/test_contract.py holds
 # the C against, and what the formats above are built from.
 STRUCTS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -161,9 +176,13 @@ STRUCTS: dict[str, tuple[tuple[str, str], ...]] = {
               ("char[TASK_COMM_LEN]", "comm")),
     "exec_args": (("u32", "len"), ("u32", "flags"), ("char[EXEC_ARGS_BYTES]", "args")),
     "total_key": (("u32", "probe"), ("u32", "pad"), ("u64", "vm_type"), ("s64", "result")),
+    "vmm_stderr": (("u64", "ino"), ("s64", "pos"), ("u32", "dev"), ("u32", "rdev"),
+                   ("u16", "mode"), ("u16", "depth"), ("u32", "flags"),
+                   ("char[STDERR_NAMES_BYTES]", "names")),
 }
 STRUCT_FORMATS = {"count_key": COUNT_KEY, "event": EVENT, "total_key": TOTAL_KEY,
-                  "exec_args": struct.Struct(f"<II{EXEC_ARGS_BYTES}s")}
+                  "exec_args": struct.Struct(f"<II{EXEC_ARGS_BYTES}s"),
+                  "vmm_stderr": VMM_STDERR}
 
 # ---- maps -----------------------------------------------------------------------
 # Kernel map types (include/uapi/linux/bpf.h enum bpf_map_type).
@@ -185,13 +204,15 @@ LATENCY_MAP = "create_latency"
 LATENCY_SUM_MAP = "create_latency_sum"
 EXEC_ARGS_MAP = "exec_args"
 PROC_KEYS_MAP = "proc_keys"
+VMM_STDERR_MAP = "vmm_stderr"
 EVENTS_MAP = "events"  # BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES) or BPF_PERF_OUTPUT(events)
 # Maps only the C reads: the in-flight calls (function points, ioctls), the count of
 # ioctls in flight, the event budget, followed processes, the execve scratch buffer, the
-# count of processes in their start (created a VM, no vCPU ran yet).
+# count of processes in their start (created a VM, no vCPU ran yet), vmm_stderr's
+# scratch value.
 # Named so that a map added to the C is a decision about this contract, not an accident.
 PRIVATE_MAPS = ("fn_calls", "inflight", "event_budget", "ioctl_calls", "procs",
-                "exec_scratch", "starting")
+                "exec_scratch", "starting", "stderr_scratch")
 
 
 @dataclass(frozen=True)
@@ -224,9 +245,11 @@ MAPS: dict[str, MapSpec] = {m.name: m for m in (
     MapSpec(EXEC_ARGS_MAP, "BPF_LRU_HASH", "u32", "struct exec_args", "EXEC_ARGS_MAX",
             4, STRUCT_FORMATS["exec_args"].size),
     MapSpec(PROC_KEYS_MAP, "BPF_LRU_HASH", "u32", "u32", "PROC_KEYS_MAX", 4, 4),
+    MapSpec(VMM_STDERR_MAP, "BPF_LRU_HASH", "u32", "struct vmm_stderr", "STDERR_MAX",
+            4, VMM_STDERR.size),
 )}
-# Maps that exist only when the plan has their point (kvmtrace.plan: EXEC).
-OPTIONAL_MAPS = (EXEC_ARGS_MAP,)
+# Maps that exist only when the plan has their point (kvmtrace.plan: EXEC, VMM_STDERR).
+OPTIONAL_MAPS = (EXEC_ARGS_MAP, VMM_STDERR_MAP)
 # Every map the C declares, by name.
 ALL_MAPS = (*MAPS, EVENTS_MAP, *PRIVATE_MAPS)
 
@@ -266,6 +289,13 @@ def defines(counts_max: int, calls_max: int, ringbuf_pages: int,
         "EXEC_ARG_MAX": str(EXEC_ARG_MAX),
         "EXEC_ARGV_MAX": str(EXEC_ARGV_MAX),
         "PROC_KEYS_MAX": str(PROC_KEYS_MAX),
+        "STDERR_MAX": str(STDERR_MAX),
+        "STDERR_NAMES": str(STDERR_NAMES),
+        "STDERR_NAME_LEN": str(STDERR_NAME_LEN),
+        "STDERR_NAMES_BYTES": str(STDERR_NAMES_BYTES),
+        "STDERR_MOUNTS": str(STDERR_MOUNTS),
+        "STDERR_NO_FILE": str(STDERR_NO_FILE),
+        "STDERR_TRUNCATED": str(STDERR_TRUNCATED),
         "COUNTS_PER_PROC": str(counts_per_proc),
         **{f"HEALTH_{name.upper()}": str(i) for i, name in enumerate(HEALTH)},
         "HEALTH_ENTRIES": str(HEALTH_ENTRIES),
@@ -294,16 +324,43 @@ EXEC_DEFINES = {"tracepoint": "EXEC_TRACEPOINT", "kprobe": "EXEC_KPROBE"}  # com
 EXECVEAT_DEFINE = "EXECVEAT_TRACEPOINT"  # with EXEC_TRACEPOINT: execveat's too
 USE_RINGBUF = "USE_RINGBUF"  # BPF ring buffer (5.8+), else a perf buffer
 USE_TASK_STORAGE = "USE_TASK_STORAGE"  # in-flight ioctls in task storage, else a hash
+STDERR_CAPTURE = "STDERR_CAPTURE"  # a followed process's fd 2, read at the OFF_* offsets
 FEATURES = (*IOCTL_DEFINES.values(), FOLLOW_PROCS, *EXIT_DEFINES.values(), SIGNAL_DEFINE,
             FD_IOCTL_KPROBE, KVM_CALLS, RUN_TRACEPOINT, *EXEC_DEFINES.values(),
-            EXECVEAT_DEFINE, USE_RINGBUF, USE_TASK_STORAGE)
+            EXECVEAT_DEFINE, USE_RINGBUF, USE_TASK_STORAGE, STDERR_CAPTURE)
+# With STDERR_CAPTURE, the kernel's struct members the C reads fd 2 through, at the
+# offsets the host's BTF gives (kvmtrace.btf): #define OFFSET_PREFIX + key, the byte
+# offset of (struct, member path) (the loader defines them from the facts).
+OFFSET_PREFIX = "OFF_"
+STDERR_FIELDS = {
+    "TASK_FILES": ("task_struct", "files"),
+    "FILES_FDT": ("files_struct", "fdt"),
+    "FDT_FD": ("fdtable", "fd"),
+    "FILE_INODE": ("file", "f_inode"),
+    "FILE_POS": ("file", "f_pos"),
+    "FILE_DENTRY": ("file", "f_path.dentry"),
+    "FILE_MNT": ("file", "f_path.mnt"),
+    "DENTRY_PARENT": ("dentry", "d_parent"),
+    "DENTRY_NAME": ("dentry", "d_name.name"),
+    "INODE_MODE": ("inode", "i_mode"),
+    "INODE_INO": ("inode", "i_ino"),
+    "INODE_SB": ("inode", "i_sb"),
+    "INODE_RDEV": ("inode", "i_rdev"),
+    "SB_DEV": ("super_block", "s_dev"),
+    "VFSMOUNT_ROOT": ("vfsmount", "mnt_root"),
+    "MOUNT_MNT": ("mount", "mnt"),
+    "MOUNT_PARENT": ("mount", "mnt_parent"),
+    "MOUNT_MOUNTPOINT": ("mount", "mnt_mountpoint"),
+}
+
 
 
 def expected_entries(name: str, counts_max: int) -> int:
     """max_entries the kernel must report for one of :data:`MAPS`."""
     return {COUNTS_MAP: counts_max, TOTALS_MAP: TOTALS_MAX, HEALTH_MAP: HEALTH_ENTRIES,
             LATENCY_MAP: LATENCY_ENTRIES, LATENCY_SUM_MAP: LATENCY_SUM_ENTRIES,
-            EXEC_ARGS_MAP: EXEC_ARGS_MAX, PROC_KEYS_MAP: PROC_KEYS_MAX}[name]
+            EXEC_ARGS_MAP: EXEC_ARGS_MAX, PROC_KEYS_MAP: PROC_KEYS_MAX,
+            VMM_STDERR_MAP: STDERR_MAX}[name]
 
 
 @dataclass(frozen=True)

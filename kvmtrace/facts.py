@@ -14,9 +14,11 @@ import json
 import os
 import platform
 import re
+import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kvmtrace import btf as btfmod
 from kvmtrace import evidence as evidencemod
 from kvmtrace import kvmdev
 
@@ -113,6 +115,10 @@ class HostFacts:
     # What the host says about each VM type's layers (kvmtrace.readiness); None in
     # facts files written before it was captured.
     evidence: evidencemod.Evidence | None = None
+    # The kernel struct offsets a followed process's fd 2 is read at (kvmtrace.btf,
+    # contract.STDERR_FIELDS), or why there are none.
+    stderr_offsets: dict[str, int] | None = None
+    stderr_offsets_error: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -194,6 +200,7 @@ _FIELD_KINDS = {
     "tracefs_error": "a string or null", "bcc_version": "a string or null",
     "headers": "an object of {path, release, error}",
     "kvm": "an object of {present, api_version, vm_types_mask, error}",
+    "stderr_offsets": "an object of integers or null", "stderr_offsets_error": "a string or null",
 }
 _FIELD_CHECKS = {
     "kernel_release": _str, "arch": _str, "kprobes_detail": _str,
@@ -208,6 +215,7 @@ _FIELD_CHECKS = {
     "headers": _record(path=_opt(_str), release=_opt(_str), error=_opt(_str)),
     "kvm": _record(present=_bool, api_version=_opt(_int), vm_types_mask=_opt(_int),
                    error=_opt(_str)),
+    "stderr_offsets": _opt(_dict_of(_int)), "stderr_offsets_error": _opt(_str),
 }
 
 
@@ -362,6 +370,19 @@ def _bcc_version() -> str | None:
     return getattr(bcc, "__version__", "unknown")
 
 
+def _stderr_offsets(path: Path) -> tuple[dict[str, int] | None, str | None]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, f"no BTF at {path} (CONFIG_DEBUG_INFO_BTF is off)"
+    except OSError as exc:
+        return None, f"{path}: {exc.strerror or exc}"
+    try:
+        return btfmod.stderr_offsets(data), None
+    except (btfmod.BtfError, struct.error) as exc:
+        return None, f"{path}: {exc}"
+
+
 def gather(root: str | os.PathLike = "/", probe_fentry_fn=probe_fentry) -> HostFacts:
     """Read the facts of the running host (``root`` lets tests use a fixture tree)."""
     root = Path(root)
@@ -380,6 +401,7 @@ def gather(root: str | os.PathLike = "/", probe_fentry_fn=probe_fentry) -> HostF
         if target:
             fentry = probe_fentry_fn(target)
     version = kernel_version(release)
+    offsets, offsets_error = _stderr_offsets(root / "sys/kernel/btf/vmlinux")
     return HostFacts(
         kernel_release=release, arch=uname.machine, symbols=symbols, clones=clones,
         traceable=_traceable(root, tracefs, symbols, clones),
@@ -392,4 +414,5 @@ def gather(root: str | os.PathLike = "/", probe_fentry_fn=probe_fentry) -> HostF
         vendor_modules=sorted(m for m in VENDOR_MODULES if (root / "sys/module" / m).exists()),
         bcc_version=_bcc_version(), is_root=is_root,
         evidence=evidencemod.gather(root, release),
+        stderr_offsets=offsets, stderr_offsets_error=offsets_error,
     )

@@ -20,16 +20,19 @@ the process may: kernel.dmesg_restrict asks CAP_SYSLOG at open, not at read).
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import re
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 KMSG = "/dev/kmsg"
 KEEP = 512  # relevant lines kept
 LINE_MAX = 300  # characters of one kept line
+MARKS = 256  # (time, position) marks kept: when each position was reached
 RECORD_MAX = 8192  # bytes of one read (a record is at most 1 KiB of text plus its dictionary)
 
 # The subsystems that decide VM starts, by the prefix the kernel gives their lines
@@ -121,10 +124,17 @@ class _Splat:
 class KernelLog:
     """Reads an open /dev/kmsg fd (O_NONBLOCK) to its end at every :meth:`poll`, keeping
     the relevant lines; ``missed`` counts records the kernel overwrote before they were
-    read (sequence gaps), ``evicted`` relevant lines the ``keep`` bound pushed out."""
+    read (sequence gaps), ``evicted`` relevant lines the ``keep`` bound pushed out.
 
-    def __init__(self, fd: int, keep: int = KEEP) -> None:
+    Each poll that moved the position marks when (``clock``: CLOCK_MONOTONIC, the clock
+    of the BPF events' ts_ns): :meth:`position_at` turns an event's time into the
+    position the log had then, whenever the event is read."""
+
+    def __init__(self, fd: int, keep: int = KEEP,
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
         self._fd = fd
+        self._clock = clock
+        self._marks: deque[tuple[int, int]] = deque(maxlen=MARKS)
         self.lines: deque[Line] = deque(maxlen=keep)
         self.last_seq: int | None = None
         self.read = self.missed = self.evicted = 0
@@ -180,7 +190,19 @@ class KernelLog:
         for rec in self._records():
             self._take(rec)
             n += 1
+        if self.last_seq is not None and (not self._marks
+                                          or self._marks[-1][1] != self.last_seq):
+            # Every record up to last_seq was logged before now.
+            self._marks.append((self._clock(), self.last_seq))
         return n
+
+    def position_at(self, t_ns: int) -> int | None:
+        """The position the log had reached by ``t_ns`` as far as the polls tell (every
+        line after it was logged after the last poll before ``t_ns``: from a little
+        before ``t_ns`` on, never later); None: before the oldest mark kept (from the
+        first line)."""
+        i = bisect.bisect_right([t for t, _ in self._marks], t_ns)
+        return self._marks[i - 1][1] if i else None
 
     def between(self, after_seq: int | None, upto_seq: int | None) -> list[str]:
         """The kept lines with a sequence number after ``after_seq`` and up to
@@ -203,4 +225,6 @@ def open_log(path: str = KMSG, keep: int = KEEP) -> tuple[KernelLog | None, str 
                           "to open it (grant it, or run as root; it is opened before the "
                           "capabilities are dropped)")
         return None, f"{path}: {exc.strerror or exc}"
-    return KernelLog(fd, keep), None
+    log = KernelLog(fd, keep)
+    log.poll()  # the ring as it stands: the first mark, so windows start from now on
+    return log, None

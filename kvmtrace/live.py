@@ -38,11 +38,16 @@ class Stop:
             signal.signal(sig, lambda *_: self.event.set())
 
 
+def _no_words(pid: int, hold: bool = False) -> str:
+    return "not read: serve --no-vmm-words"
+
+
 class Live:
     def __init__(self, facts: factsmod.HostFacts, reader: Reader, stop: Stop,
                  aggregator: Aggregator | None = None, series_ttl: float = 3600.0,
                  recent_starts: int = 100,
-                 kernel_log: tuple[kernellog.KernelLog | None, str | None] = (None, None)):
+                 kernel_log: tuple[kernellog.KernelLog | None, str | None] = (None, None),
+                 words: bool = True):
         self.facts = facts
         self.reader = reader
         self.plan: planmod.Plan = reader.plan
@@ -52,7 +57,8 @@ class Live:
                                vendor_modules=tuple(facts.vendor_modules),
                                recent_starts=recent_starts,
                                params=facts.evidence.params if facts.evidence else {},
-                               kernel_log=kernel_log[0], kernel_log_error=kernel_log[1])
+                               kernel_log=kernel_log[0], kernel_log_error=kernel_log[1],
+                               **({} if words else {"resolve_stderr": _no_words}))
         self.stitcher = Stitcher(reader.attachments, facts.arch,
                                  host_mask=facts.kvm.vm_types_mask,
                                  vendor_modules=facts.vendor_modules)
@@ -61,13 +67,14 @@ class Live:
     @classmethod
     def start(cls, strict: bool, filter_pid: int = 0, stop: Stop | None = None,
               aggregator: Aggregator | None = None, series_ttl: float = 3600.0,
-              recent_starts: int = 100) -> Live:
+              recent_starts: int = 100, words: bool = True) -> Live:
         """Gather, plan, compile and attach in the loader child (kvmtrace.handoff).
 
         Fails when no point attached, or with ``strict`` when any point that is not
         optional is missing;
         warns when /dev/kvm is absent. ``stop`` is made first when not given, so a
-        signal during the (seconds-long) compile is not lost."""
+        signal during the (seconds-long) compile is not lost. ``words``: resolve and
+        read back the VMMs' stderr (kvmtrace.vmmwords)."""
         stop = stop or Stop()
         try:
             facts, reader = handoffmod.start(filter_pid)
@@ -95,7 +102,8 @@ class Live:
         if log is None:
             print(f"WARNING: {why}: failed starts will not carry the kernel's lines",
                   file=sys.stderr)
-        return cls(facts, reader, stop, aggregator, series_ttl, recent_starts, (log, why))
+        return cls(facts, reader, stop, aggregator, series_ttl, recent_starts, (log, why),
+                   words)
 
     def open_events(self, on_event: Callable[[Event, list[Attempt]], None]) -> None:
         """Decode each event, feed it to the stitcher, and hand both to ``on_event``
@@ -135,5 +143,6 @@ class Live:
 
     def close(self) -> None:
         self.reader.close()
+        self.runtime.release()
         if self.runtime.kernel_log is not None:
             self.runtime.kernel_log.close()

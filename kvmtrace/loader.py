@@ -88,6 +88,9 @@ def build_text(plan: planmod.Plan, opts: Options) -> str:
             defines[contract.KVM_CALLS] = "1"
         if points[contract.PROBE_KVM_RUN].planned:
             defines[contract.RUN_TRACEPOINT] = "1"
+        if points[contract.PROBE_VMM_STDERR].planned:
+            defines[contract.STDERR_CAPTURE] = "1"
+            defines.update({contract.OFFSET_PREFIX + k: str(v) for k, v in plan.offsets})
     exec_point = points[contract.PROBE_EXEC]
     if exec_point.mechanism is not None:
         defines[contract.EXEC_DEFINES[exec_point.mechanism]] = "1"

@@ -7,7 +7,7 @@ here touches the machine.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from kvmtrace.contract import (
@@ -23,6 +23,7 @@ from kvmtrace.contract import (
     PROBE_PROCESS_END,
     PROBE_SIGNAL,
     PROBE_VM_TYPES_QUERY,
+    PROBE_VMM_STDERR,
 )
 from kvmtrace.facts import (
     ARCH_INIT_FUNCTION,
@@ -54,6 +55,7 @@ EXEC = "command line at exec"  # its argv, captured at execve
 KVM_CALL = "failed KVM ioctl"  # a KVM ioctl of a start that failed
 KVM_RUN = "first KVM_RUN"  # a start's first KVM_RUN that failed or ended it
 KVM_OPEN = "KVM_GET_API_VERSION"  # a VMM opening KVM (its first call, before any VM)
+VMM_STDERR = "VMM stderr (fd 2)"  # where a followed process's stderr is, read in the kernel
 
 
 class Mechanism(StrEnum):
@@ -120,6 +122,9 @@ class Point:
 @dataclass(frozen=True)
 class Plan:
     points: tuple[Point, ...]
+    # (name, byte offset) of the kernel struct members VMM_STDERR reads, from the
+    # facts (contract.STDERR_FIELDS); empty when it is not planned.
+    offsets: tuple[tuple[str, int], ...] = ()
 
     def by_id(self) -> dict[int, Point]:
         return {p.id: p for p in self.points}
@@ -239,7 +244,9 @@ def make_plan(facts: HostFacts) -> Plan:
         mech, target, why = _launch_mechanism(facts, name)
         points.append(Point(first_launch + i, name, Layer.LAUNCH, RETURNS_INT, mech,
                             target if mech else None, why, optional=True))
-    return Plan(tuple(points))
+    stderr = next(p for p in points if p.id == PROBE_VMM_STDERR)
+    offsets = tuple(sorted((facts.stderr_offsets or {}).items())) if stderr.planned else ()
+    return Plan(tuple(points), offsets)
 
 
 def _tracepoint(facts: HostFacts, tp: str) -> str | None:
@@ -336,6 +343,17 @@ def _follow_points(facts: HostFacts, ioctl: Mechanism | None) -> list[Point]:
               "the reader, so the VMM's stderr is resolved while it lives") if ioctl else (
         None, None, "the ioctl layer is not attached")
     out.append(dependent(PROBE_KVM_OPEN, KVM_OPEN, opened))
+    # Where its stderr is, read in the kernel when it is first followed (its query or
+    # create): what its file is survives the process, however fast it gives up.
+    if not opened[0]:
+        stderr = opened
+    elif facts.stderr_offsets is None:
+        stderr = (None, None, f"{facts.stderr_offsets_error or 'no BTF offsets'}; resolved "
+                  "from /proc/PID/fd/2 only, while the VMM lives")
+    else:
+        stderr = (opened[0], opened[1], "with the ioctl layer, at a process's first query "
+                  "or create: fd 2's file (path, inode, offset) at the BTF's offsets")
+    out.append(replace(dependent(PROBE_VMM_STDERR, VMM_STDERR, stderr), optional=True))
     return out
 
 

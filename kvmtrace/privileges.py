@@ -50,6 +50,7 @@ CAPS = {
     "CAP_DAC_READ_SEARCH": 2,
     "CAP_SETPCAP": 8,
     "CAP_NET_BIND_SERVICE": 10,
+    "CAP_SYS_PTRACE": 19,
     "CAP_SYS_ADMIN": 21,
     "CAP_SYSLOG": 34,
     "CAP_PERFMON": 38,
@@ -65,10 +66,11 @@ FD_MAP_OPS_FREE_KERNEL = (6, 5)
 # What a non-root service needs where perf_event_open follows mainline's rules
 # (kernel.perf_event_paranoid <= 2)...
 BASE_CAPS = ("CAP_BPF", "CAP_PERFMON", "CAP_DAC_READ_SEARCH")
-# ...and the set deploy/systemd and deploy/kubernetes ship, for Debian's default of 3:
-# CAP_SYS_ADMIN only for the attach (dropped after it; CAP_BPF is what stays where map
-# reads still want a capability, so it is kept in the set though CAP_SYS_ADMIN implies it).
-SERVICE_CAPS = (*BASE_CAPS, "CAP_SYS_ADMIN")
+# ...and the set deploy/systemd ships, for Debian's default of 3: CAP_SYS_ADMIN only
+# for the attach (dropped after it; CAP_BPF is what stays where map reads still want a
+# capability, so it is kept in the set though CAP_SYS_ADMIN implies it), CAP_SYSLOG only
+# to open /dev/kmsg at start (kernel.dmesg_restrict=1, Debian's default; dropped after).
+SERVICE_CAPS = (*BASE_CAPS, "CAP_SYS_ADMIN", "CAP_SYSLOG")
 # Mainline's highest level; above it only a kernel with Debian's patch restricts more.
 PERF_PARANOID_MAINLINE_MAX = 2
 SERVICE_GROUP = "kvm"
@@ -345,13 +347,22 @@ def missing(a: Access) -> list[str]:
     return [r.detail for r in requirements(a) if r.ok is False]
 
 
-def keep_after_attach(a: Access) -> tuple[int, str]:
+def keep_after_attach(a: Access, words: bool = True) -> tuple[int, str]:
     """(the capability mask the exporter still needs once it holds the fds, why).
 
     Pure. Map reads on held fds need CAP_BPF (CAP_SYS_ADMIN before 5.8) on kernels before
     6.5 when kernel.unprivileged_bpf_disabled is set (or unknown); /dev/kvm opened only
-    thanks to CAP_DAC_OVERRIDE keeps it (the exporter asks it at every scrape)."""
+    thanks to CAP_DAC_OVERRIDE keeps it (the exporter asks it at every scrape). With
+    ``words`` (the VMMs' stderr read back, kvmtrace.vmmwords), CAP_SYS_PTRACE and
+    CAP_DAC_READ_SEARCH where held: /proc/PID/fd of a VMM of another user (or with
+    capabilities the exporter dropped) asks the first, its log file (libvirt's are 0600
+    root) the second. Read-only uses; the unit forbids ptrace(2) itself."""
     keep, why = 0, []
+    for cap, use in (("CAP_SYS_PTRACE", "resolves a VMM's stderr at /proc/PID/fd/2"),
+                     ("CAP_DAC_READ_SEARCH", "reads a VMM's stderr file back")):
+        if words and a.has(cap):
+            keep |= mask_of([cap])
+            why.append(f"{cap}: {use} (--no-vmm-words drops it)")
     if a.kernel < FD_MAP_OPS_FREE_KERNEL and a.unprivileged_bpf_disabled != 0:
         cap = next((c for c in ("CAP_BPF", "CAP_SYS_ADMIN")
                     if a.has(c) and (c != "CAP_BPF" or a.kernel >= SPLIT_CAPS_KERNEL)), None)

@@ -132,6 +132,10 @@ PROGRAMS: dict[tuple[Key, Mechanism], tuple[Program, ...]] = {
     (contract.PROBE_KVM_OPEN, KPROBE): IOCTL_KPROBES,
     (contract.PROBE_KVM_OPEN, FENTRY): IOCTL_FENTRY,
     (contract.PROBE_KVM_OPEN, TRACEPOINT): IOCTL_TRACEPOINT_PROGRAMS,
+    # In the ioctl layer's programs (their return, where a process is first followed).
+    (contract.PROBE_VMM_STDERR, KPROBE): IOCTL_KPROBES,
+    (contract.PROBE_VMM_STDERR, FENTRY): IOCTL_FENTRY,
+    (contract.PROBE_VMM_STDERR, TRACEPOINT): IOCTL_TRACEPOINT_PROGRAMS,
     (contract.PROBE_PROCESS_END, TRACEPOINT): _tracepoints(EXIT_TRACEPOINT),
     (contract.PROBE_EXIT_STATUS, TRACEPOINT): _tracepoints(EXIT_GROUP_TRACEPOINT),
     (contract.PROBE_EXIT_STATUS, KPROBE): (Program(FUNCTION, "kvmtrace_group_exit", ENTRY),),

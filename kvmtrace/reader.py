@@ -200,6 +200,19 @@ class Reader:
         length, _flags = head.unpack_from(value.raw)
         return value.raw[head.size:head.size + min(length, contract.EXEC_ARGS_BYTES)]
 
+    def vmm_stderr(self, tgid: int) -> bytes | None:
+        """What the kernel read of process ``tgid``'s fd 2 when it was first followed (a
+        struct vmm_stderr, contract.VMM_STDERR), or None: none kept (not planned here,
+        evicted, or followed before kvmtrace started)."""
+        fd = self.maps.get(contract.VMM_STDERR_MAP)
+        if fd is None:
+            return None
+        value = ct.create_string_buffer(contract.VMM_STDERR.size)
+        key = ct.c_uint32(tgid)
+        if self.lib.bpf_map_lookup_elem(fd, ct.byref(key), value) != 0:
+            return None
+        return value.raw
+
     def read_latency(self) -> tuple[list[tuple[int, int, int]], list[int]]:
         """KVM_CREATE_VM latency: [(outcome, log2 slot, count)], and ns sums per outcome."""
         slots = []

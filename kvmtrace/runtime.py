@@ -50,6 +50,7 @@ def proc_pids(proc: str = "/proc") -> set[int]:
 _FOLLOWED = (PROBE_CREATE_VM, PROBE_VM_TYPES_QUERY, PROBE_PROCESS_END)
 RECENT_STARTS = 100  # failed starts kept for /api/rejections (serve: --rejections)
 WINDOWS_MAX = 4096  # followed processes whose stderr and log position are kept
+FILES_HELD_MAX = 256  # of those, whose stderr file is held open (the rest: by name)
 START_KERNEL_LINES = 20  # kernel log lines given to one failed start
 
 
@@ -79,7 +80,7 @@ class Runtime:
                  recent_starts: int = RECENT_STARTS, fold_live_at: float = 0.5,
                  params: dict[str, str] | None = None,
                  kernel_log: KernelLog | None = None, kernel_log_error: str | None = None,
-                 resolve_stderr: Callable[[int], vmmwords.Stderr | str] = vmmwords.resolve,
+                 resolve_stderr: Callable[..., vmmwords.Stderr | str] = vmmwords.resolve,
                  read_words: Callable[..., tuple[str | None, str]] = vmmwords.words):
         self.source = source
         self.decoder = decoder
@@ -171,11 +172,21 @@ class Runtime:
             self._see_stderr(pid)
 
     def _see_stderr(self, pid: int) -> None:
-        """Where a newly seen followed process's stderr goes, while it (perhaps) lives."""
+        """Where a newly seen followed process's stderr goes, while it (perhaps) lives;
+        its file held open while fewer than FILES_HELD_MAX are."""
         if pid not in self._stderr:
             if len(self._stderr) >= WINDOWS_MAX:
-                self._stderr.pop(next(iter(self._stderr)))
-            self._stderr[pid] = self._resolve_stderr(pid)
+                vmmwords.release(self._stderr.pop(next(iter(self._stderr))))
+            held = sum(1 for w in self._stderr.values()
+                       if isinstance(w, vmmwords.Stderr) and w.fd is not None)
+            self._stderr[pid] = self._resolve_stderr(pid, hold=held < FILES_HELD_MAX)
+
+    def release(self) -> None:
+        """Close the VMMs' stderr files still held (the session ends)."""
+        with self._lock:
+            for where in self._stderr.values():
+                vmmwords.release(where)
+            self._stderr.clear()
 
     def _stitch(self, dead: list[CountRecord]) -> None:
         """Stitch the records of exited processes into starts; count the failures."""
@@ -185,17 +196,26 @@ class Runtime:
         name_of = self.aggregator.budget.name
         for pid, records in by_pid.items():
             request = self._requests.pop(pid, vmm.NOT_KNOWN)
+            after = self._first_seq.pop(pid, -1)
+            where = self._kernel_stderr(pid, self._stderr.pop(pid, None))
             for start in startsmod.stitch(records, request, self._arch, self._vendor_modules,
                                           self._params):
-                after = self._first_seq.pop(pid, -1)
                 if start.failed:
                     start = self._with_kernel_lines(start, after)
-                    start = self._with_words(start, self._stderr.pop(pid, None))
+                    start = self._with_words(start, where)
                     comm = name_of(start.comm, cost=1)
                     self._failures[startsmod.failure_labels(start, comm)] += 1
                     self.recent_starts.append(start)
                 if self.on_start is not None:
                     self.on_start(start)
+            vmmwords.release(where)
+
+    def _kernel_stderr(self, pid: int, where: vmmwords.Stderr | str | None
+                       ) -> vmmwords.Stderr | str | None:
+        """Where /proc said its stderr went, with what the kernel read of its fd 2 when
+        it was first followed (the reader's vmm_stderr; kvmtrace.vmmwords.combine)."""
+        read = getattr(self.source, "vmm_stderr", None)
+        return vmmwords.combine(where, read(pid) if read is not None else None)
 
     def _with_kernel_lines(self, start: Start, after: int | None) -> Start:
         """A failed start with the kernel's lines of its window (or why none): from where
@@ -285,11 +305,12 @@ class Runtime:
             return None
         if ev.probe != PROCESS_END_NAME and ev.pid not in self._first_seq:
             # First seen (the kernel woke us for its first KVM call): where its stderr
-            # goes, and where the kernel's log stands, while it surely lives.
+            # goes, while it perhaps lives, and where the kernel's log stood at that call
+            # (its window's start, however late this event is read).
             self._see_stderr(ev.pid)
             if len(self._first_seq) >= WINDOWS_MAX:
                 self._first_seq.pop(next(iter(self._first_seq)))
             self.poll_kernel_log()
-            self._first_seq[ev.pid] = (self.kernel_log.last_seq if self.kernel_log
-                                       else None)
+            self._first_seq[ev.pid] = (self.kernel_log.position_at(ev.ts_ns)
+                                       if self.kernel_log else None)
         return ev

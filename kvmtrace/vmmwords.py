@@ -3,7 +3,9 @@
 Where a VMM's stderr goes is resolved while it lives (:func:`resolve`: /proc/PID/fd/2,
 its offset, and whether systemd made it the journal), as soon as kvmtrace first sees it
 (the kernel wakes the reader for a process's first KVM call, so a VMM that gives up
-within milliseconds is still there), and read back once its start failed
+within milliseconds is still there). A file is opened then, through /proc/PID/fd/2: the
+very file, whatever mount namespace either process has (systemd's PrivateTmp) and
+whatever becomes of its name (rotated, deleted). Read back once its start failed
 (:func:`words`): from a file, what was written since it was first seen; from the journal,
 ``journalctl _PID=``. A pipe, a terminal or a socket cannot be read back: then the note
 says so, never nothing. Where fd 2 could not be resolved, QEMU started by libvirt still
@@ -18,9 +20,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from kvmtrace import contract
 
 WORDS_MAX = 4096
 LIBVIRT_QEMU_LOGS = "/var/log/libvirt/qemu"  # libvirt's domain logs: NAME.log
@@ -30,11 +35,23 @@ JOURNAL_TIMEOUT = 5.0
 @dataclass(frozen=True)
 class Stderr:
     """Where a process's fd 2 went: ``kind`` file, journal, pipe, socket, tty, null or
-    other; ``target`` what /proc/PID/fd/2 links to; ``offset`` the file position then."""
+    other; ``target`` what /proc/PID/fd/2 links to; ``offset`` the file position then;
+    ``fd`` the file opened through /proc (None: not opened; read by ``target``). Whoever
+    holds one closes it with :func:`release`."""
 
     kind: str
     target: str
     offset: int = 0
+    fd: int | None = field(default=None, compare=False)
+
+
+def release(where: Stderr | str | None) -> None:
+    """Close the file a :class:`Stderr` holds (a start that did not fail, an eviction)."""
+    if isinstance(where, Stderr) and where.fd is not None:
+        try:
+            os.close(where.fd)
+        except OSError:
+            pass
 
 
 def escape(raw: bytes) -> str:
@@ -59,16 +76,35 @@ def _journal(proc: Path, pid: int, target: str) -> bool:
     return False
 
 
-def resolve(pid: int, proc: str | os.PathLike = "/proc") -> Stderr | str:
-    """Where process ``pid``'s stderr goes, or why that cannot be told (a string)."""
-    proc = Path(proc)
+def _open(link: Path) -> int | None:
+    """The regular file behind ``link`` opened for reading (never a pipe or a socket:
+    reading those would take the bytes from whoever they are for), or None."""
     try:
-        target = os.readlink(proc / str(pid) / "fd" / "2")
+        fd = os.open(link, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def resolve(pid: int, proc: str | os.PathLike = "/proc", hold: bool = True) -> Stderr | str:
+    """Where process ``pid``'s stderr goes, or why that cannot be told (a string);
+    ``hold``: a regular file is opened (see :class:`Stderr`)."""
+    proc = Path(proc)
+    link = proc / str(pid) / "fd" / "2"
+    try:
+        target = os.readlink(link)
     except FileNotFoundError:
         return "not resolved: the process ended before kvmtrace could look at it"
     except PermissionError:
         return ("not resolved: /proc/PID/fd is not readable by kvmtrace (another user's "
-                "process: run as root, or grant CAP_SYS_PTRACE)")
+                "process, or one with capabilities kvmtrace does not hold: run as root, or "
+                "grant CAP_SYS_PTRACE)")
     except OSError as exc:
         return f"not resolved: {exc.strerror or exc}"
     if target == "/dev/null":
@@ -80,22 +116,104 @@ def resolve(pid: int, proc: str | os.PathLike = "/proc") -> Stderr | str:
     if target.startswith(("/dev/pts/", "/dev/tty")) or target == "/dev/console":
         return Stderr("tty", target)
     if target.startswith("/"):
+        # stat() first: only a regular file is ever opened (see _open).
+        fd = None
+        if hold:
+            try:
+                if stat.S_ISREG(os.stat(link).st_mode):
+                    fd = _open(link)
+            except OSError:
+                pass
         try:
             info = (proc / str(pid) / "fdinfo" / "2").read_text()
             pos = next(int(ln.split()[1]) for ln in info.splitlines() if ln.startswith("pos:"))
         except (OSError, StopIteration, ValueError, IndexError):
             pos = 0
-        return Stderr("file", target, pos)
+        return Stderr("file", target, pos, fd)
     return Stderr("other", target)
 
 
-def _read_file(path: str, offset: int) -> tuple[str | None, str | None]:
+def _kernel_dev(dev: int) -> tuple[int, int]:
+    """(major, minor) of a kernel dev_t (MAJOR << 20 | MINOR)."""
+    return dev >> 20, dev & 0xFFFFF
+
+
+def _tty(major: int) -> bool:
+    return major in (4, 5) or 136 <= major <= 143  # ttys, /dev/tty and the console, pts
+
+
+def from_kernel(raw: bytes) -> Stderr | str:
+    """Where fd 2 went, from what the kernel read of it when the process was first
+    followed (struct vmm_stderr), or why that cannot be used (a string). A file is
+    opened at the path the kernel walked and held only if it is the very inode."""
+    ino, pos, dev, rdev, mode, depth, flags, names = contract.VMM_STDERR.unpack(raw)
+    if flags & contract.STDERR_NO_FILE:
+        return "fd 2 was not open"
+    kind = stat.S_IFMT(mode)
+    if kind == stat.S_IFIFO:
+        return Stderr("pipe", f"pipe:[{ino}]")
+    if kind == stat.S_IFSOCK:
+        return Stderr("socket", f"socket:[{ino}]")
+    if kind == stat.S_IFCHR:
+        major, minor = _kernel_dev(rdev)
+        if (major, minor) == (1, 3):
+            return Stderr("null", "/dev/null")
+        return Stderr("tty" if _tty(major) else "other", f"char device {major}:{minor}")
+    if kind != stat.S_IFREG:
+        return f"the kernel read fd 2 as mode {mode:#o}, not a file it can name"
+    size = contract.STDERR_NAME_LEN
+    parts = [names[i * size:(i + 1) * size].split(b"\0", 1)[0].decode(errors="replace")
+             for i in range(min(depth, contract.STDERR_NAMES))]
+    path = "/" + "/".join(reversed(parts))
+    if flags & contract.STDERR_TRUNCATED:
+        return f"{path} is only the end of its path (deeper than {contract.STDERR_NAMES})"
     try:
-        with open(path, "rb") as f:
-            end = f.seek(0, os.SEEK_END)
-            start = max(offset, end - WORDS_MAX) if offset <= end else max(0, end - WORDS_MAX)
-            f.seek(start)
-            raw = f.read(end - start)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as exc:
+        return f"{path} (as the kernel saw it): {exc.strerror or exc}"
+    st = os.fstat(fd)
+    if st.st_ino != ino or (os.major(st.st_dev), os.minor(st.st_dev)) != _kernel_dev(dev):
+        os.close(fd)
+        return (f"{path} (as the kernel saw it) is another file here (another mount "
+                "namespace, or it was replaced)")
+    return Stderr("file", path, max(pos, 0), fd)
+
+
+def combine(where: Stderr | str | None, raw: bytes | None) -> Stderr | str | None:
+    """Where /proc said stderr went (``where``) and what the kernel read of fd 2 when the
+    process was first followed (``raw``, or None): /proc's file from the kernel's
+    offset where both name the same inode (the kernel looked first: before any word);
+    else the kernel's view where /proc had none; else both reasons."""
+    if raw is None:
+        return where
+    if isinstance(where, Stderr):
+        if where.kind != "file" or where.fd is None:
+            return where
+        ino, pos = contract.VMM_STDERR.unpack(raw)[:2]
+        try:
+            same = os.fstat(where.fd).st_ino == ino
+        except OSError:
+            same = False
+        return replace(where, offset=min(where.offset, max(pos, 0))) if same else where
+    kernel = from_kernel(raw)
+    if isinstance(kernel, Stderr):
+        return kernel
+    return f"{where or 'not resolved from /proc'}; the kernel's view: {kernel}"
+
+
+def _tail(fd: int, offset: int) -> bytes:
+    end = os.fstat(fd).st_size
+    start = max(offset, end - WORDS_MAX) if offset <= end else max(0, end - WORDS_MAX)
+    return os.pread(fd, end - start, start)
+
+
+def _read_file(path: str, offset: int, fd: int | None = None) -> tuple[str | None, str | None]:
+    try:
+        if fd is not None:
+            raw = _tail(fd, offset)
+        else:
+            with open(path, "rb") as f:
+                raw = _tail(f.fileno(), offset)
     except OSError as exc:
         return None, f"{path}: {exc.strerror or exc}"
     if not raw.strip():
@@ -123,7 +241,7 @@ def words(where: Stderr | str | None, pid: int, vm_name: str | None = None,
     """(the words, or None; and where they come from, or why there are none)."""
     if isinstance(where, Stderr):
         if where.kind == "file":
-            text, why = _read_file(where.target, where.offset)
+            text, why = _read_file(where.target, where.offset, where.fd)
             return text, f"stderr: {where.target}" if text else f"stderr: {why}"
         if where.kind == "journal":
             text, why = _read_journal(pid)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import ctypes
+import dataclasses
 import re
 import struct
 
@@ -25,9 +26,11 @@ from tests.conftest import HERE, KERNELS, with_follow_points
 
 C = loader.bpf_source()
 # C type -> (struct format character, size); char[TASK_COMM_LEN] is a fixed string.
-C_TYPES = {"u32": ("I", 4), "u64": ("Q", 8), "s64": ("q", 8),
+C_TYPES = {"u16": ("H", 2), "u32": ("I", 4), "u64": ("Q", 8), "s64": ("q", 8),
            "char[TASK_COMM_LEN]": (f"{contract.TASK_COMM_LEN}s", contract.TASK_COMM_LEN),
-           "char[EXEC_ARGS_BYTES]": (f"{contract.EXEC_ARGS_BYTES}s", contract.EXEC_ARGS_BYTES)}
+           "char[EXEC_ARGS_BYTES]": (f"{contract.EXEC_ARGS_BYTES}s", contract.EXEC_ARGS_BYTES),
+           "char[STDERR_NAMES_BYTES]": (f"{contract.STDERR_NAMES_BYTES}s",
+                                        contract.STDERR_NAMES_BYTES)}
 
 
 def _without_comments(text: str) -> str:
@@ -164,9 +167,17 @@ def test_every_define_the_c_tests_is_a_contract_feature_and_back():
     assert "BENCH" not in C, "benchmark knobs belong in bench/overlay.py, not the product's C"
 
 
+def test_the_kernel_offsets_the_c_reads_are_the_contracts():
+    used = {w for w in _used_in_c() if w.startswith(contract.OFFSET_PREFIX)}
+    assert used == {contract.OFFSET_PREFIX + k for k in contract.STDERR_FIELDS}, used
+
+
 def test_every_define_the_c_uses_is_given_by_the_loader():
-    facts = HostFacts.load(KERNELS / "seed-tdx-v12-kprobes.json")
+    facts = dataclasses.replace(  # with BTF offsets (made up: only their names matter)
+        with_follow_points(HostFacts.load(KERNELS / "seed-tdx-v12-kprobes.json")),
+        stderr_offsets={k: 8 * i for i, k in enumerate(contract.STDERR_FIELDS)})
     text = loader.build_text(planmod.make_plan(facts), loader.Options())
+    assert f"#define {contract.STDERR_CAPTURE} 1" in text
     given = set(re.findall(r"^#define (\w+)", text.split(C, 1)[0], re.M))
     missing = _used_in_c() - _defined_in_c() - given
     assert not missing, f"bpf/kvmtrace.bpf.c uses {sorted(missing)}, which nobody defines"
@@ -304,7 +315,9 @@ def _facts() -> list[HostFacts]:
     out.append(dataclasses.replace(fentry, traceable=None, symbols={
         **fentry.symbols, **{n: Symbol(n, None) for n in (
             "kvm_arch_init_vm", "vmx_is_vm_type_supported")}}))
-    return out
+    # Each with BTF offsets too (made up: the plan only asks whether there are some).
+    offsets = {k: 8 * i for i, k in enumerate(contract.STDERR_FIELDS)}
+    return out + [dataclasses.replace(f, stderr_offsets=offsets) for f in out]
 
 
 class _FakeBPF:

@@ -100,6 +100,25 @@ def test_a_starts_window_by_sequence_number():
     assert len(log.between(None, None)) == 3 and log.between(3, None) == []
 
 
+def test_an_events_time_gives_the_position_the_log_had_then():
+    """Read late (the reader was busy), an event still gets the position of the last
+    poll before its time: the lines logged after it are in its window."""
+    now = [100]
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    log = kernellog.KernelLog(r, clock=lambda: now[0])
+    assert log.position_at(50) is None  # before any mark: from the first line
+    for seq, t in ((1, 100), (2, 200), (3, 300)):
+        os.write(w, rec(seq, f"kvm: line {seq}", seq))
+        now[0] = t
+        log.poll()
+    log.poll()  # no record: no new mark
+    os.close(w)
+    assert [log.position_at(t) for t in (99, 100, 150, 299, 300, 10**9)] == \
+        [None, 1, 1, 2, 3, 3]
+    assert log.between(log.position_at(250), None) == ["[    0.000003] kvm: line 3"]
+
+
 def test_a_kmsg_that_cannot_be_opened_says_why_in_one_line(tmp_path):
     log, why = kernellog.open_log(str(tmp_path / "no-kmsg"))
     assert log is None and why.startswith(f"{tmp_path}/no-kmsg: No such file")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmtrace import facts
+from kvmtrace import contract, facts
 from kvmtrace import plan as planmod
 from kvmtrace.facts import Symbol, read_kallsyms
 from tests.conftest import with_follow_points
@@ -22,7 +22,8 @@ def test_this_host_uses_syscall_tracepoints_and_names_every_missing_point(kernel
         "KVM_CREATE_VM", "KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES)", "kvm_arch_init_vm",
         "KVM_MEMORY_ENCRYPT_OP", "process exit", "exit status", "fatal signal",
         "command line at exec", "failed KVM ioctl", "first KVM_RUN", "KVM_GET_API_VERSION",
-        "kvm_is_vm_type_supported", "vmx_is_vm_type_supported", "svm_is_vm_type_supported",
+        "VMM stderr (fd 2)", "kvm_is_vm_type_supported", "vmx_is_vm_type_supported",
+        "svm_is_vm_type_supported",
         *facts.LAUNCH_FUNCTIONS]
     assert pts["KVM_CREATE_VM"].mechanism == planmod.Mechanism.TRACEPOINT
     assert pts["KVM_CREATE_VM"].target == "syscalls:sys_enter_ioctl+syscalls:sys_exit_ioctl"
@@ -33,6 +34,24 @@ def test_this_host_uses_syscall_tracepoints_and_names_every_missing_point(kernel
     for name in ("kvm_is_vm_type_supported", "vmx_is_vm_type_supported"):
         assert pts[name].mechanism is None
         assert "absent from kallsyms" in pts[name].reason
+
+
+def test_the_vmms_stderr_is_read_in_the_kernel_only_with_btf_offsets(kernel_facts):
+    """No offsets (no BTF, or a member missing): the point says why and where the words
+    come from instead; with them it rides the ioctl layer and the plan carries them."""
+    base = with_follow_points(kernel_facts("firecracker-6.18-no-kprobes"))
+    none = dataclasses.replace(base, stderr_offsets=None,
+                               stderr_offsets_error="no BTF at /sys/kernel/btf/vmlinux")
+    plan = planmod.make_plan(none)
+    point = by_name(plan)["VMM stderr (fd 2)"]
+    assert point.mechanism is None and point.optional and not plan.offsets
+    assert point.reason.startswith("no BTF at /sys/kernel/btf/vmlinux; resolved from /proc")
+    offsets = {k: 8 * i for i, k in enumerate(contract.STDERR_FIELDS)}
+    plan = planmod.make_plan(dataclasses.replace(base, stderr_offsets=offsets))
+    point = by_name(plan)["VMM stderr (fd 2)"]
+    assert point.mechanism == planmod.Mechanism.TRACEPOINT
+    assert point.target == by_name(plan)["KVM_CREATE_VM"].target
+    assert dict(plan.offsets) == offsets
 
 
 def test_debian_61_uses_kprobes_on_kvm_dev_ioctl_and_arch_init(kernel_facts):

@@ -105,7 +105,9 @@ def test_debian_paranoid_3_needs_sys_admin_and_the_line_names_both_fixes():
                             bounding=shipped, perf_open_errno=0)  # (its probe opens)
     assert pv.missing(a) == []
     assert "CAP_SYS_ADMIN held" in by_name(a)["perf_event_open"].detail
-    assert pv.names(pv.keep_after_attach(a)[0]) == ["CAP_BPF"]  # 6.1 < 6.5
+    assert pv.names(pv.keep_after_attach(a, words=False)[0]) == ["CAP_BPF"]  # 6.1 < 6.5
+    # and CAP_DAC_READ_SEARCH, for the VMMs' words (their logs), unless --no-vmm-words
+    assert pv.names(pv.keep_after_attach(a)[0]) == ["CAP_DAC_READ_SEARCH", "CAP_BPF"]
     # CAP_SYS_ADMIN effective but not ambient: the loader child would not have it
     here = dataclasses.replace(a, ambient=SERVICE)
     (line,) = pv.missing(here)
@@ -257,7 +259,7 @@ def test_root_is_told_what_a_service_user_would_meet_on_such_a_host():
 def test_what_is_kept_after_attach(kernel, ubd, caps, keep):
     a = dataclasses.replace(SERVICE_HOST, kernel=kernel, unprivileged_bpf_disabled=ubd,
                             effective=caps)
-    mask, why = pv.keep_after_attach(a)
+    mask, why = pv.keep_after_attach(a, words=False)
     assert pv.names(mask) == keep
     assert bool(why) == bool(keep)
     if keep:
@@ -267,8 +269,18 @@ def test_what_is_kept_after_attach(kernel, ubd, caps, keep):
 def test_dac_override_is_kept_when_it_is_what_opens_kvm():
     a = dataclasses.replace(SERVICE_HOST, groups=(65534,),
                             effective=SERVICE | pv.mask_of(["CAP_DAC_OVERRIDE"]))
-    assert pv.names(pv.keep_after_attach(a)[0]) == ["CAP_DAC_OVERRIDE"]
-    assert pv.keep_after_attach(dataclasses.replace(a, groups=(KVM_GID,)))[0] == 0
+    assert pv.names(pv.keep_after_attach(a, words=False)[0]) == ["CAP_DAC_OVERRIDE"]
+    assert pv.keep_after_attach(dataclasses.replace(a, groups=(KVM_GID,)), False)[0] == 0
+
+
+def test_the_vmms_words_keep_ptrace_and_read_search_where_held():
+    """/proc/PID/fd of a root QEMU (more capabilities than a dropped exporter) asks
+    CAP_SYS_PTRACE, a 0600 log CAP_DAC_READ_SEARCH; --no-vmm-words keeps neither."""
+    root = dataclasses.replace(SERVICE_HOST, kernel=(6, 12), euid=0, effective=ALL_CAPS)
+    mask, why = pv.keep_after_attach(root)
+    assert pv.names(mask) == ["CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"]
+    assert "/proc/PID/fd/2" in why and "--no-vmm-words drops it" in why
+    assert pv.keep_after_attach(root, words=False)[0] == 0
 
 
 def test_parse_status_and_file_caps():

@@ -61,9 +61,10 @@ def _web(args) -> tuple[str, int, webconfig.WebConfig, webconfig.Contexts | None
     return host, port, web, contexts
 
 
-def _drop_capabilities(live: Live, access: privileges.Access) -> None:
-    """Only fds from here on: keep what the kernel still checks, before any thread starts."""
-    keep, why = privileges.keep_after_attach(access)
+def _drop_capabilities(live: Live, access: privileges.Access, words: bool) -> None:
+    """Only fds from here on: keep what the kernel still checks (and, for the VMMs'
+    words, what /proc and their logs ask), before any thread starts."""
+    keep, why = privileges.keep_after_attach(access, words)
     try:
         capdrop.drop(keep)
     except privileges.PrivilegeError as exc:
@@ -154,8 +155,9 @@ def run(args) -> int:
     allocator = Allocator()
     _notify(notify.status("compiling and attaching the BPF programs (loader child)"))
     live = common.start(args.strict, aggregator=Aggregator(NameBudget(args.max_series)),
-                        series_ttl=args.series_ttl, recent_starts=args.rejections)
-    _drop_capabilities(live, access)
+                        series_ttl=args.series_ttl, recent_starts=args.rejections,
+                        words=not args.no_vmm_words)
+    _drop_capabilities(live, access, words=not args.no_vmm_words)
     # The live view never blocks counting: lines nobody reads are dropped and counted.
     sink = LineSink(sys.stdout)
     rejections: deque[Attempt] = deque(maxlen=args.rejections)
