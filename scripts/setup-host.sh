@@ -26,7 +26,7 @@ pkgs=(python3-bpfcc libbpf1 python3-venv python3-pip)
 # openssl, curl: the TLS tests make certificates and use a real HTTPS client.
 # systemd: systemd-analyze verifies deploy/systemd (the package only; nothing is started).
 # chromium: headless, renders serve's landing page (Debian 12 and 13, without recommends).
-[ "$want_test" = 1 ] && pkgs+=(prometheus procps openssl curl systemd chromium)
+[ "$want_test" = 1 ] && pkgs+=(prometheus procps openssl curl systemd chromium dwarves)
 # Headers: the running kernel's own if Debian has them, else the default ones.
 headers_pkg=linux-headers-amd64
 case "$(uname -m)" in aarch64) headers_pkg=linux-headers-arm64 ;; esac

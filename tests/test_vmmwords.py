@@ -96,3 +96,75 @@ def test_journal_stream_and_another_users_process_from_a_fixture_proc(tmp_path):
         (other / "fd").mkdir(parents=True)
         os.chmod(other / "fd", 0)
         assert "CAP_SYS_PTRACE" in vmmwords.resolve(4243, tmp_path)
+
+
+# struct vmm_stderr as the kernel fills it, BUILT BY HAND here from a real file's stat
+# (the privileged tier has the kernel fill it: test_privileged_service, _starts).
+def _kernel_view(path=None, *, mode=None, ino=0, pos=0, dev=0, rdev=0, flags=0, names=None,
+                 depth=None) -> bytes:
+    if path is not None:
+        st = os.stat(path)
+        mode, ino, dev = st.st_mode, st.st_ino, os.major(st.st_dev) << 20 | os.minor(st.st_dev)
+        names = names or [p for p in reversed(str(path).split("/")) if p]
+    names = names or []
+    size = vmmwords.contract.STDERR_NAME_LEN
+    blob = b"".join(n.encode()[:size - 1].ljust(size, b"\0") for n in names)
+    blob = blob.ljust(vmmwords.contract.STDERR_NAMES_BYTES, b"\0")
+    return vmmwords.contract.VMM_STDERR.pack(ino, pos, dev, rdev, mode or 0,
+                                             len(names) if depth is None else depth, flags,
+                                             blob)
+
+
+def test_the_kernels_view_of_a_file_is_opened_only_if_it_is_that_inode(tmp_path):
+    log = tmp_path / "domain.log"
+    log.write_text("before\nqemu: cbitpos check failed\n")
+    where = vmmwords.from_kernel(_kernel_view(log, pos=len("before\n")))
+    try:
+        assert (where.kind, where.target, where.offset) == ("file", str(log), 7)
+        text, note = vmmwords.words(where, 1)
+        assert (text, note) == ("qemu: cbitpos check failed\n", f"stderr: {log}")
+    finally:
+        vmmwords.release(where)
+    other = tmp_path / "other.log"
+    other.write_text("")
+    raw = bytearray(_kernel_view(log))
+    raw[:8] = os.stat(other).st_ino.to_bytes(8, "little")
+    got = vmmwords.from_kernel(bytes(raw))
+    assert got == f"{log} (as the kernel saw it) is another file here (another mount " \
+        "namespace, or it was replaced)"
+    assert "No such file" in vmmwords.from_kernel(_kernel_view(log, names=["gone", "x"]))
+
+
+@pytest.mark.parametrize(("fields", "want"), [
+    ({"mode": 0o10600, "ino": 77}, vmmwords.Stderr("pipe", "pipe:[77]")),
+    ({"mode": 0o140777, "ino": 9}, vmmwords.Stderr("socket", "socket:[9]")),
+    ({"mode": 0o20666, "rdev": 1 << 20 | 3}, vmmwords.Stderr("null", "/dev/null")),
+    ({"mode": 0o20620, "rdev": 136 << 20 | 4}, vmmwords.Stderr("tty", "char device 136:4")),
+    ({"mode": 0o20600, "rdev": 10 << 20 | 232}, vmmwords.Stderr("other", "char device 10:232")),
+    ({"flags": 1}, "fd 2 was not open"),
+    ({"mode": 0o40755}, "the kernel read fd 2 as mode 0o40755, not a file it can name"),
+    ({"mode": 0o100644, "names": ["leaf", "deep"], "flags": 2},
+     "/deep/leaf is only the end of its path (deeper than 16)"),
+])
+def test_what_the_kernel_saw_that_is_not_a_file(fields, want):
+    assert vmmwords.from_kernel(_kernel_view(**fields)) == want
+
+
+def test_procs_file_reads_from_the_kernels_earlier_offset_else_the_kernels_view(tmp_path):
+    log = tmp_path / "vm.log"
+    log.write_text("start\nlater\n")
+    fd = os.open(log, os.O_RDONLY)
+    proc = vmmwords.Stderr("file", str(log), 12, fd)
+    try:
+        assert vmmwords.combine(proc, None) is proc
+        assert vmmwords.combine(proc, _kernel_view(log, pos=6)).offset == 6
+        assert vmmwords.combine(proc, _kernel_view(mode=0o100644, ino=1, pos=0)) == proc
+        pipe = vmmwords.Stderr("pipe", "pipe:[5]")
+        assert vmmwords.combine(pipe, _kernel_view(log)) is pipe
+        kernel = vmmwords.combine("readlink: Permission denied", _kernel_view(log, pos=6))
+        assert (kernel.target, kernel.offset) == (str(log), 6)
+        vmmwords.release(kernel)
+        both = vmmwords.combine(None, _kernel_view(flags=1))
+        assert both == "not resolved from /proc; the kernel's view: fd 2 was not open"
+    finally:
+        os.close(fd)

@@ -201,6 +201,39 @@ def documented():
         svc.stop()
 
 
+@pytest.fixture(scope="module")
+def told_root(documented, tmp_path_factory):
+    """A root VMM's failed start that writes why into a file in a 0700 root directory.
+    serve (uid 65534, no CAP_SYS_PTRACE) cannot read root's /proc/PID/fd/2: only the
+    kernel's view of fd 2 (read at its first KVM call) can name the file."""
+    svc = documented[0]
+    where = tmp_path_factory.mktemp("rootwords")
+    os.chmod(where, 0o700)
+    log = where / "vmm.log"
+    comm = unique_comm("kvmw")
+    said = f"{comm}: giving up: guest_memfd refused"
+    with open(log, "w") as f:
+        run = subprocess.run([*VMMAKER, "--name", comm, "--types", "0", "--step", "memfd",
+                              "--exit", "1", "--say", said], stdout=subprocess.DEVNULL,
+                             stderr=f, timeout=60, check=False)
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        mine = [r for r in json.loads(svc.get("/api/rejections"))
+                if r.get("kind") == "start" and r["comm"] == comm]
+        if mine or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    return run.returncode, str(log), said, mine
+
+
+def test_a_root_vmms_words_are_read_through_the_kernels_view_of_its_stderr(told_root):
+    rc, log, said, mine = told_root
+    assert rc == 1
+    (s,) = mine
+    assert s["vmm_words_note"] == f"stderr: {log}", s
+    assert (s["vmm_words"] or "").rstrip().endswith(said), s
+
+
 def test_documented_set_serves_exact_counts(documented):
     _, _, comm, text = documented
     assert_exact_counts(text, comm)
