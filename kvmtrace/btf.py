@@ -31,7 +31,7 @@ class BtfError(Exception):
 
 class Btf:
     """The structs and unions of one BTF blob: name -> type id, and each one's members
-    as (name, type id, bit offset)."""
+    as (name, type id, bit offset), decoded on demand."""
 
     def __init__(self, data: bytes) -> None:
         if len(data) < 24:
@@ -42,7 +42,9 @@ class Btf:
         type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
         types = hdr_len + type_off
         self._strings = data[hdr_len + str_off:hdr_len + str_off + str_len]
-        self.members: dict[int, list[tuple[str, int, int]]] = {}
+        self._data = data
+        self._raw: dict[int, tuple[int, int, int]] = {}  # struct/union -> its members' bytes
+        self._members: dict[int, list[tuple[str, int, int]]] = {}
         self.by_name: dict[str, int] = {}
         self._alias: dict[int, int] = {}  # typedef/const/volatile -> the type
         pos, end, tid = types, types + type_len, 1
@@ -51,15 +53,9 @@ class Btf:
             kind, vlen, kind_flag = info >> 24 & 0x1F, info & 0xFFFF, info >> 31
             pos += 12
             if kind in (KIND_STRUCT, KIND_UNION):
-                mems = []
-                for i in range(vlen):
-                    m_name, m_type, m_off = struct.unpack_from("<III", data, pos + 12 * i)
-                    mems.append((self._str(m_name), m_type,
-                                 m_off & 0xFFFFFF if kind_flag else m_off))
-                self.members[tid] = mems
-                name = self._str(name_off)
-                if name and kind == KIND_STRUCT:
-                    self.by_name.setdefault(name, tid)
+                self._raw[tid] = (pos, vlen, kind_flag)
+                if name_off and kind == KIND_STRUCT:
+                    self.by_name.setdefault(self._str(name_off), tid)
             elif kind in (8, 9, 10, 11, 18):  # TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG
                 self._alias[tid] = size_or_type
             pos += _PER_VLEN.get(kind, 0) * vlen + _FLAT.get(kind, 0)
@@ -68,6 +64,18 @@ class Btf:
     def _str(self, off: int) -> str:
         end = self._strings.find(b"\0", off)
         return self._strings[off:end if end >= 0 else None].decode(errors="replace")
+
+    def members(self, tid: int) -> list[tuple[str, int, int]]:
+        """The members of struct or union ``tid`` (decoded when first asked for: a
+        kernel has tens of thousands, an offset needs a few)."""
+        if tid not in self._members:
+            pos, vlen, kind_flag = self._raw.get(tid, (0, 0, 0))
+            mems = []
+            for i in range(vlen):
+                m_name, m_type, m_off = struct.unpack_from("<III", self._data, pos + 12 * i)
+                mems.append((self._str(m_name), m_type, m_off & 0xFFFFFF if kind_flag else m_off))
+            self._members[tid] = mems
+        return self._members[tid]
 
     def _resolve(self, tid: int) -> int:
         for _ in range(16):
@@ -79,7 +87,7 @@ class Btf:
     def _member(self, tid: int, name: str) -> tuple[int, int] | None:
         """(type id, bit offset) of member ``name`` of ``tid``, anonymous members'
         members included."""
-        for m_name, m_type, m_off in self.members.get(self._resolve(tid), ()):
+        for m_name, m_type, m_off in self.members(self._resolve(tid)):
             if m_name == name:
                 return m_type, m_off
             if not m_name:
