@@ -29,6 +29,7 @@
  *                                           processes with a share tracked
  *   STDERR_MAX, STDERR_NAMES, STDERR_NAME_LEN, STDERR_NAMES_BYTES, STDERR_MOUNTS,
  *   STDERR_NO_FILE, STDERR_TRUNCATED   struct vmm_stderr's sizes and flags
+ *   CGROUP_MAX     followed processes whose cgroup id is kept
  *
  * The loader (kvmtrace/loader.py) adds:
  *
@@ -554,6 +555,12 @@ static __always_inline void stderr_capture(u32 tgid) {}
 
 #ifdef FOLLOW_PROCS
 BPF_HASH(procs, u32, struct proc, PROCS_MAX);
+/*
+ * The cgroup (v2 id) a followed process was in at its first KVM call, kept
+ * past its end (LRU) so that one gone within a millisecond is still
+ * attributed to its VM, unit or pod. Once per process.
+ */
+BPF_LRU_HASH(proc_cgroup, u32, u64, CGROUP_MAX);
 
 static __always_inline struct proc *proc_find(u32 tgid)
 {
@@ -569,8 +576,11 @@ static __always_inline struct proc *proc_follow(u32 tgid, u64 now)
 	fresh.first_ns = now;
 	fresh.last_type = (u64)-1;
 	/* EEXIST: another thread of it came first; E2BIG: full. */
-	if (procs.insert(&tgid, &fresh) == 0)
+	if (procs.insert(&tgid, &fresh) == 0) {
+		u64 cgroup = bpf_get_current_cgroup_id();
+		proc_cgroup.update(&tgid, &cgroup);
 		stderr_capture(tgid);
+	}
 	p = procs.lookup(&tgid);
 	if (!p)
 		health_inc(HEALTH_PROCS_DROPPED);

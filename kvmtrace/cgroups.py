@@ -103,3 +103,38 @@ class Resolver:
         if found is None:
             self._keep(cid, None)
         return found
+
+
+class Locator:
+    """A followed process's cgroup path: /proc's (while it lives) where it is the very
+    cgroup the kernel saw it in (``cid``, its id at its first KVM call), else the
+    kernel's id resolved under the mount; /proc's alone where the kernel kept none."""
+
+    def __init__(self, mount: str | os.PathLike | None, proc: str | os.PathLike = "/proc",
+                 resolver: Resolver | None = None) -> None:
+        self.mount = Path(mount) if mount is not None else None
+        self.proc = proc
+        self.resolver = resolver or (Resolver(mount) if mount is not None else None)
+
+    @classmethod
+    def of_host(cls, proc: str | os.PathLike = "/proc") -> Locator:
+        """The Locator of this host's v2 hierarchy (none mounted: /proc's paths only)."""
+        try:
+            text = (Path(proc) / "self" / "mountinfo").read_text()
+        except OSError:
+            text = ""
+        return cls(v2_mount(text), proc)
+
+    def __call__(self, pid: int, cid: int | None) -> str | None:
+        path = of_pid(pid, self.proc)
+        if cid is None or self.resolver is None or self.mount is None:
+            return path
+        if path is not None:
+            try:
+                same = (self.mount / path.lstrip("/")).stat().st_ino == cid
+            except OSError:
+                same = False
+            if same:
+                self.resolver._keep(cid, path)
+                return path
+        return self.resolver.path(cid)

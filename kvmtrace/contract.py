@@ -95,6 +95,7 @@ EXEC_ARG_MAX = 1024  # bytes of one argument kept
 EXEC_ARGV_MAX = 128  # arguments of one command line kept
 PROC_KEYS_MAX = 16384  # processes whose share of the counts map is tracked (LRU)
 STDERR_MAX = 4096  # followed processes whose fd 2 is kept (LRU)
+CGROUP_MAX = 4096  # followed processes whose cgroup id is kept (LRU)
 STDERR_NAMES = 16  # path components of it kept (a power of 2), the file's own first
 STDERR_NAME_LEN = 64  # bytes of one (NUL included)
 STDERR_NAMES_BYTES = STDERR_NAMES * STDERR_NAME_LEN
@@ -205,6 +206,9 @@ LATENCY_SUM_MAP = "create_latency_sum"
 EXEC_ARGS_MAP = "exec_args"
 PROC_KEYS_MAP = "proc_keys"
 VMM_STDERR_MAP = "vmm_stderr"
+# tgid -> the cgroup v2 id a followed process was in at its first KVM call
+# (bpf_get_current_cgroup_id; kvmtrace.cgroups resolves it, kvmtrace.owners decodes it).
+PROC_CGROUP_MAP = "proc_cgroup"
 EVENTS_MAP = "events"  # BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES) or BPF_PERF_OUTPUT(events)
 # Maps only the C reads: the in-flight calls (function points, ioctls), the count of
 # ioctls in flight, the event budget, followed processes, the execve scratch buffer, the
@@ -247,9 +251,11 @@ MAPS: dict[str, MapSpec] = {m.name: m for m in (
     MapSpec(PROC_KEYS_MAP, "BPF_LRU_HASH", "u32", "u32", "PROC_KEYS_MAX", 4, 4),
     MapSpec(VMM_STDERR_MAP, "BPF_LRU_HASH", "u32", "struct vmm_stderr", "STDERR_MAX",
             4, VMM_STDERR.size),
+    MapSpec(PROC_CGROUP_MAP, "BPF_LRU_HASH", "u32", "u64", "CGROUP_MAX", 4, 8),
 )}
-# Maps that exist only when the plan has their point (kvmtrace.plan: EXEC, VMM_STDERR).
-OPTIONAL_MAPS = (EXEC_ARGS_MAP, VMM_STDERR_MAP)
+# Maps that exist only when the plan has their point (kvmtrace.plan: EXEC, VMM_STDERR,
+# PROCESS_END: processes are followed).
+OPTIONAL_MAPS = (EXEC_ARGS_MAP, VMM_STDERR_MAP, PROC_CGROUP_MAP)
 # Every map the C declares, by name.
 ALL_MAPS = (*MAPS, EVENTS_MAP, *PRIVATE_MAPS)
 
@@ -290,6 +296,7 @@ def defines(counts_max: int, calls_max: int, ringbuf_pages: int,
         "EXEC_ARGV_MAX": str(EXEC_ARGV_MAX),
         "PROC_KEYS_MAX": str(PROC_KEYS_MAX),
         "STDERR_MAX": str(STDERR_MAX),
+        "CGROUP_MAX": str(CGROUP_MAX),
         "STDERR_NAMES": str(STDERR_NAMES),
         "STDERR_NAME_LEN": str(STDERR_NAME_LEN),
         "STDERR_NAMES_BYTES": str(STDERR_NAMES_BYTES),
@@ -360,7 +367,7 @@ def expected_entries(name: str, counts_max: int) -> int:
     return {COUNTS_MAP: counts_max, TOTALS_MAP: TOTALS_MAX, HEALTH_MAP: HEALTH_ENTRIES,
             LATENCY_MAP: LATENCY_ENTRIES, LATENCY_SUM_MAP: LATENCY_SUM_ENTRIES,
             EXEC_ARGS_MAP: EXEC_ARGS_MAX, PROC_KEYS_MAP: PROC_KEYS_MAX,
-            VMM_STDERR_MAP: STDERR_MAX}[name]
+            VMM_STDERR_MAP: STDERR_MAX, PROC_CGROUP_MAP: CGROUP_MAX}[name]
 
 
 @dataclass(frozen=True)

@@ -39,10 +39,17 @@ def _readiness(readiness: Sequence[dict]) -> str:
                   "readiness")
 
 
+def _owner(owner: dict) -> str:
+    """vm, unit and pod of a start's owner (kvmtrace.owners), where known."""
+    keys = (("vm", "vm"), ("unit", "unit"), ("pod_uid", "pod"), ("namespace", "namespace"))
+    return ", ".join(f"{label} {owner[k]}" for k, label in keys if owner.get(k))
+
+
 def _rejections(rejections: Sequence[dict]) -> tuple[str, str]:
     """The tables of the newest failed starts and rejected attempts."""
     shown = list(rejections)[:REJECTIONS_SHOWN]
-    starts = [[r["pid"], r["comm"], r.get("vm_name") or "", r["stage"], r["reason"],
+    starts = [[r["pid"], r["comm"], r.get("vm_name") or "", _owner(r.get("owner") or {}),
+               r["stage"], r["reason"],
                r.get("cause") or "", r["requested_type"], r.get("summary") or "",
                r.get("cause_hint") or r.get("hint") or ""]
               for r in shown if r.get("kind") == "start" and r.get("outcome") == "failed"]
@@ -51,7 +58,7 @@ def _rejections(rejections: Sequence[dict]) -> tuple[str, str]:
                  r.get("errno") or "", r.get("reason") or "", r.get("explanation") or "",
                  r.get("hint") or ""]
                 for r in shown if r.get("kind") == "attempt"]
-    return (_table(["pid", "comm", "VM name", "stage", "reason", "cause", "requested",
+    return (_table(["pid", "comm", "VM name", "owner", "stage", "reason", "cause", "requested",
                     "summary", "fix"], starts, ["bad"] * len(starts), "starts"),
             _table(["pid", "comm", "VM type", "errno", "reason", "explanation", "hint"],
                    attempts, ["bad"] * len(attempts), "attempts"))

@@ -43,7 +43,9 @@ def fields(s: Start) -> dict[str, object]:
     out: dict[str, object] = {
         "stage": s.stage, "cause": s.cause, "reason": s.reason,
         "requested_type": s.requested_type, "vm": s.vm_name, "pid": s.pid, "comm": s.comm,
-        "errno": errno, "status": status,
+        "errno": errno, "status": status, "unit": s.owner.get("unit"),
+        "pod": s.owner.get("pod_uid"), "namespace": s.owner.get("namespace"),
+        "domain": s.owner.get("vm"),
         "vmm_words": first[:WORDS_MAX] if first else None,
     }
     return {k: v for k, v in out.items() if v is not None}

@@ -200,6 +200,18 @@ class Reader:
         length, _flags = head.unpack_from(value.raw)
         return value.raw[head.size:head.size + min(length, contract.EXEC_ARGS_BYTES)]
 
+    def cgroup_id(self, tgid: int) -> int | None:
+        """The cgroup v2 id process ``tgid`` was in at its first KVM call, or None:
+        none kept (processes not followed here, evicted, or followed before)."""
+        fd = self.maps.get(contract.PROC_CGROUP_MAP)
+        if fd is None:
+            return None
+        value = ct.c_uint64()
+        key = ct.c_uint32(tgid)
+        if self.lib.bpf_map_lookup_elem(fd, ct.byref(key), ct.byref(value)) != 0:
+            return None
+        return value.value
+
     def vmm_stderr(self, tgid: int) -> bytes | None:
         """What the kernel read of process ``tgid``'s fd 2 when it was first followed (a
         struct vmm_stderr, contract.VMM_STDERR), or None: none kept (not planned here,

@@ -15,8 +15,8 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from typing import Protocol
 
+from kvmtrace import cgroups, vmm, vmmwords
 from kvmtrace import starts as startsmod
-from kvmtrace import vmm, vmmwords
 from kvmtrace.aggregate import Aggregator, per_process
 from kvmtrace.contract import (
     PROBE_CREATE_VM,
@@ -81,7 +81,8 @@ class Runtime:
                  params: dict[str, str] | None = None,
                  kernel_log: KernelLog | None = None, kernel_log_error: str | None = None,
                  resolve_stderr: Callable[..., vmmwords.Stderr | str] = vmmwords.resolve,
-                 read_words: Callable[..., tuple[str | None, str]] = vmmwords.words):
+                 read_words: Callable[..., tuple[str | None, str]] = vmmwords.words,
+                 cgroup_of: Callable[[int, int | None], str | None] | None = None):
         self.source = source
         self.decoder = decoder
         self._request = request or (lambda pid: request_of(source, pid))
@@ -97,6 +98,9 @@ class Runtime:
         # Where each followed process's stderr goes, resolved when first seen alive.
         self._resolve_stderr, self._read_words = resolve_stderr, read_words
         self._stderr: dict[int, vmmwords.Stderr | str] = {}
+        # And its cgroup v2 path, read then (who owns it: kvmtrace.owners).
+        self._cgroup_of = cgroup_of or cgroups.Locator.of_host()
+        self._cgroups: dict[int, tuple[int | None, str | None]] = {}  # pid -> (id, path)
         self._requests: dict[int, vmm.VmmRequest] = {}  # followed pids seen so far
         self._failures: Counter[tuple[str, str, str, str, str]] = Counter()
         self.recent_starts: deque[Start] = deque(maxlen=recent_starts)
@@ -172,14 +176,20 @@ class Runtime:
             self._see_stderr(pid)
 
     def _see_stderr(self, pid: int) -> None:
-        """Where a newly seen followed process's stderr goes, while it (perhaps) lives;
-        its file held open while fewer than FILES_HELD_MAX are."""
+        """Where a newly seen followed process's stderr goes, while it (perhaps) lives
+        (its file held open while fewer than FILES_HELD_MAX are), and its cgroup."""
         if pid not in self._stderr:
             if len(self._stderr) >= WINDOWS_MAX:
                 vmmwords.release(self._stderr.pop(next(iter(self._stderr))))
             held = sum(1 for w in self._stderr.values()
                        if isinstance(w, vmmwords.Stderr) and w.fd is not None)
             self._stderr[pid] = self._resolve_stderr(pid, hold=held < FILES_HELD_MAX)
+        if pid not in self._cgroups:
+            if len(self._cgroups) >= WINDOWS_MAX:
+                self._cgroups.pop(next(iter(self._cgroups)))
+            read = getattr(self.source, "cgroup_id", None)
+            cid = read(pid) if read is not None else None
+            self._cgroups[pid] = (cid, self._cgroup_of(pid, cid))
 
     def release(self) -> None:
         """Close the VMMs' stderr files still held (the session ends)."""
@@ -198,8 +208,10 @@ class Runtime:
             request = self._requests.pop(pid, vmm.NOT_KNOWN)
             after = self._first_seq.pop(pid, -1)
             where = self._kernel_stderr(pid, self._stderr.pop(pid, None))
+            cgroup_id, cgroup = self._cgroups.pop(pid, (None, None))
             for start in startsmod.stitch(records, request, self._arch, self._vendor_modules,
                                           self._params):
+                start = startsmod.with_owner(start, cgroup, cgroup_id)
                 if start.failed:
                     start = self._with_kernel_lines(start, after)
                     start = self._with_words(start, where)

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from kvmtrace import attempts as attemptsmod
 from kvmtrace import causes as causesmod
-from kvmtrace import kvmabi, tables
+from kvmtrace import kvmabi, owners, tables
 from kvmtrace import plan as planmod
 from kvmtrace.contract import (
     PROC_CREATE_FAILED,
@@ -78,6 +78,13 @@ class Start:
     # or kernel_log_note saying why there are none.
     kernel_log: list[str] = field(default_factory=list)
     kernel_log_note: str | None = None
+    # Its cgroup v2 path when first seen and who owns it (kvmtrace.owners: vm, unit,
+    # pod_uid, runtime, container; a KubeVirt VM's namespace), or owner_note saying why
+    # not, or where the command line's VM name and libvirt's domain disagree.
+    cgroup: str | None = None
+    cgroup_id: int | None = None  # the kernel's (v2) id of it, kept where the path is gone
+    owner: dict = field(default_factory=dict)
+    owner_note: str | None = None
     hint: str | None = None
     summary: str = ""  # one line for the live view and explain
 
@@ -265,3 +272,19 @@ def failure_labels(s: Start, comm: str) -> tuple[str, str, str, str, str]:
     reason, cause, requested type."""
     return (comm, s.stage or "", s.reason or "", s.cause or "", s.requested_type)
 
+
+def with_owner(start: Start, cgroup: str | None, cgroup_id: int | None = None) -> Start:
+    """A start with the cgroup its process was in at its first KVM call (the kernel's
+    id, and its path), and who owns it."""
+    if cgroup is None:
+        why = (f"cgroup {cgroup_id} was gone before kvmtrace resolved it" if cgroup_id
+               else "cgroup not known: the process was gone when kvmtrace first looked, "
+                    "and the kernel kept no id of it")
+        return replace(start, cgroup_id=cgroup_id, owner_note=why)
+    owner = owners.decode(cgroup)
+    labels = owner.labels()
+    namespace, kubevirt = owners.kubevirt_vm(start.vm_name, owner)
+    if kubevirt:
+        labels.update(namespace=namespace, vm=kubevirt)
+    return replace(start, cgroup=cgroup, cgroup_id=cgroup_id, owner=labels,
+                   owner_note=owners.disagreement(start.vm_name, owner))

@@ -135,6 +135,11 @@ def start_report(s: Start, number: int) -> str:
              f"  asked for: {s.requested_type} ({s.vmm}: {s.request_evidence})"]
     if s.vm_name:
         lines.append(f"  VM name: {s.vm_name}")
+    if s.owner:
+        lines.append("  owned by: " + ", ".join(f"{k} {v}" for k, v in s.owner.items())
+                     + f" (cgroup {s.cgroup})")
+    if s.owner_note:
+        lines.append(f"  owner: {s.owner_note}")
     if s.mask is not None:
         lines.append(f"  KVM_CAP_VM_TYPES: {s.mask:#x} ({', '.join(s.offered) or 'none'})")
     for c in s.creates:

@@ -63,3 +63,17 @@ def test_a_process_that_is_gone_has_no_path(tmp_path):
     assert cgroups.of_pid(7, tmp_path / "proc") == "/machine.slice/x.scope"
     (proc / "cgroup").write_text("0::\n")
     assert cgroups.of_pid(7, tmp_path / "proc") == "/"
+
+
+def test_the_locator_takes_procs_path_only_where_it_is_the_kernels_cgroup():
+    loc = cgroups.Locator.of_host()
+    assert loc.mount is not None
+    mine = cgroups.of_pid(os.getpid())
+    cid = (loc.mount / mine.lstrip("/")).stat().st_ino
+    assert loc(os.getpid(), cid) == mine
+    assert loc.resolver.walks == 0  # /proc's path was the very cgroup: no walk
+    assert loc(os.getpid(), None) == mine  # the kernel kept no id: /proc's
+    assert loc(os.getpid(), 2**63 + 7) is None  # another, vanished, cgroup: not /proc's
+    assert loc(2**22 + 1, cid) == mine  # gone from /proc: the kernel's id, resolved
+    nothing = cgroups.Locator(None)
+    assert nothing(os.getpid(), cid) == mine and nothing(2**22 + 1, cid) is None

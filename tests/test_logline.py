@@ -6,6 +6,7 @@ journald's (no systemd runs here), and parses what arrived by the native protoco
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -65,6 +66,16 @@ def test_json_line_and_the_deciding_errno(stitch):
                     "cause": "memory_setup", "reason": "setup_failed",
                     "requested_type": "not_known", "pid": 9, "comm": "qemu-system-x86",
                     "errno": "EACCES"}
+
+
+def test_the_owner_unit_pod_and_domain_where_known(stitch):
+    s = dataclasses.replace(snp_refused(stitch), owner={
+        "unit": "cri-containerd-ab.scope", "pod_uid": "1e597579-417e-482f-bf65-5fe170c3aebd",
+        "namespace": "default", "vm": "testvm"})  # BUILT BY HAND
+    text = logline.line(s, "logfmt", now=0)
+    assert text.endswith(" unit=cri-containerd-ab.scope "
+                         "pod=1e597579-417e-482f-bf65-5fe170c3aebd namespace=default "
+                         "domain=testvm")
 
 
 def test_the_vmm_words_first_line_only_and_a_clean_start_writes_nothing(stitch):

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from kvmtrace import attempts, contract, starts, vmm
+from kvmtrace import attempts, contract, starts, views, vmm
 from kvmtrace import plan as planmod
 from kvmtrace.contract import (
     PROC_CREATE_FAILED,
@@ -259,3 +259,43 @@ def test_failed_setup_call_run_and_ran(decode):
                    end(34, 0, 1 << 8, created | PROC_RAN)])
     (s,) = starts.stitch(recs, vmm.NOT_KNOWN)
     assert (s.outcome, s.stage, s.cause, s.failed) == ("ran", None, None, False)
+
+
+def test_a_start_names_who_owns_it_from_its_cgroup_when_first_seen(kernel_facts):
+    """Hand-built records; the cgroup paths are a libvirt scope (ceems-dev/ceems #377's
+    shape) and a kubelet pod (containerd/nri #227's), read by a stand-in for /proc."""
+    from kvmtrace.runtime import Runtime
+    from tests.recorded import RecordedSource
+
+    ctr = "d7dfb4a21fe1703a8537e60d5af248af729315d187b24a538102d14874c8117d"
+    paths = {50: "/machine.slice/machine-qemu\\x2d2\\x2dweb01.scope/libvirt/emulator",
+             51: ("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod"
+                  f"1e597579_417e_482f_bf65_5fe170c3aebd.slice/cri-containerd-{ctr}.scope")}
+    raws = [(pid, C.PROBE_VM_TYPES_QUERY, 0, 1, 0, 0, b"qemu-o", 1) for pid in (50, 51, 52)]
+    raws += [(pid, C.PROBE_PROCESS_END, 1, 256, PROC_QUERIED | PROC_EXIT_CODE, 0, b"qemu-o",
+              1) for pid in (50, 51, 52)]
+    d = Decoder(planmod.make_plan(kernel_facts("firecracker-6.18-no-kprobes")), "x86_64")
+    names = {50: "web01-long", 51: "default_testvm", 52: None}
+
+    def request(pid):
+        argv = [*SNP_ARGV, "-name", f"guest={names[pid]}"] if names[pid] else SNP_ARGV
+        return vmm.parse_argv(argv)
+
+    seen = []
+    rt = Runtime(RecordedSource(raws), d, live_pids=set, request=request,
+                 cgroup_of=paths.get)
+    rt.on_start = seen.append
+    assert rt.retire_exited() == 6
+    by = {s.pid: s for s in seen}
+    assert by[50].owner == {"unit": "machine-qemu-2-web01.scope", "vm": "web01"}
+    assert by[50].owner_note == ("the command line names VM 'web01-long', its cgroup "
+                                 "libvirt domain 'web01'")
+    assert by[51].owner == {"unit": f"cri-containerd-{ctr}.scope", "vm": "testvm",
+                            "pod_uid": "1e597579-417e-482f-bf65-5fe170c3aebd",
+                            "runtime": "containerd", "container": ctr,
+                            "namespace": "default"}
+    assert by[51].owner_note is None and by[51].cgroup == paths[51]
+    assert (by[52].owner, by[52].cgroup) == ({}, None)
+    assert by[52].owner_note.startswith("cgroup not known")
+    report = views.start_report(by[50], 1)
+    assert "  owned by: unit machine-qemu-2-web01.scope, vm web01 (cgroup " in report
