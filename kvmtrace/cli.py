@@ -1,4 +1,4 @@
-"""kvmtrace command line: the arguments of serve, trace, explain and doctor, and the
+"""kvmtrace command line: the arguments of serve, trace, explain, top and doctor, and the
 dispatch to the command's module (kvmtrace.commands), which composes it."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 
 from kvmtrace import __version__
 from kvmtrace import server as servermod
-from kvmtrace.commands import doctor, explain, serve, trace
+from kvmtrace import top as topmod
+from kvmtrace.commands import doctor, explain, serve, top, trace
 from kvmtrace.commands.common import UserError
 
 
@@ -37,6 +38,12 @@ EXAMPLES_EXPLAIN = """examples:
   kvmtrace explain                    # explain every rejected VM creation until Ctrl-C
   kvmtrace explain -n qemu --duration 60
   kvmtrace explain -p 4242 --json"""
+
+EXAMPLES_TOP = """examples:
+  kvmtrace top                                # attach, one row per VM or workload
+  kvmtrace top --from http://localhost:9929   # read a running exporter instead
+  kvmtrace top --from http://localhost:9929 --once --sort r
+  watch -n 2 kvmtrace top --from http://localhost:9929 --once"""
 
 EXAMPLES_DOCTOR = """examples:
   kvmtrace doctor                 # can kvmtrace trace this host? exit 0 when it can
@@ -88,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kvmtrace", description="Trace Linux KVM's VM-type dispatch with eBPF.")
     p.add_argument("--version", action="version", version=f"kvmtrace {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser,
-                           metavar="{serve,trace,explain,doctor}")
+                           metavar="{serve,trace,explain,top,doctor}")
     fmt = argparse.RawDescriptionHelpFormatter
 
     s = sub.add_parser("serve", help="Prometheus exporter with a live view",
@@ -152,6 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--strict", action="store_true",
                    help="fail unless every probe point that is not optional attaches")
 
+    o = sub.add_parser("top", help="live table: one row per VM or workload",
+                       epilog=EXAMPLES_TOP, formatter_class=fmt)
+    o.add_argument("--from", dest="source", metavar="URL",
+                   help="read a running exporter's /api/processes and /api/rejections "
+                        "instead of attaching")
+    o.add_argument("--once", action="store_true",
+                   help="print the table once and exit (scripts, watch)")
+    o.add_argument("--interval", type=_seconds, default=2.0, metavar="SECONDS",
+                   help="refresh every SECONDS (default 2; with --once and no --from: "
+                        "read this long first)")
+    o.add_argument("--sort", choices=tuple(topmod.SORTS), default="f",
+                   help="f failures (default), r rejected, a accepted, n name, p pid")
+    o.add_argument("--filter", metavar="TEXT",
+                   help="only rows whose VM/workload, unit or comm contains TEXT")
+
     d = sub.add_parser("doctor", help="can this host be traced? (exit 0 when it can)",
                        epilog=EXAMPLES_DOCTOR, formatter_class=fmt)
     d.add_argument("--json", action="store_true", help="machine-readable report")
@@ -166,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"serve": serve.run, "trace": trace.run, "explain": explain.run,
-            "doctor": doctor.run}
+            "top": top.run, "doctor": doctor.run}
+
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -292,8 +292,16 @@ class Runtime:
         return dict(out)
 
     def processes(self) -> list[dict]:
+        """Live processes' counts (kvmtrace.aggregate.per_process), each with its cgroup
+        and owner where known (as a start has them: kvmtrace.starts.owner_of)."""
         with self._lock:
-            return per_process(r for _, r in self._records())
+            rows = per_process(r for _, r in self._records())
+            for p in rows:
+                path = self._cgroups.get(p["pid"], (None, None))[1]
+                request = self._requests.get(p["pid"])
+                p["cgroup"] = path
+                p["owner"] = startsmod.owner_of(path, request.name if request else None)
+            return rows
 
     def latency(self) -> tuple[list[tuple[int, int, int]], list[int]]:
         return self.source.read_latency()

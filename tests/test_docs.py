@@ -189,7 +189,7 @@ def documented(opt: str, text: str) -> bool:
 
 def test_every_flag_of_every_command_is_in_commands_md():
     flags = command_flags()
-    assert set(flags) == {"serve", "trace", "explain", "doctor"}, sorted(flags)
+    assert set(flags) == {"serve", "trace", "explain", "top", "doctor"}, sorted(flags)
     assert all(flags.values()), f"a subcommand yielded no flags: {flags}"
     text = COMMANDS.read_text()
     missing = [f"{name} {opt}" for name, opts in flags.items()

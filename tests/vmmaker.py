@@ -31,6 +31,7 @@ import os
 import resource
 import sys
 import threading
+import time
 
 KVM_CREATE_VM = 0xAE01
 KVM_CHECK_EXTENSION = 0xAE03
@@ -167,6 +168,8 @@ def main() -> int:
     ap.add_argument("--say", action="append", default=[],
                     help="write this line to stderr before exiting (repeatable)")
     ap.add_argument("--exit", type=int, default=0, help="exit status (exit_group)")
+    ap.add_argument("--hold", type=float, default=0.0,
+                    help="stay alive this many seconds before exiting (a live process)")
     args = ap.parse_args()
     set_comm(args.name)
     types = [int(x, 0) for x in args.types.split(",")]
@@ -221,6 +224,7 @@ def main() -> int:
     sys.stdout.flush()
     for line in args.say:
         print(line, file=sys.stderr, flush=True)
+    time.sleep(args.hold)
     return args.exit
 
 

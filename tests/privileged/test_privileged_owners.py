@@ -12,14 +12,21 @@ Host only for now: the kernel tier's guests may have no v2 hierarchy mounted.
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import pty
+import select
+import struct
 import subprocess
+import termios
+import time
 from pathlib import Path
 
 import pytest
 
 from kvmtrace import cgroups
-from tests.privileged.conftest import VMMAKER
+from tests.privileged.conftest import KVMTRACE, VMMAKER
 
 pytestmark = [pytest.mark.privileged, pytest.mark.host_only]
 
@@ -87,3 +94,95 @@ def test_a_pods_start_names_its_pod_runtime_and_container(owned):
     assert s["owner"] == {"unit": f"cri-containerd-{owned['ctr']}.scope", "pod_uid": POD,
                           "runtime": "containerd", "container": owned["ctr"]}, s
     assert s["owner_note"] is None
+
+
+@pytest.fixture(scope="module")
+def held(shared):
+    """A live process in a libvirt-shaped cgroup with one accepted and one rejected
+    KVM_CREATE_VM, held alive; the shared serve's URL."""
+    serve = shared.serve
+    mount = cgroups.v2_mount(Path("/proc/self/mountinfo").read_text())
+    tag = f"kt{os.getpid() % 10000}{os.urandom(2).hex()}"
+    top = Path(mount) / f"kvmtrace-test-{tag}"
+    where = top / "machine.slice" / f"machine-qemu\\x2d8\\x2d{tag}.scope"
+    where.mkdir(parents=True)
+
+    def enter():
+        with open(where / "cgroup.procs", "w") as f:
+            f.write(str(os.getpid()))
+
+    proc = subprocess.Popen([*VMMAKER, "--name", tag, "--types", "0,1", "--hold", "120"],
+                            preexec_fn=enter, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{serve.port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            rows = [p for p in json.loads(serve.get("/api/processes")) if p["pid"] == proc.pid]
+            if rows and rows[0]["vm_create_attempts"] == 2 and rows[0]["owner"]:
+                break
+            time.sleep(0.3)
+        yield {"tag": tag, "url": url, "pid": proc.pid, "rows": rows}
+    finally:
+        proc.kill()
+        proc.wait()
+        for p in (where, where.parent, top):
+            for _ in range(50):  # the killed process leaves the cgroup as it is reaped
+                try:
+                    p.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+
+
+def test_the_live_processes_api_names_its_owner(held):
+    (row,) = held["rows"]
+    assert row["owner"] == {"unit": f"machine-qemu-8-{held['tag']}.scope", "vm": held["tag"]}
+
+
+def test_top_once_prints_the_vms_row_with_its_rejection(held):
+    p = subprocess.run([*KVMTRACE, "top", "--from", held["url"], "--once", "--sort", "n"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    (line,) = [ln for ln in p.stdout.splitlines() if ln.startswith(held["tag"] + " ")]
+    cells = line.split()
+    assert cells[1].startswith(f"machine-qemu-8-{held['tag']}"), line  # cut to its column
+    assert cells[2:6] == [str(held["pid"]), held["tag"], "1", "1"], line
+    assert cells[-2:] == ["DEFAULT:1/0", "SW_PROTECTED:0/1"], line
+
+
+def test_top_on_a_terminal_sorts_on_a_key_and_quits_on_q(held):
+    """A real pseudo-terminal (pty(7)) of 40 x 220: the table is drawn with the VM's
+    row, `r` sorts by rejected (the status line says so), `q` exits 0."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 220, 0, 0))
+    proc = subprocess.Popen([*KVMTRACE, "top", "--from", held["url"], "--interval", "0.5"],
+                            stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                            env={**os.environ, "TERM": "xterm"}, start_new_session=True)
+    os.close(slave)
+    seen = b""
+
+    def until(needle: bytes, timeout: float = 30) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while needle not in seen:
+            assert time.monotonic() < deadline, (needle, seen[-2000:])
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    seen += os.read(master, 65536)
+                except OSError:
+                    break
+    try:
+        until(held["tag"].encode())
+        until(b"sort failures")
+        seen = b""
+        os.write(master, b"r")
+        until(b"rejected")
+        os.write(master, b"q")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
