@@ -114,13 +114,15 @@ def fn_macro(line: str) -> str:
 
 
 # ---- every (probe, mechanism) the plan can choose -> the C's programs for it ----
+# The ioctl layer's programs, by mechanism: they serve the two /dev/kvm points, a
+# process's first KVM call (their enter: KVM_GET_API_VERSION wakes the reader) and its
+# fd 2 read where it is first followed (their return).
+IOCTL_LAYER = {KPROBE: IOCTL_KPROBES, FENTRY: IOCTL_FENTRY, TRACEPOINT: IOCTL_TRACEPOINT_PROGRAMS}
 PROGRAMS: dict[tuple[Key, Mechanism], tuple[Program, ...]] = {
-    (contract.PROBE_CREATE_VM, KPROBE): IOCTL_KPROBES,
-    (contract.PROBE_CREATE_VM, FENTRY): IOCTL_FENTRY,
-    (contract.PROBE_CREATE_VM, TRACEPOINT): IOCTL_TRACEPOINT_PROGRAMS,
-    (contract.PROBE_VM_TYPES_QUERY, KPROBE): IOCTL_KPROBES,
-    (contract.PROBE_VM_TYPES_QUERY, FENTRY): IOCTL_FENTRY,
-    (contract.PROBE_VM_TYPES_QUERY, TRACEPOINT): IOCTL_TRACEPOINT_PROGRAMS,
+    **{(probe, mechanism): programs
+       for probe in (contract.PROBE_CREATE_VM, contract.PROBE_VM_TYPES_QUERY,
+                     contract.PROBE_KVM_OPEN, contract.PROBE_VMM_STDERR)
+       for mechanism, programs in IOCTL_LAYER.items()},
     # On kprobe hosts, the VM and vCPU fds' ioctl functions (FD_IOCTL_KPROBE): one set
     # for KVM_MEMORY_ENCRYPT_OP and a start's failed KVM ioctls.
     (contract.PROBE_ENCRYPT_OP, KPROBE): FD_IOCTL_KPROBES,
@@ -128,14 +130,6 @@ PROGRAMS: dict[tuple[Key, Mechanism], tuple[Program, ...]] = {
     (contract.PROBE_KVM_CALL, KPROBE): FD_IOCTL_KPROBES,
     (contract.PROBE_KVM_CALL, TRACEPOINT): IOCTL_TRACEPOINT_PROGRAMS,
     (contract.PROBE_KVM_RUN, TRACEPOINT): _tracepoints(RUN_TRACEPOINT),
-    # In the ioctl layer's programs (its enter, on /dev/kvm's ioctl).
-    (contract.PROBE_KVM_OPEN, KPROBE): IOCTL_KPROBES,
-    (contract.PROBE_KVM_OPEN, FENTRY): IOCTL_FENTRY,
-    (contract.PROBE_KVM_OPEN, TRACEPOINT): IOCTL_TRACEPOINT_PROGRAMS,
-    # In the ioctl layer's programs (their return, where a process is first followed).
-    (contract.PROBE_VMM_STDERR, KPROBE): IOCTL_KPROBES,
-    (contract.PROBE_VMM_STDERR, FENTRY): IOCTL_FENTRY,
-    (contract.PROBE_VMM_STDERR, TRACEPOINT): IOCTL_TRACEPOINT_PROGRAMS,
     (contract.PROBE_PROCESS_END, TRACEPOINT): _tracepoints(EXIT_TRACEPOINT),
     (contract.PROBE_EXIT_STATUS, TRACEPOINT): _tracepoints(EXIT_GROUP_TRACEPOINT),
     (contract.PROBE_EXIT_STATUS, KPROBE): (Program(FUNCTION, "kvmtrace_group_exit", ENTRY),),
