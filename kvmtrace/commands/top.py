@@ -122,8 +122,10 @@ def run(args) -> int:
         screen = Screen(fetch, source, args.sort)
         screen.text = args.filter or ""
         if args.once:
-            if not args.source:
-                time.sleep(args.interval)  # one interval of reading before the table
+            if not args.source:  # one interval of reading before the table
+                print(f"top: attached; reading for {args.interval:g} s", file=sys.stderr,
+                      flush=True)
+                time.sleep(args.interval)
             for line in screen.text_lines(screen.refresh(), 10_000):
                 print(line)
             return 0

@@ -186,3 +186,25 @@ def test_top_on_a_terminal_sorts_on_a_key_and_quits_on_q(held):
             proc.kill()
             proc.wait()
         os.close(master)
+
+
+def test_top_once_on_a_session_of_its_own():
+    """No exporter: top attaches (one loader), reads for --interval, prints the table
+    with the row of a process that made its creates meanwhile."""
+    tag = f"ks{os.getpid() % 10000}{os.urandom(2).hex()}"
+    top = subprocess.Popen([*KVMTRACE, "top", "--once", "--interval", "10", "--sort", "n"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = top.stderr.readline()
+        assert line.startswith("top: attached"), line + top.stderr.read()
+        held = subprocess.Popen([*VMMAKER, "--name", tag, "--types", "0,1", "--hold", "15"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        out, err = top.communicate(timeout=120)
+        held.kill()
+        held.wait()
+    finally:
+        if top.poll() is None:
+            top.kill()
+    assert top.returncode == 0, err
+    (row,) = [ln for ln in out.splitlines() if f" {tag} " in ln]
+    assert row.split()[-2:] == ["DEFAULT:1/0", "SW_PROTECTED:0/1"], row
