@@ -70,7 +70,8 @@ def test_lines_are_a_header_and_one_line_per_row_within_the_width():
 
 class _Api(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        body = {"/api/processes": PROCESSES, "/api/rejections": REJECTIONS}.get(self.path)
+        body = {"/api/processes": PROCESSES, "/api/rejections": REJECTIONS,
+                "/odd/api/processes": [1, 2], "/odd/api/rejections": []}.get(self.path)
         self.send_response(404 if self.path.startswith("/gone") else 200)
         self.end_headers()
         self.wfile.write(json.dumps(body if body is not None else {"no": 1}).encode())
@@ -105,6 +106,8 @@ def test_what_cannot_be_read_is_one_error_line(api):
     assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
     assert p.stderr.startswith("ERROR: cannot read http://127.0.0.1:1/api/processes")
     p = _top("--from", api + "/nothere", "--once")
+    assert p.returncode == 1 and "not a kvmtrace API" in p.stderr and "Traceback" not in p.stderr
+    p = _top("--from", api + "/odd", "--once")
     assert p.returncode == 1 and "not a kvmtrace API" in p.stderr and "Traceback" not in p.stderr
     p = _top("--from", api + "/gone", "--once")
     assert p.returncode == 1 and p.stderr.endswith("/gone/api/processes: Not Found\n")

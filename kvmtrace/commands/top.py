@@ -73,8 +73,12 @@ class Screen:
     def refresh(self) -> list[topmod.Row]:
         processes, rejections = self.fetch()
         now = time.monotonic()
-        table = topmod.with_rates(topmod.rows(processes, rejections), self._before,
-                                  now - self._at if self._at else 0.0)
+        try:
+            table = topmod.rows(processes, rejections)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise common.UserError(f"{self.source} answered rows that are not kvmtrace's "
+                                   f"(not a kvmtrace API: {type(exc).__name__} {exc})") from None
+        table = topmod.with_rates(table, self._before, now - self._at if self._at else 0.0)
         self._before, self._at = {r.key: r.rejected for r in table}, now
         return table
 
