@@ -91,13 +91,7 @@ def _telemetry_path(text: str) -> str:
     return text
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="kvmtrace", description="Trace Linux KVM's VM-type dispatch with eBPF.")
-    p.add_argument("--version", action="version", version=f"kvmtrace {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser,
-                           metavar="{serve,trace,explain,top,doctor}")
-    fmt = argparse.RawDescriptionHelpFormatter
-
+def _serve_args(sub, fmt) -> None:
     s = sub.add_parser("serve", help="Prometheus exporter with a live view",
                        epilog=EXAMPLES_SERVE, formatter_class=fmt)
     s.add_argument("--web.listen-address", dest="listen", default=servermod.DEFAULT_ADDRESS,
@@ -135,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not read the VMMs' stderr back (then CAP_SYS_PTRACE and "
                         "CAP_DAC_READ_SEARCH are not kept after attach)")
 
+
+def _trace_args(sub, fmt) -> None:
     t = sub.add_parser("trace", help="one line per VM creation attempt and type check",
                        epilog=EXAMPLES_TRACE, formatter_class=fmt)
     t.add_argument("-p", "--pid", type=_pid, help="trace this process only")
@@ -149,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
     t.add_argument("--facts", metavar="FILE", help=argparse.SUPPRESS)
 
+
+def _explain_args(sub, fmt) -> None:
     e = sub.add_parser("explain", help="wait for rejected VM creations and explain each",
                        epilog=EXAMPLES_EXPLAIN, formatter_class=fmt)
     e.add_argument("-p", "--pid", type=_pid, help="this process only")
@@ -159,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--strict", action="store_true",
                    help="fail unless every probe point that is not optional attaches")
 
+
+def _top_args(sub, fmt) -> None:
     o = sub.add_parser("top", help="live table: one row per VM or workload",
                        epilog=EXAMPLES_TOP, formatter_class=fmt)
     o.add_argument("--from", dest="source", metavar="URL",
@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--filter", metavar="TEXT",
                    help="only rows whose VM/workload, unit or comm contains TEXT")
 
+
+def _doctor_args(sub, fmt) -> None:
     d = sub.add_parser("doctor", help="can this host be traced? (exit 0 when it can)",
                        epilog=EXAMPLES_DOCTOR, formatter_class=fmt)
     d.add_argument("--json", action="store_true", help="machine-readable report")
@@ -184,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the raw host facts as JSON (attach to bug reports) and exit")
     d.add_argument("--facts", metavar="FILE",
                    help="plan for another host's facts (from --dump-facts); attaches nothing")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="kvmtrace", description="Trace Linux KVM's VM-type dispatch with eBPF.")
+    p.add_argument("--version", action="version", version=f"kvmtrace {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                           metavar="{serve,trace,explain,top,doctor}")
+    fmt = argparse.RawDescriptionHelpFormatter
+    for add in (_serve_args, _trace_args, _explain_args, _top_args, _doctor_args):
+        add(sub, fmt)
     return p
 
 
