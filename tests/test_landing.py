@@ -28,7 +28,8 @@ def failed_start() -> dict:
                  reason="vmm_refused_type", requested_type="SNP", vm_name="guest-1",
                  vmm="qemu", request_evidence="-object sev-snp-guest", mask=1,
                  offered=["DEFAULT"], exit={"how": "exited", "status": 1},
-                 hint="needs SNP", summary="qemu-snp refused SNP before KVM_CREATE_VM").to_json()
+                 hint="needs SNP", summary="qemu-snp refused SNP before KVM_CREATE_VM",
+                 owner={"unit": "machine-qemu-1-guest-1.scope", "vm": "guest-1"}).to_json()
 
 
 class Cells(HTMLParser):
@@ -75,7 +76,9 @@ def test_plan_readiness_starts_attempts_and_links():
     ready = {r[1]: r[2] for r in c.tables["readiness"][1:]}
     assert ready["DEFAULT"] == "ready" and ready["SEV"] != "ready", ready
     (start,) = c.tables["starts"][1:]
-    assert start[:6] == ["8", "qemu-snp", "guest-1", "before_create", "vmm_refused_type", "SNP"]
+    owner = "vm guest-1, unit machine-qemu-1-guest-1.scope"
+    assert start[:7] == ["8", "qemu-snp", "guest-1", owner, "before_create",
+                         "vmm_refused_type", "SNP"]
     (attempt,) = c.tables["attempts"][1:]
     assert attempt[:5] == ["7", "qemu-x", "2 SEV", "EINVAL", "type_unsupported"]
     assert attempt[5].startswith("pid 7 asked for VM type 2")
