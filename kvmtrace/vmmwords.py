@@ -142,6 +142,28 @@ def _tty(major: int) -> bool:
     return major in (4, 5) or 136 <= major <= 143  # ttys, /dev/tty and the console, pts
 
 
+def _identities(fd: int, proc: str = "/proc") -> set[tuple[int, tuple[int, int]]]:
+    """(inode number, (major, minor)) of an open file as stat(2) says, and as the kernel
+    holds it (``/proc/self/fdinfo``'s ino, and its mount's device in mountinfo). They
+    differ on overlayfs: stat gives the real file's, the fd holds the overlay's inode --
+    which is what the kernel read of fd 2."""
+    st = os.fstat(fd)
+    out = {(st.st_ino, (os.major(st.st_dev), os.minor(st.st_dev)))}
+    try:
+        info = dict(line.split(":", 1) for line in
+                    Path(proc, "self", "fdinfo", str(fd)).read_text().splitlines() if ":" in line)
+        ino, mnt_id = int(info["ino"]), info["mnt_id"].strip()
+        for line in Path(proc, "self", "mountinfo").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 2 and parts[0] == mnt_id:
+                major, minor = parts[2].split(":")
+                out.add((ino, (int(major), int(minor))))
+                break
+    except (OSError, KeyError, ValueError):
+        pass  # an older kernel's fdinfo has no ino: stat's alone
+    return out
+
+
 def from_kernel(raw: bytes) -> Stderr | str:
     """Where fd 2 went, from what the kernel read of it when the process was first
     followed (struct vmm_stderr), or why that cannot be used (a string). A file is
@@ -171,8 +193,7 @@ def from_kernel(raw: bytes) -> Stderr | str:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as exc:
         return f"{path} (as the kernel saw it): {exc.strerror or exc}"
-    st = os.fstat(fd)
-    if st.st_ino != ino or (os.major(st.st_dev), os.minor(st.st_dev)) != _kernel_dev(dev):
+    if (ino, _kernel_dev(dev)) not in _identities(fd):
         os.close(fd)
         return (f"{path} (as the kernel saw it) is another file here (another mount "
                 "namespace, or it was replaced)")

@@ -168,3 +168,26 @@ def test_procs_file_reads_from_the_kernels_earlier_offset_else_the_kernels_view(
         assert both == "not resolved from /proc; the kernel's view: fd 2 was not open"
     finally:
         os.close(fd)
+
+
+def test_an_overlays_file_is_known_by_the_inode_its_fd_holds(tmp_path):
+    """stat(2) and the fd's own inode (fdinfo's ino, its mount's device) are both
+    identities of an open file: on overlayfs they differ. The fdinfo and mountinfo
+    here are BUILT BY HAND; the privileged tier opens a real overlay's file."""
+    log = tmp_path / "vm.log"
+    log.write_text("x\n")
+    fd = os.open(log, os.O_RDONLY)
+    try:
+        proc = tmp_path / "proc"
+        (proc / "self" / "fdinfo").mkdir(parents=True)
+        (proc / "self" / "fdinfo" / str(fd)).write_text(
+            "pos:\t0\nflags:\t0100000\nmnt_id:\t41\nino:\t777\n")
+        (proc / "self" / "mountinfo").write_text(
+            "40 1 0:30 / /tmp rw - tmpfs tmpfs rw\n41 40 0:52 / /tmp/m rw - overlay o rw\n")
+        st = os.fstat(fd)
+        assert vmmwords._identities(fd, str(proc)) == {
+            (st.st_ino, (os.major(st.st_dev), os.minor(st.st_dev))), (777, (0, 52))}
+        (proc / "self" / "fdinfo" / str(fd)).write_text("pos:\t0\nflags:\t0100000\n")
+        assert len(vmmwords._identities(fd, str(proc))) == 1  # no ino there: stat's alone
+    finally:
+        os.close(fd)

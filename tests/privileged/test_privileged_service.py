@@ -203,33 +203,52 @@ def documented():
 
 @pytest.fixture(scope="module")
 def told_root(documented, tmp_path_factory):
-    """A root VMM's failed start that writes why into a file in a 0700 root directory.
-    serve (uid 65534, no CAP_SYS_PTRACE) cannot read root's /proc/PID/fd/2: only the
-    kernel's view of fd 2 (read at its first KVM call) can name the file."""
+    """Root VMMs' failed starts that write why into a file in a 0700 root directory: one
+    on the directory's own filesystem, one on an overlayfs mounted in it (as virtme-ng's
+    /tmp, or a container's root: there stat(2) names the real file, the fd the overlay's
+    inode). serve (uid 65534, no CAP_SYS_PTRACE) cannot read root's /proc/PID/fd/2: only
+    the kernel's view of fd 2 (read at its first KVM call) can name the file."""
     svc = documented[0]
     where = tmp_path_factory.mktemp("rootwords")
     os.chmod(where, 0o700)
-    log = where / "vmm.log"
-    comm = unique_comm("kvmw")
-    said = f"{comm}: giving up: guest_memfd refused"
-    with open(log, "w") as f:
-        run = subprocess.run([*VMMAKER, "--name", comm, "--types", "0", "--step", "memfd",
-                              "--exit", "1", "--say", said], stdout=subprocess.DEVNULL,
-                             stderr=f, timeout=60, check=False)
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        mine = [r for r in json.loads(svc.get("/api/rejections"))
-                if r.get("kind") == "start" and r["comm"] == comm]
-        if mine or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
-    return run.returncode, str(log), said, mine
+    for d in ("lower", "upper", "work", "merged"):
+        (where / d).mkdir()
+    # Its lower layer on another filesystem, xino off: virtme-ng's /tmp (9p under tmpfs).
+    subprocess.run(["mount", "-t", "tmpfs", "lower", str(where / "lower")], check=True,
+                   capture_output=True, timeout=30)
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={where}/lower,upperdir={where}/upper,workdir={where}/work,"
+                    "xino=off", str(where / "merged")],
+                   check=True, capture_output=True, timeout=30)
+    runs = {}
+    try:
+        for kind, log in (("plain", where / "vmm.log"), ("overlay", where / "merged" / "vmm.log")):
+            comm = unique_comm("kvmw")
+            said = f"{comm}: giving up: guest_memfd refused"
+            with open(log, "w") as f:
+                run = subprocess.run([*VMMAKER, "--name", comm, "--types", "0", "--step",
+                                      "memfd", "--exit", "1", "--say", said],
+                                     stdout=subprocess.DEVNULL, stderr=f, timeout=60,
+                                     check=False)
+            runs[kind] = (comm, run.returncode, str(log), said)
+        deadline = time.monotonic() + START_TIMEOUT
+        comms = {comm: kind for kind, (comm, *_) in runs.items()}
+        while True:
+            mine = {comms[r["comm"]]: r for r in json.loads(svc.get("/api/rejections"))
+                    if r.get("kind") == "start" and r["comm"] in comms}
+            if len(mine) == len(comms) or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        yield {kind: (*runs[kind][1:], mine.get(kind)) for kind in runs}
+    finally:
+        for d in ("merged", "lower"):
+            subprocess.run(["umount", str(where / d)], check=False, timeout=30)
 
 
-def test_a_root_vmms_words_are_read_through_the_kernels_view_of_its_stderr(told_root):
-    rc, log, said, mine = told_root
-    assert rc == 1
-    (s,) = mine
+@pytest.mark.parametrize("kind", ["plain", "overlay"])
+def test_a_root_vmms_words_are_read_through_the_kernels_view_of_its_stderr(told_root, kind):
+    rc, log, said, s = told_root[kind]
+    assert rc == 1 and s is not None, told_root
     assert s["vmm_words_note"] == f"stderr: {log}", s
     assert (s["vmm_words"] or "").rstrip().endswith(said), s
 
