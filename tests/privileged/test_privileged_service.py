@@ -211,14 +211,18 @@ def told_root(documented, tmp_path_factory):
     svc = documented[0]
     where = tmp_path_factory.mktemp("rootwords")
     os.chmod(where, 0o700)
-    for d in ("lower", "upper", "work", "merged"):
+    for d in ("lower", "rw", "merged"):
         (where / d).mkdir()
-    # Its lower layer on another filesystem, xino off: virtme-ng's /tmp (9p under tmpfs).
-    subprocess.run(["mount", "-t", "tmpfs", "lower", str(where / "lower")], check=True,
-                   capture_output=True, timeout=30)
+    # Its layers on two filesystems of their own (tmpfs: an overlay's upper layer cannot
+    # be an overlay, as /tmp is in the kernel tier's guests), xino off: virtme-ng's /tmp.
+    for d in ("lower", "rw"):
+        subprocess.run(["mount", "-t", "tmpfs", d, str(where / d)], check=True,
+                       capture_output=True, timeout=30)
+    for d in ("upper", "work"):
+        (where / "rw" / d).mkdir()
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                    f"lowerdir={where}/lower,upperdir={where}/upper,workdir={where}/work,"
-                    "xino=off", str(where / "merged")],
+                    f"lowerdir={where}/lower,upperdir={where}/rw/upper,"
+                    f"workdir={where}/rw/work,xino=off", str(where / "merged")],
                    check=True, capture_output=True, timeout=30)
     runs = {}
     try:
@@ -241,7 +245,7 @@ def told_root(documented, tmp_path_factory):
             time.sleep(0.3)
         yield {kind: (*runs[kind][1:], mine.get(kind)) for kind in runs}
     finally:
-        for d in ("merged", "lower"):
+        for d in ("merged", "rw", "lower"):
             subprocess.run(["umount", str(where / d)], check=False, timeout=30)
 
 

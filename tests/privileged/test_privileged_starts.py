@@ -239,7 +239,7 @@ def test_qemu_refusing_snp_before_create_is_a_rejected_start(started):
     comm = f"{started['tag']}-snp"
     mine = {k: v for k, v in got.items() if ("comm", comm) in k}
     want = frozenset({("comm", comm), ("stage", "before_create"),
-                      ("reason", "vmm_refused_type"), ("cause", "type_not_offered"),
+                      ("reason", "vmm_refused_type"), ("cause", cause),
                       ("requested_type", wanted)})
     assert mine == {want: 1.0}, mine
     assert f"VM start failed before_create: pid {pid} " in started["live_view"]
