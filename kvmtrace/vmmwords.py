@@ -189,15 +189,22 @@ def from_kernel(raw: bytes) -> Stderr | str:
     path = "/" + "/".join(reversed(parts))
     if flags & contract.STDERR_TRUNCATED:
         return f"{path} is only the end of its path (deeper than {contract.STDERR_NAMES})"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
-    except OSError as exc:
-        return f"{path} (as the kernel saw it): {exc.strerror or exc}"
-    if (ino, _kernel_dev(dev)) not in _identities(fd):
+    # The kernel walks up to its mount namespace's root; kvmtrace may live below it (a
+    # chroot, a container's root): the path's tails too -- the very inode, or nothing.
+    why = None
+    for k in range(len(parts), 0, -1):
+        tail = "/" + "/".join(reversed(parts[:k]))
+        try:
+            fd = os.open(tail, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        except OSError as exc:
+            why = why or f"{path} (as the kernel saw it): {exc.strerror or exc}"
+            continue
+        if (ino, _kernel_dev(dev)) in _identities(fd):
+            return Stderr("file", tail, max(pos, 0), fd)
         os.close(fd)
-        return (f"{path} (as the kernel saw it) is another file here (another mount "
-                "namespace, or it was replaced)")
-    return Stderr("file", path, max(pos, 0), fd)
+        why = why or (f"{path} (as the kernel saw it) is another file here (another mount "
+                      "namespace, or it was replaced)")
+    return why or f"{path}: no name to open"
 
 
 def combine(where: Stderr | str | None, raw: bytes | None) -> Stderr | str | None:

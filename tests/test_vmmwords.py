@@ -191,3 +191,17 @@ def test_an_overlays_file_is_known_by_the_inode_its_fd_holds(tmp_path):
         assert len(vmmwords._identities(fd, str(proc))) == 1  # no ino there: stat's alone
     finally:
         os.close(fd)
+
+
+def test_a_path_from_above_kvmtraces_root_is_found_by_its_tail(tmp_path):
+    """The kernel walks to its mount namespace's root; kvmtrace in a chroot below it (the
+    kernel tier's Debian 13 root: measured there) sees the same file by the path's tail.
+    The struct is BUILT BY HAND: the real file's parts under a root three levels up."""
+    log = tmp_path / "domain.log"
+    log.write_text("qemu: gone\n")
+    names = [p for p in reversed(str(log).split("/")) if p] + ["root", "trixie", "userland"]
+    where = vmmwords.from_kernel(_kernel_view(log, names=names))
+    try:
+        assert (where.kind, where.target) == ("file", str(log)), where
+    finally:
+        vmmwords.release(where)
