@@ -90,12 +90,12 @@ class GuestTests:
 
 GUEST_TESTS = {
     "kernel": GuestTests("privileged and not host_only and not one_guest", PRIVILEGED_PATHS,
-                         1500),
+                         1800),
     "core": GuestTests("privileged and core and not host_only and not one_guest",
                        PRIVILEGED_PATHS, 900),
     "kernel+one_guest": GuestTests("privileged and not host_only", PRIVILEGED_PATHS, 2100),
     "core+one_guest": GuestTests("privileged and (core or one_guest) and not host_only",
-                                 PRIVILEGED_PATHS, 1800),
+                                 PRIVILEGED_PATHS, 2100),
 }
 
 
