@@ -56,7 +56,8 @@ class Resolver:
         self._cache: OrderedDict[int, str | None] = OrderedDict()
         self.walks = 0
 
-    def _keep(self, cid: int, path: str | None) -> None:
+    def keep(self, cid: int, path: str | None) -> None:
+        """Remember ``cid``'s path (None: gone), the oldest out past ``cache_max``."""
         self._cache[cid] = path
         self._cache.move_to_end(cid)
         while len(self._cache) > self.cache_max:
@@ -83,7 +84,7 @@ class Resolver:
                 rel = "/" + os.path.relpath(e.path, self.mount)
                 if ino == want:
                     found = rel
-                self._keep(ino, rel)
+                self.keep(ino, rel)
                 stack.append(Path(e.path))
         return found
 
@@ -95,13 +96,13 @@ class Resolver:
             return self._cache[cid]
         try:
             if self.mount.stat().st_ino == cid:
-                self._keep(cid, "/")
+                self.keep(cid, "/")
                 return "/"
         except OSError:
             return None
         found = self._walk(cid)
         if found is None:
-            self._keep(cid, None)
+            self.keep(cid, None)
         return found
 
 
@@ -135,6 +136,6 @@ class Locator:
             except OSError:
                 same = False
             if same:
-                self.resolver._keep(cid, path)
+                self.resolver.keep(cid, path)
                 return path
         return self.resolver.path(cid)

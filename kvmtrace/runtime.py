@@ -173,9 +173,9 @@ class Runtime:
         known = self._requests
         for pid in {raw[0] for raw in read if raw[1] in _FOLLOWED} - known.keys():
             known[pid] = self._request(pid)
-            self._see_stderr(pid)
+            self._first_sight(pid)
 
-    def _see_stderr(self, pid: int) -> None:
+    def _first_sight(self, pid: int) -> None:
         """Where a newly seen followed process's stderr goes, while it (perhaps) lives
         (its file held open while fewer than FILES_HELD_MAX are), and its cgroup."""
         if pid not in self._stderr:
@@ -327,7 +327,7 @@ class Runtime:
             # First seen (the kernel woke us for its first KVM call): where its stderr
             # goes, while it perhaps lives, and where the kernel's log stood at that call
             # (its window's start, however late this event is read).
-            self._see_stderr(ev.pid)
+            self._first_sight(ev.pid)
             if len(self._first_seq) >= WINDOWS_MAX:
                 self._first_seq.pop(next(iter(self._first_seq)))
             self.poll_kernel_log()

@@ -281,17 +281,19 @@ def with_owner(start: Start, cgroup: str | None, cgroup_id: int | None = None) -
                else "cgroup not known: the process was gone when kvmtrace first looked, "
                     "and the kernel kept no id of it")
         return replace(start, cgroup_id=cgroup_id, owner_note=why)
+    owner = owners.decode(cgroup)
     return replace(start, cgroup=cgroup, cgroup_id=cgroup_id,
-                   owner=owner_of(cgroup, start.vm_name),
-                   owner_note=owners.disagreement(start.vm_name, owners.decode(cgroup)))
+                   owner=_labels(owner, start.vm_name),
+                   owner_note=owners.disagreement(start.vm_name, owner))
 
 
 def owner_of(cgroup: str | None, vm_name: str | None) -> dict:
     """Who owns a process in ``cgroup`` whose command line names VM ``vm_name``: the
     cgroup's owner (kvmtrace.owners), a KubeVirt VM's namespace and name in a pod."""
-    if cgroup is None:
-        return {}
-    owner = owners.decode(cgroup)
+    return {} if cgroup is None else _labels(owners.decode(cgroup), vm_name)
+
+
+def _labels(owner: owners.Owner, vm_name: str | None) -> dict:
     labels = owner.labels()
     namespace, kubevirt = owners.kubevirt_vm(vm_name, owner)
     if kubevirt:

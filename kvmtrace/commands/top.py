@@ -41,7 +41,7 @@ def _from_url(url: str) -> Fetch:
     return lambda: (get("/api/processes"), get("/api/rejections"))
 
 
-def _own_session(args) -> tuple[Fetch, Callable[[], None]]:
+def _own_session() -> tuple[Fetch, Callable[[], None]]:
     """A session of this process's own: its poll loop in a thread; (fetch, close)."""
     live = common.start(False)
     runner = threading.Thread(
@@ -120,7 +120,7 @@ def run(args) -> int:
     if args.source:
         fetch, close, source = _from_url(args.source), (lambda: None), args.source
     else:
-        fetch, close = _own_session(args)
+        fetch, close = _own_session()
         source = "this session"
     try:
         screen = Screen(fetch, source, args.sort)
