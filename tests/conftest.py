@@ -95,3 +95,63 @@ def with_follow_points(f: HostFacts) -> HostFacts:
         *f.tracepoints, "sched:sched_process_exit", "signal:signal_deliver",
         "syscalls:sys_enter_exit_group", "syscalls:sys_enter_execve",
         "kvm:kvm_userspace_exit"])
+
+
+# ---- The privileged kvmtrace processes a session shares (tests/privileged/, tests/vm/) ----
+# Every kvmtrace start is a bcc compile: seconds here, minutes under the kernel tier's
+# emulation, so the privileged modules and the guest-only tests share one `serve`, one
+# `trace --json`, one `explain --json` and one `doctor --json` report. Defined here, the
+# root of both directories, so a guest's session starts each of them once.
+
+@pytest.fixture(scope="session")
+def shared():
+    from tests.privileged.conftest import Shared
+
+    s = Shared()
+    yield s
+    problems = s.close()
+    assert not problems, problems
+
+
+@pytest.fixture(scope="session")
+def doctor_report() -> dict:
+    """One `doctor --json` of this host (its attach test is a bcc compile) for the session;
+    its exit status is the one the report states, and it never prints a traceback."""
+    import json
+    import subprocess
+
+    from tests.privileged.conftest import START_TIMEOUT
+
+    if os.geteuid() != 0:
+        pytest.fail("doctor's attach test runs as root (the privileged tiers)")
+    proc = subprocess.run([*KVMTRACE, "doctor", "--json"], capture_output=True, text=True,
+                          timeout=max(180, START_TIMEOUT), check=False)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    try:
+        report = json.loads(proc.stdout)
+    except ValueError:
+        pytest.fail(f"doctor --json exited {proc.returncode} without a report: {proc.stderr}")
+    assert proc.returncode == report["exit_status"], (proc.returncode, proc.stderr)
+    return report
+
+
+# The session's kvmtrace processes cost CPU while they idle (under the kernel tier's
+# emulation a tenth of a guest each): the tests that use them run first, one after
+# another, and they stop after the last of them.
+LAST_SHARED = pytest.StashKey[str]()
+
+
+def pytest_collection_modifyitems(config, items):
+    users = [i for i in items if "shared" in getattr(i, "fixturenames", ())]
+    if users:
+        ids = {id(i) for i in users}
+        items[:] = users + [i for i in items if id(i) not in ids]
+        config.stash[LAST_SHARED] = users[-1].nodeid
+
+
+@pytest.fixture(autouse=True)
+def _shared_stops_after_its_last_user(request):
+    yield
+    if request.node.nodeid == request.config.stash.get(LAST_SHARED, None):
+        problems = request.getfixturevalue("shared").close()
+        assert not problems, problems

@@ -214,36 +214,6 @@ class Shared:
         return problems
 
 
-@pytest.fixture(scope="session")
-def shared():
-    s = Shared()
-    yield s
-    problems = s.close()
-    assert not problems, problems
-
-
-# The session's kvmtrace processes cost CPU while they idle (under the kernel tier's
-# emulation a tenth of a guest each): the tests that use them run first, one after
-# another, and they stop after the last of them.
-LAST_SHARED = pytest.StashKey[str]()
-
-
-def pytest_collection_modifyitems(config, items):
-    users = [i for i in items if "shared" in getattr(i, "fixturenames", ())]
-    if users:
-        ids = {id(i) for i in users}
-        items[:] = users + [i for i in items if id(i) not in ids]
-        config.stash[LAST_SHARED] = users[-1].nodeid
-
-
-@pytest.fixture(autouse=True)
-def _shared_stops_after_its_last_user(request):
-    yield
-    if request.node.nodeid == request.config.stash.get(LAST_SHARED, None):
-        problems = request.getfixturevalue("shared").close()
-        assert not problems, problems
-
-
 def held_bpf(pid: int) -> tuple[set[int], list[str]]:
     """The BPF map ids process ``pid`` holds fds of, and what its other fds are."""
     ids, kinds = set(), []

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from tests.conftest import KVMTRACE
-from tests.privileged.conftest import START_TIMEOUT, host_has_kprobes
+from tests.privileged.conftest import host_has_kprobes
 
 pytestmark = pytest.mark.privileged
 
@@ -37,16 +37,9 @@ def cpuinfo() -> tuple[str, set[str]]:
 
 
 @pytest.fixture(scope="module")
-def report():
-    """One `doctor --json` (an attach test: a bcc compile) for the whole module."""
-    if os.geteuid() != 0:
-        pytest.fail("the privileged tier runs as root")
-    proc = subprocess.run([*KVMTRACE, "doctor", "--json"], capture_output=True, text=True,
-                          timeout=max(180, START_TIMEOUT), check=False)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    r = json.loads(proc.stdout)
-    assert proc.returncode == r["exit_status"]
-    return r
+def report(doctor_report):
+    """The session's one `doctor --json` (an attach test: a bcc compile)."""
+    return doctor_report
 
 
 def test_doctor_json_reports_this_host(report):
@@ -118,8 +111,9 @@ def test_confidential_types_of_a_guest_or_the_other_vendor_are_na_with_the_reaso
             assert failed["status"] in ("FAIL", "SKIP") and failed["evidence"], failed
 
 
-# one_guest: doctor's text from replayed facts, the same on every kernel
-@pytest.mark.one_guest
+# host_only: doctor's text from replayed facts, judged by the same pure code on every
+# kernel and mechanism (four kvmtrace starts: 186 s of the one_guest guest's run)
+@pytest.mark.host_only
 def test_the_text_report_says_the_same(report, tmp_path):
     """This host's facts dumped, then judged by type in text (replayed: no second attach
     test, which costs a bcc compile, minutes in the kernel tier's TCG guests)."""

@@ -74,6 +74,11 @@ export KVMTRACE_TEST_START_TIMEOUT=420
 # chose them. Named explicitly: other privileged tests (benchmarks) do not belong under
 # emulation.
 (( ${#TESTS[@]} )) || fail "no test paths given (guest.sh's sixth argument on)"
+# The simulation of the 2023 patch's call chain (tests/vm/guest_kprobes.py), loaded before
+# pytest: the session's shared kvmtrace processes plan their points once, at their start,
+# and the guest-only tests read the same ones as the privileged tier.
+lsmod | grep -q '^seedsim ' && rmmod seedsim
+insmod "$SEEDSIM_KO" || fail "insmod $SEEDSIM_KO failed on $(uname -r)"
 tests=("${TESTS[@]}")
 echo "guest: running ${tests[*]} -m '$MARKERS'"
 timeout -k 10 "$PYTEST_TIMEOUT" "$REPO/.venv/bin/python" -m pytest -p no:cacheprovider -v \

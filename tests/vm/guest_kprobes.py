@@ -18,19 +18,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import HERE, KVMTRACE, free_port, unique_comm
+from tests.conftest import HERE, KVMTRACE, unique_comm
+from tests.privileged.conftest import START_TIMEOUT
 
 pytestmark = [pytest.mark.privileged, pytest.mark.core]
 
@@ -46,8 +44,6 @@ CREATE_VM = "KVM_CREATE_VM"
 VM_TYPES_QUERY = "KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES)"
 ARCH_INIT = "kvm_arch_init_vm"
 IOCTL_FUNCTION = "kvm_dev_ioctl"
-# bcc compiles under software emulation: ~15-30 s per kvmtrace process here.
-START_TIMEOUT = 240
 
 
 def _kallsyms() -> dict[str, list[str]]:
@@ -63,7 +59,9 @@ def _kallsyms() -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module", autouse=True)
 def seedsim():
-    """This must be a stock-kernel guest with kprobes and KVM; load the simulation."""
+    """This must be a stock-kernel guest with kprobes and KVM, the simulation loaded by
+    tests/vm/guest.sh before pytest started: the session's shared kvmtrace processes (and
+    doctor's report) plan their points once, at their start, from kallsyms."""
     problems = []
     if os.geteuid() != 0:
         problems.append("not root")
@@ -73,24 +71,15 @@ def seedsim():
         problems.append("no /dev/kvm")
     if not Path("/sys/module/kvm_amd").exists() and not Path("/sys/module/kvm_intel").exists():
         problems.append("no KVM vendor module loaded")
-    ko = os.environ.get("KVMTRACE_SEEDSIM_KO", "")
-    if not ko or not Path(ko).is_file():
-        problems.append(f"KVMTRACE_SEEDSIM_KO={ko!r} is not a built seedsim.ko")
+    if not Path("/sys/module/seedsim").exists():
+        problems.append("the seedsim module is not loaded (tests/vm/guest.sh loads "
+                        "$KVMTRACE_SEEDSIM_KO before pytest)")
     if not Path("/sys/kernel/debug/tracing").exists() and \
             not Path("/sys/kernel/tracing/events").exists():
         problems.append("tracefs not mounted")
     if problems:
         pytest.fail("the guest tier runs only inside a stock-kernel VM (make test-kernels): "
                     + "; ".join(problems))
-    if Path("/sys/module/seedsim").exists():
-        subprocess.run(["rmmod", "seedsim"], check=False)
-    p = subprocess.run(["insmod", ko], capture_output=True, text=True, check=False)
-    if p.returncode != 0:
-        pytest.fail(f"insmod {ko} failed: {p.stderr.strip()}")
-    try:
-        yield
-    finally:
-        subprocess.run(["rmmod", "seedsim"], check=False)
 
 
 def test_simulated_chain_is_in_kallsyms_once_each_in_the_module():
@@ -104,11 +93,19 @@ def test_simulated_chain_is_in_kallsyms_once_each_in_the_module():
 
 
 @pytest.fixture(scope="module")
-def doctor() -> dict:
-    p = subprocess.run([*KVMTRACE, "doctor", "--json"], capture_output=True, text=True,
+def doctor(doctor_report) -> dict:
+    """The session's one `doctor --json` (tests/conftest.py), planned with seedsim loaded."""
+    assert doctor_report["exit_status"] == 0, doctor_report["errors"]
+    return doctor_report
+
+
+@pytest.fixture(scope="module")
+def facts() -> dict:
+    """`doctor --dump-facts` once: the evidence the readiness chains read."""
+    p = subprocess.run([*KVMTRACE, "doctor", "--dump-facts"], capture_output=True, text=True,
                        timeout=START_TIMEOUT, check=False)
     assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout)
+    return json.loads(p.stdout)["evidence"]
 
 
 def test_doctor_attaches_kprobes_on_every_point(doctor):
@@ -127,7 +124,7 @@ def test_doctor_attaches_kprobes_on_every_point(doctor):
             ("kprobe", name, True), pts[name]
 
 
-def test_doctor_names_the_layer_that_says_no_to_sev(doctor):
+def test_doctor_names_the_layer_that_says_no_to_sev(doctor, facts):
     """TCG guest, kvm_amd loaded, no SEV: DEFAULT is ready from the mask; SEV, SEV-ES and
     SNP are not applicable (a guest: the hypervisor flag) and their first check names
     what the layers read: the cpuinfo flag absent and kvm_amd's parameter off. TDX is
@@ -143,11 +140,9 @@ def test_doctor_names_the_layer_that_says_no_to_sev(doctor):
         assert "cpuinfo: hypervisor flag (running as a guest)" in ev, ev
         assert f"cpuinfo: no {flag} flag" in ev, ev
         assert any(e.startswith(f"/sys/module/kvm_amd/parameters/{param}") for e in ev), ev
-        params = doctor_facts()["evidence"]["params"]
-        if f"kvm_amd.{param}" in params:  # absent when the kernel has no SEV support built
+        if f"kvm_amd.{param}" in facts["params"]:  # absent when the kernel has no SEV support built
             assert f"/sys/module/kvm_amd/parameters/{param} = N" in ev, ev
     assert types["TDX"]["failed_check"] == "tdx.platform"
-    facts = doctor_facts()["evidence"]
     assert facts["cpu_vendor"] == "AuthenticAMD" and "svm" in facts["cpu_flags"]
     assert facts["cpuid_8000001f"] is not None, facts["cpuid_error"]  # modprobe cpuid
     # QEMU's -cpu max under TCG advertises the SEV, SEV-ES and SNP bits of CPUID
@@ -156,13 +151,6 @@ def test_doctor_names_the_layer_that_says_no_to_sev(doctor):
     assert not [c for t in ("SEV", "SEV_ES", "SNP") for c in types[t]["checks"]
                 if c["status"] == "PASS"], types["SNP"]
     assert facts["modules"] and "kvm_amd" in facts["modules"]
-
-
-def doctor_facts() -> dict:
-    p = subprocess.run([*KVMTRACE, "doctor", "--dump-facts"], capture_output=True, text=True,
-                       timeout=START_TIMEOUT, check=False)
-    assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout)
 
 
 def test_doctor_sees_this_kernels_own_headers(doctor):
@@ -181,17 +169,7 @@ def test_doctor_sees_this_kernels_own_headers(doctor):
     assert not [w for w in doctor["warnings"] if "headers" in w], doctor["warnings"]
 
 
-# ---- one exporter and one tracer watching real KVM and the simulation ----------------
-
-def _get(port: int, path: str) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
-        return r.read().decode()
-
-
-def _read(f) -> str:
-    f.seek(0)
-    return f.read()
-
+# ---- the session's exporter and tracer watching real KVM and the simulation -----------
 
 @dataclass
 class Traced:
@@ -200,7 +178,7 @@ class Traced:
     calls: list[dict]  # vmmaker's JSON lines
     seed_calls: list[dict]  # seedsim_trigger's JSON lines
     metrics: str
-    events: list[dict]  # `kvmtrace trace --json` lines
+    events: list[dict]  # `kvmtrace trace --json` call records of the two comms
 
     def total(self, name: str, **labels: str) -> float:
         """Sum of the samples of ``name`` whose labels include ``labels``."""
@@ -220,62 +198,40 @@ class Traced:
 
 
 @pytest.fixture(scope="module")
-def traced():
-    err_serve = tempfile.TemporaryFile(mode="w+")
-    err_trace = tempfile.TemporaryFile(mode="w+")
-    port = free_port()
-    serve = subprocess.Popen(
-        [*KVMTRACE, "serve", "-q", "--strict", "--retire-interval", "0.5",
-         "--web.listen-address", f"127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=err_serve, text=True)
-    trace = subprocess.Popen([*KVMTRACE, "trace", "--json", "--strict", "--duration", "900"],
-                             stdout=subprocess.PIPE, stderr=err_trace, text=True)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if serve.poll() is not None:
-                pytest.fail(f"serve exited {serve.returncode}: {_read(err_serve)}")
-            if trace.poll() is not None:
-                pytest.fail(f"trace exited {trace.returncode}: {_read(err_trace)}")
-            try:
-                ready = "kvmtrace_probe_attached" in _get(port, "/metrics")
-            except OSError:
-                ready = False
-            if ready and "Tracing" in _read(err_trace):
-                break
-            if time.monotonic() > deadline:
-                pytest.fail(f"kvmtrace did not attach within {START_TIMEOUT} s under emulation:"
-                            f" serve: {_read(err_serve)[-500:]} trace: {_read(err_trace)[-500:]}")
-            time.sleep(0.5)
-        kvm_comm, seed_comm = unique_comm("kvmt-k"), unique_comm("kvmt-s")
+def traced(shared):
+    """The session's `serve` and `trace --json` (tests/conftest.py: started once, after
+    guest.sh loaded seedsim) watching this module's two workloads: the trace's records
+    of their comms, once every call record is in, and the metrics after that."""
+    serve, trace = shared.serve, shared.trace
+    kvm_comm, seed_comm = unique_comm("kvmt-k"), unique_comm("kvmt-s")
+    run = subprocess.run(
+        [*VMMAKER, "--name", kvm_comm, "--types", ",".join(map(str, TYPES)),
+         "--repeat", str(REPEAT), "--queries", str(QUERIES)],
+        capture_output=True, text=True, check=True, timeout=120)
+    calls = [json.loads(ln) for ln in run.stdout.splitlines()]
+    seed_calls = []
+    for vendor in ("vmx", "svm"):
         run = subprocess.run(
-            [*VMMAKER, "--name", kvm_comm, "--types", ",".join(map(str, TYPES)),
-             "--repeat", str(REPEAT), "--queries", str(QUERIES)],
+            [*TRIGGER, "--name", seed_comm, "--vendor", vendor,
+             "--types", ",".join(map(str, TYPES)), "--repeat", str(REPEAT)],
             capture_output=True, text=True, check=True, timeout=120)
-        calls = [json.loads(ln) for ln in run.stdout.splitlines()]
-        seed_calls = []
-        for vendor in ("vmx", "svm"):
-            run = subprocess.run(
-                [*TRIGGER, "--name", seed_comm, "--vendor", vendor,
-                 "--types", ",".join(map(str, TYPES)), "--repeat", str(REPEAT)],
-                capture_output=True, text=True, check=True, timeout=120)
-            seed_calls += [json.loads(ln) for ln in run.stdout.splitlines()]
-        time.sleep(2)  # the retirement pass folds the exited workload processes
-        metrics = _get(port, "/metrics")
-        trace.send_signal(signal.SIGINT)
-        out, _ = trace.communicate(timeout=120)
-        assert trace.returncode == 0, _read(err_trace)
-        # Call events only (trace --json also prints other kinds of record).
-        events = [e for e in (json.loads(ln) for ln in out.splitlines() if ln.startswith("{"))
-                  if "probe" in e and "comm" in e]
-        yield Traced(kvm_comm, seed_comm, calls, seed_calls, metrics, events)
-        serve.send_signal(signal.SIGTERM)
-        assert serve.wait(timeout=60) == 0, f"serve exited {serve.returncode}: {_read(err_serve)}"
-    finally:
-        for p in (serve, trace):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        seed_calls += [json.loads(ln) for ln in run.stdout.splitlines()]
+    creates = len(TYPES) * REPEAT
+
+    def calls_of(comm: str, *probes: str):
+        return lambda r: r.get("comm") == comm and r.get("probe") in probes
+
+    trace.wait(lambda r: r.get("comm") == kvm_comm and r["kind"] == "start")
+    trace.wait(calls_of(kvm_comm, CREATE_VM), creates)
+    trace.wait(calls_of(kvm_comm, ARCH_INIT), creates)
+    trace.wait(calls_of(kvm_comm, VM_TYPES_QUERY), QUERIES)
+    # Each write: the outer check and the vendor's (vmx) or two (svm).
+    trace.wait(calls_of(seed_comm, *SEED_CHAIN), REPEAT * len(TYPES) * (2 + 3))
+    time.sleep(2)  # the retirement pass folds the exited workload processes
+    metrics = serve.metrics()
+    events = [r for r in trace.records()
+              if "probe" in r and r.get("comm") in (kvm_comm, seed_comm)]
+    return Traced(kvm_comm, seed_comm, calls, seed_calls, metrics, events)
 
 
 def _accepted(t: int, mask: int) -> bool:
