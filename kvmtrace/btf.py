@@ -23,6 +23,8 @@ KIND_STRUCT, KIND_UNION = 4, 5
 # The bytes each kind's data takes after its struct btf_type, per vlen or flat.
 _PER_VLEN = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}  # members, enums, params, vars
 _FLAT = {1: 4, 3: 12, 14: 4, 17: 4}  # INT, ARRAY, VAR, DECL_TAG
+_ALIASES = frozenset((8, 9, 10, 11, 18))  # TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG
+_TYPE = struct.Struct("<III")  # struct btf_type: name_off, info, size or type
 
 
 class BtfError(Exception):
@@ -47,18 +49,28 @@ class Btf:
         self._members: dict[int, list[tuple[str, int, int]]] = {}
         self.by_name: dict[str, int] = {}
         self._alias: dict[int, int] = {}  # typedef/const/volatile -> the type
+        # One pass over every type (a kernel has ~100,000): locals only, and a struct's
+        # name decoded as one slice, since under emulation this loop is seconds of a start.
+        unpack, strings = _TYPE.unpack_from, self._strings
+        raw, by_name, alias = self._raw, self.by_name, self._alias
+        per_vlen = [_PER_VLEN.get(k, 0) for k in range(32)]  # by kind: a list index is
+        flat = [_FLAT.get(k, 0) for k in range(32)]  # cheaper than a dict's get
         pos, end, tid = types, types + type_len, 1
         while pos < end:
-            name_off, info, size_or_type = struct.unpack_from("<III", data, pos)
-            kind, vlen, kind_flag = info >> 24 & 0x1F, info & 0xFFFF, info >> 31
+            name_off, info, size_or_type = unpack(data, pos)
+            kind, vlen = info >> 24 & 0x1F, info & 0xFFFF
             pos += 12
-            if kind in (KIND_STRUCT, KIND_UNION):
-                self._raw[tid] = (pos, vlen, kind_flag)
+            if kind == KIND_STRUCT or kind == KIND_UNION:
+                raw[tid] = (pos, vlen, info >> 31)
                 if name_off and kind == KIND_STRUCT:
-                    self.by_name.setdefault(self._str(name_off), tid)
-            elif kind in (8, 9, 10, 11, 18):  # TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG
-                self._alias[tid] = size_or_type
-            pos += _PER_VLEN.get(kind, 0) * vlen + _FLAT.get(kind, 0)
+                    stop = strings.find(b"\0", name_off)
+                    name = strings[name_off:stop if stop >= 0 else None].decode(
+                        errors="replace")
+                    if name not in by_name:
+                        by_name[name] = tid
+            elif kind in _ALIASES:
+                alias[tid] = size_or_type
+            pos += per_vlen[kind] * vlen + flat[kind]
             tid += 1
 
     def _str(self, off: int) -> str:
