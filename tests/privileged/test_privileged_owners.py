@@ -7,7 +7,9 @@ are not touched). In each, a real process (tests/vmmaker.py) makes a failed VM s
 the real /dev/kvm and exits at once: the shared `explain --json` session must attribute
 each start to its domain, unit, pod and container (the kernel keeps the cgroup id of a
 process at its first KVM call, so one gone before kvmtrace looks is still attributed).
-Host only for now: the kernel tier's guests may have no v2 hierarchy mounted.
+The kernel tier's guests run the attribution too (guest.sh mounts a v2 hierarchy where
+their init did not): the id comes from bpf_get_current_cgroup_id() in each kernel's
+programs. `top`'s terminal and its session of its own are host_only (a view, not the kernel).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import pytest
 from kvmtrace import cgroups
 from tests.privileged.conftest import KVMTRACE, VMMAKER
 
-pytestmark = [pytest.mark.privileged, pytest.mark.host_only]
+pytestmark = pytest.mark.privileged
 
 POD = "1e597579-417e-482f-bf65-5fe170c3aebd"
 
@@ -140,6 +142,8 @@ def test_the_live_processes_api_names_its_owner(held):
     assert row["owner"] == {"unit": f"machine-qemu-8-{held['tag']}.scope", "vm": held["tag"]}
 
 
+# host_only: top's view of the exporter's API, not the kernel
+@pytest.mark.host_only
 def test_top_once_prints_the_vms_row_with_its_rejection(held):
     p = subprocess.run([*KVMTRACE, "top", "--from", held["url"], "--once", "--sort", "n"],
                        capture_output=True, text=True, timeout=60)
@@ -151,6 +155,8 @@ def test_top_once_prints_the_vms_row_with_its_rejection(held):
     assert cells[-2:] == ["DEFAULT:1/0", "SW_PROTECTED:0/1"], line
 
 
+# host_only: top's view of the exporter's API, not the kernel
+@pytest.mark.host_only
 def test_top_on_a_terminal_sorts_on_a_key_and_quits_on_q(held):
     """A real pseudo-terminal (pty(7)) of 40 x 220: the table is drawn with the VM's
     row, `r` sorts by rejected (the status line says so), `q` exits 0."""
@@ -188,6 +194,8 @@ def test_top_on_a_terminal_sorts_on_a_key_and_quits_on_q(held):
         os.close(master)
 
 
+# host_only: top's own session (a bcc compile of its own) and its table, not the kernel
+@pytest.mark.host_only
 def test_top_once_on_a_session_of_its_own():
     """No exporter: top attaches (one loader), reads for --interval, prints the table
     with the row of a process that made its creates meanwhile."""

@@ -51,6 +51,13 @@ mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing 
     || fail "cannot mount tracefs"
 mountpoint -q /sys/kernel/debug || mount -t debugfs nodev /sys/kernel/debug \
     || fail "cannot mount debugfs"
+# A cgroup v2 hierarchy, as on a Debian host (systemd mounts it): the attribution tests
+# make libvirt-, service- and pod-shaped cgroups in it (virtme-ng's init mounts it at
+# /sys/fs/cgroup unless told to mimic v1; then a hierarchy of our own).
+if ! awk '$3 == "cgroup2" { found = 1 } END { exit !found }' /proc/mounts; then
+    mkdir -p /run/kvmtrace-cgroup2 && mount -t cgroup2 none /run/kvmtrace-cgroup2 \
+        || fail "cannot mount a cgroup v2 hierarchy"
+fi
 [ -e /sys/bus/event_source/devices/kprobe ] || fail "no kprobe PMU on $(uname -r)"
 [ -e "/lib/modules/$(uname -r)/build/include/config/kernel.release" ] \
     || fail "no kernel headers at /lib/modules/$(uname -r)/build (unpacked tree not linked?)"
