@@ -171,8 +171,13 @@ def _kallsyms_line_by_line(text: str) -> tuple[dict, dict]:
     return symbols, clones
 
 
+def _kallsyms_line(addr: str, kind: str, pre: str, base: str, suf: str, mod: str,
+                   sep: str) -> str:
+    return f"{addr} {kind} {pre}{base}{suf}{sep}{mod}"
+
+
 _KALLSYMS_LINE = st.builds(
-    lambda addr, kind, pre, base, suf, mod, sep: f"{addr} {kind} {pre}{base}{suf}{sep}{mod}",
+    _kallsyms_line,
     st.sampled_from(["ffffffff81284030", "0000000000000000"]),
     st.sampled_from(list("tTwWdDbr")),
     st.sampled_from(["", "", "__pfx_", "__cfi_", "x"]),
