@@ -191,6 +191,19 @@ class Runtime:
             cid = read(pid) if read is not None else None
             self._cgroups[pid] = (cid, self._cgroup_of(pid, cid))
 
+    def _settled_cgroup(self, pid: int, cid: int | None, path: str | None
+                        ) -> tuple[int | None, str | None]:
+        """A process's (cgroup id, path) as first seen, with the id asked for again where
+        the kernel had not kept it yet: on kprobe hosts the type checks' events of its
+        first KVM_CREATE_VM reach the reader before that ioctl returns, where the kernel
+        starts following it (and stores the id)."""
+        if cid is None:
+            read = getattr(self.source, "cgroup_id", None)
+            cid = read(pid) if read is not None else None
+            if cid is not None and path is None:
+                path = self._cgroup_of(pid, cid)
+        return cid, path
+
     def release(self) -> None:
         """Close the VMMs' stderr files still held (the session ends)."""
         with self._lock:
@@ -208,7 +221,7 @@ class Runtime:
             request = self._requests.pop(pid, vmm.NOT_KNOWN)
             after = self._first_seq.pop(pid, -1)
             where = self._kernel_stderr(pid, self._stderr.pop(pid, None))
-            cgroup_id, cgroup = self._cgroups.pop(pid, (None, None))
+            cgroup_id, cgroup = self._settled_cgroup(pid, *self._cgroups.pop(pid, (None, None)))
             for start in startsmod.stitch(records, request, self._arch, self._vendor_modules,
                                           self._params):
                 start = startsmod.with_owner(start, cgroup, cgroup_id)

@@ -299,3 +299,32 @@ def test_a_start_names_who_owns_it_from_its_cgroup_when_first_seen(kernel_facts)
     assert by[52].owner_note.startswith("cgroup not known")
     report = views.start_report(by[50], 1)
     assert "  owned by: unit machine-qemu-2-web01.scope, vm web01 (cgroup " in report
+
+
+def test_a_cgroup_id_the_kernel_stored_after_the_first_sight_is_asked_for_again(kernel_facts):
+    """On kprobe hosts a process's first events (its type checks) reach the reader
+    before its KVM_CREATE_VM returns, where the kernel follows it and stores its cgroup
+    id: the first lookup finds none (as the 6.1 and 7.3 guests showed in a dry run), the
+    start asks again. Hand-built records; a stand-in for the kernel's proc_cgroup map."""
+    from kvmtrace.runtime import Runtime
+    from tests.recorded import RecordedSource
+
+    asked = []
+
+    class Following(RecordedSource):
+        def cgroup_id(self, tgid):
+            asked.append(tgid)
+            return None if asked.count(tgid) == 1 else 4242
+
+    path = "/system.slice/vm1.service"
+    raws = [(60, C.PROBE_VM_TYPES_QUERY, 0, 1, 0, 0, b"qemu-o", 1),
+            (60, C.PROBE_PROCESS_END, 1, 256, PROC_QUERIED | PROC_EXIT_CODE, 0, b"qemu-o", 1)]
+    d = Decoder(planmod.make_plan(kernel_facts("firecracker-6.18-no-kprobes")), "x86_64")
+    seen = []
+    rt = Runtime(Following(raws), d, live_pids=set, request=lambda pid: vmm.NOT_KNOWN,
+                 cgroup_of=lambda pid, cid: path)
+    rt.on_start = seen.append
+    rt.retire_exited()
+    (s,) = seen
+    assert (s.cgroup_id, s.cgroup, s.owner) == (4242, path, {"unit": "vm1.service"})
+    assert asked == [60, 60]
