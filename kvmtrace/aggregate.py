@@ -16,24 +16,41 @@ from kvmtrace.plan import CREATE_VM, Layer
 
 OTHER = "other"  # the comm of every series folded past the series budget
 
+# A process's owner labels (serve --metrics.labels: kvmtrace.owners.METRIC_LABELS), their
+# values in that order; () when none are exported.
+OwnerKey = tuple[str, ...]
+
+
+def series_name(comm: str, owner: OwnerKey) -> Hashable:
+    """What the series budget admits or folds: the process name, with its owner labels'
+    values when they are exported (a VM's or pod's series is then its own)."""
+    return (comm, owner) if owner else comm
+
+
+def folded(owner: OwnerKey) -> OwnerKey:
+    """The owner labels of a series folded into comm="other": all empty."""
+    return ("",) * len(owner)
+
 
 class NameBudget:
     """Which process names get series of their own: every name first seen while fewer
     than ``max_series`` samples are exported, and no other. Later names are exported as
     ``comm="other"`` (their counts summed there, so every sum stays monotonic): no
-    process can grow the exported series, or the exporter's memory, without bound."""
+    process can grow the exported series, or the exporter's memory, without bound. A
+    name is a comm, or a (comm, owner labels' values) pair (:func:`series_name`)."""
 
     def __init__(self, max_series: int = 10_000, remember: int = 16_384):
         self.max_series = max_series
         self.exported = 0  # samples exported now (the collector keeps it up to date)
-        self._admitted: set[str] = set()
-        self._folded: set[str] = set()  # names already counted as folded (bounded)
+        self._admitted: set[Hashable] = set()
+        self._folded: set[Hashable] = set()  # names already counted as folded (bounded)
         self._remember = remember
         self.folded = 0  # names folded into "other" (kvmtrace_names_folded_total)
 
-    def name(self, comm: str, exported: int | None = None, cost: int = 2) -> str:
-        """The comm to export ``comm`` under, with ``exported`` samples exported now
-        (default: as the collector last said, plus what names admitted since cost)."""
+    def name(self, comm: Hashable, exported: int | None = None, cost: int = 2) -> Hashable:
+        """The name to export ``comm`` (a name) under, itself or OTHER, with ``exported``
+        samples exported now (default: as the collector last said, plus what names
+        admitted since cost)."""
         if comm in self._admitted or comm == OTHER:
             return comm
         if (self.exported if exported is None else exported) < self.max_series:
@@ -44,12 +61,12 @@ class NameBudget:
         self._count_fold(comm)
         return OTHER
 
-    def expire(self, comm: str) -> None:
+    def expire(self, comm: Hashable) -> None:
         """``comm`` has not been seen for long: fold its series into "other"."""
         self._admitted.discard(comm)
         self._count_fold(comm)
 
-    def _count_fold(self, comm: str) -> None:
+    def _count_fold(self, comm: Hashable) -> None:
         if comm not in self._folded:
             if len(self._folded) >= self._remember:
                 self._folded.clear()  # a name may then be counted twice; memory stays bounded
@@ -61,59 +78,69 @@ class Aggregator:
     """Holds the counts of exited processes; everything else is passed in."""
 
     def __init__(self, budget: NameBudget | None = None) -> None:
-        self._exited: Counter[Key] = Counter()  # keys folded over processes (pid None)
+        # Keys folded over processes (pid None), with their owner labels' values.
+        self._exited: Counter[tuple[Key, OwnerKey]] = Counter()
         self.exited_processes = 0
         self.live_folded = 0  # entries of live processes folded early (map filling up)
         self.budget = budget or NameBudget()
-        self._last_exit: dict[str, float] = {}  # comm -> when a process of it last exited
+        self._last_exit: dict[Hashable, float] = {}  # name -> when its last process exited
 
     def retire(self, records: Iterable[CountRecord], live_pids: set[int],
-               now: float = 0.0, fold_live: bool = False) -> list[CountRecord]:
+               now: float = 0.0, fold_live: bool = False,
+               owner_of: Callable[[int], OwnerKey] = lambda pid: ()) -> list[CountRecord]:
         """Fold the records of processes not in ``live_pids`` (``fold_live``: of every
-        process: the map is filling up); return them for deletion. A name without series
-        of its own (past the budget) is folded as "other"."""
+        process: the map is filling up), each under its process's owner labels
+        (``owner_of``); return them for deletion. A name without series of its own (past
+        the budget) is folded as "other"."""
         records = list(records)
         dead = records if fold_live else [r for r in records if r.pid not in live_pids]
         if fold_live:
             self.live_folded += sum(1 for r in dead if r.pid in live_pids)
+        owners = {pid: owner_of(pid) for pid in {r.pid for r in dead}}
         # What each name's records will cost in samples (a rejected call: 2, else 1).
-        cost: Counter[str] = Counter()
+        cost: Counter[Hashable] = Counter()
         for r in dead:
-            cost[r.comm] += 2 if r.rejected else 1
+            cost[series_name(r.comm, owners[r.pid])] += 2 if r.rejected else 1
         name_of, last = self.budget.name, self._last_exit
         for r in dead:
-            key = r.key(with_pid=False)
-            comm = name_of(key.comm, cost=cost[key.comm])
-            if comm == OTHER:
-                key = key._replace(comm=OTHER)
+            key, owner = r.key(with_pid=False), owners[r.pid]
+            name = series_name(key.comm, owner)
+            if name_of(name, cost=cost[name]) == OTHER:
+                key, owner = key._replace(comm=OTHER), folded(owner)
             else:
-                last[comm] = now
-            self._exited[key] += r.count
+                last[name] = now
+            self._exited[key, owner] += r.count
         self.exited_processes += len({r.pid for r in dead if r.pid not in live_pids})
         return dead
 
-    def expire(self, now: float, ttl: float, live_comms: set[str]) -> int:
-        """Fold into "other" the exited residual of names whose last process exited
-        more than ``ttl`` seconds ago and that no live process has. Returns how many."""
-        old = {c for c, t in self._last_exit.items() if now - t > ttl and c not in live_comms}
+    def expire(self, now: float, ttl: float, live_names: set[Hashable]) -> int:
+        """Fold into "other" the exited residual of names (:func:`series_name`) whose last
+        process exited more than ``ttl`` seconds ago and that no live process has.
+        Returns how many."""
+        old = {c for c, t in self._last_exit.items() if now - t > ttl and c not in live_names}
         if not old:
             return 0
-        merged: Counter[Key] = Counter()
-        for key, n in self._exited.items():
-            merged[key._replace(comm=OTHER) if key.comm in old else key] += n
+        merged: Counter[tuple[Key, OwnerKey]] = Counter()
+        for (key, owner), n in self._exited.items():
+            if series_name(key.comm, owner) in old:
+                key, owner = key._replace(comm=OTHER), folded(owner)
+            merged[key, owner] += n
         self._exited = merged
         for c in old:
             del self._last_exit[c]
             self.budget.expire(c)
         return len(old)
 
-    def exited(self) -> tuple[list[Key], list[int]]:
-        """The exited residual: its series and their counts, as two parallel lists."""
+    def exited(self) -> tuple[list[tuple[Key, OwnerKey]], list[int]]:
+        """The exited residual: its series (each a key and its owner labels' values) and
+        their counts, as two parallel lists."""
         return list(self._exited), list(self._exited.values())
 
     def totals(self, live: Iterable[CountRecord], with_pid: bool = False) -> Counter[Key]:
-        """Live map records plus the exited residual, summed per series."""
-        out: Counter[Key] = Counter(self._exited)
+        """Live map records plus the exited residual, summed per series (over owners)."""
+        out: Counter[Key] = Counter()
+        for (key, _), n in self._exited.items():
+            out[key] += n
         for r in live:
             out[r.key(with_pid)] += r.count
         return out

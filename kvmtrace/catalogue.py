@@ -24,6 +24,9 @@ class Family:
     # A series per process name (the per-series families, first in the exposition):
     # with --pid-label, a "pid" label follows "comm".
     per_process: bool = False
+    # Takes serve --metrics.labels' owner labels (vm, unit, pod, namespace) after "comm"
+    # (and "pid"): the per-process families and the failed starts.
+    by_owner: bool = False
     # A counter of the exporter's own health (kvmtrace.runtime's health(), keyed by the
     # name without "kvmtrace_"): what it lost, dropped or folded.
     health: bool = False
@@ -63,7 +66,7 @@ FAMILIES: tuple[Family, ...] = (
            "Followed processes whose VM start failed, by stage (before_create, at_create, "
            "during_launch, at_first_run), reason, cause (kvmtrace's fixed table) and the "
            "VM type their command line asked for.",
-           ("comm", "stage", "reason", "cause", "requested_type")),
+           ("comm", "stage", "reason", "cause", "requested_type"), by_owner=True),
     Family("kvmtrace_probe_calls", COUNTER,
            "Calls seen at each probe point, host-wide and exact whatever processes do "
            "(VM types above 255 count as vm_type=\"other\"), by result (ok, an errno, "

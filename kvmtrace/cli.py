@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from kvmtrace import __version__
+from kvmtrace import __version__, owners
 from kvmtrace import server as servermod
 from kvmtrace import top as topmod
 from kvmtrace.commands import doctor, explain, serve, top, trace
@@ -24,6 +24,7 @@ EXAMPLES_SERVE = """examples:
   kvmtrace serve                              # exporter on :9929, live view on stdout
   kvmtrace serve --web.listen-address 127.0.0.1:9929 -q
   kvmtrace serve --pid-label                  # add a pid label (unbounded over time)
+  kvmtrace serve --metrics.labels=vm,pod      # series per VM and pod, under --max-series
   kvmtrace serve --web.telemetry-path /kvmtrace/metrics
   curl -s localhost:9929/metrics | grep kvmtrace_vm_create"""
 
@@ -91,6 +92,16 @@ def _telemetry_path(text: str) -> str:
     return text
 
 
+def _metric_labels(text: str) -> tuple[str, ...]:
+    """--metrics.labels: a comma-separated subset of the owner labels, in their order."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    wrong = [n for n in names if n not in owners.METRIC_LABELS]
+    if wrong or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"not a list of distinct labels of {','.join(owners.METRIC_LABELS)}: {text!r}")
+    return tuple(n for n in owners.METRIC_LABELS if n in names)
+
+
 def _serve_args(sub, fmt) -> None:
     s = sub.add_parser("serve", help="Prometheus exporter with a live view",
                        epilog=EXAMPLES_SERVE, formatter_class=fmt)
@@ -107,6 +118,12 @@ def _serve_args(sub, fmt) -> None:
                    "(0: no limit; default 40, as node_exporter)")
     s.add_argument("--pid-label", action="store_true",
                    help="add a pid label to per-process metrics (cardinality grows)")
+    s.add_argument("--metrics.labels", dest="metrics_labels", type=_metric_labels,
+                   default=(), metavar="LABELS",
+                   help="add these owner labels (of vm,unit,pod,namespace: from each "
+                        "process's cgroup and command line) to the per-process metrics and "
+                        "the failed starts; each name and owner is a series under "
+                        "--max-series (default: none)")
     s.add_argument("-q", "--quiet", action="store_true", help="no live view on stdout")
     s.add_argument("--retire-interval", type=_seconds, default=10.0, metavar="SECONDS",
                    help="fold exited processes' counts out of the kernel map this often")

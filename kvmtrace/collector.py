@@ -30,7 +30,7 @@ from kvmtrace import attempts as attemptsmod
 from kvmtrace import families as familiesmod
 from kvmtrace import plan as planmod
 from kvmtrace import tables
-from kvmtrace.aggregate import OTHER, NameBudget, SlotSums
+from kvmtrace.aggregate import OTHER, NameBudget, OwnerKey, SlotSums, folded, series_name
 from kvmtrace.catalogue import FAMILIES, Family
 from kvmtrace.contract import RAW_KEY_LEN, RawCount, firmware_status
 from kvmtrace.decode import Key, vm_type_label
@@ -100,7 +100,8 @@ class KvmtraceCollector(Collector):
                  kvm_query: Callable[[], KvmInfo], arch: str,
                  build_info: dict[str, str], with_pid: bool = False,
                  extra_health: Callable[[], dict[str, int]] = dict,
-                 evidence_query: Callable[[], Evidence | None] = lambda: None):
+                 evidence_query: Callable[[], Evidence | None] = lambda: None,
+                 owner_labels: tuple[str, ...] = ()):
         self._rt = runtime
         self._evidence_query = evidence_query  # readiness evidence (kvmtrace.evidence)
         self._attachments = attachments
@@ -108,13 +109,16 @@ class KvmtraceCollector(Collector):
         self._arch = arch
         self._build = build_info
         self._with_pid = with_pid
+        # --metrics.labels: each series also by its process's owner (runtime.owner_keys)
+        self._owner_labels = owner_labels
         self._extra_health = extra_health  # counters kept outside the runtime (live view)
         # Which names get series of their own: the runtime's aggregator's budget, so the
         # exited residual and the live map fold the same names.
         aggregator = getattr(runtime, "aggregator", None)
         self._budget = aggregator.budget if aggregator is not None else NameBudget()
         self._series = per_series()
-        self._labelnames = tuple(familiesmod.label_names(f, with_pid) for f in self._series)
+        self._labelnames = tuple(familiesmod.label_names(f, with_pid, owner_labels)
+                                 for f in self._series)
         # Scrape state, under _lock (the HTTP server answers scrapes in threads).
         self._lock = threading.Lock()
         self._samples = _Samples()
@@ -152,9 +156,11 @@ class KvmtraceCollector(Collector):
         if ok:  # names folded by this very update count at this scrape
             health["names_folded"] = self._budget.folded
         return familiesmod.Scrape(self._arch, self._attachments, self._build, kvm, evidence,
-                                  health, latency, ok, dict(self._scrape_errors)), order
+                                  health, latency, ok, dict(self._scrape_errors),
+                                  self._owner_labels), order
 
-    def _update(self, raws: list[RawCount], exited: list[Key], counts: list[int],
+    def _update(self, raws: list[RawCount], exited: list[tuple[Key, OwnerKey]],
+                counts: list[int],
                 mask: int | None, complete: bool) -> list[list[int]]:
         """Total the live map's counts and the exited residual per sample (one per label
         set: kvmtrace.aggregate.SlotSums); return the sample ids of each family, sorted
@@ -166,19 +172,33 @@ class KvmtraceCollector(Collector):
             samples.clear()
             self._mask = mask
 
+        owned = bool(self._owner_labels)
+
         def samples_of(rows: Callable[[list[Hashable]], list[Key]]):
-            return lambda keys: self._new_entries(rows(keys), mask)
+            return lambda keys: self._new_entries(
+                rows(keys), [owner for _, owner in keys] if owned else None, mask)
+
+        # A live entry's key: its raw key; with owner labels, with its process's owner's.
+        live: list[Hashable] | None = None
+        if owned:
+            live = list(zip(map(_KEY, raws), self._rt.owner_keys([r[0] for r in raws]),
+                            strict=True))
+            live_rows = self._rows_of_owned_keys
+        else:
+            live_rows = self._rows_of_keys
 
         # A key adds to at most 2 samples.
         active, moved = sums.sum(
-            ((map(_KEY, raws), map(_COUNT, raws), samples_of(self._rows_of_keys)),
-             (exited, counts, samples_of(list))),
+            ((map(_KEY, raws) if live is None else live, map(_COUNT, raws),
+              samples_of(live_rows)),
+             (exited, counts, samples_of(lambda keys: [key for key, _ in keys]))),
             len(samples.labels) + 2 * (len(raws) + len(exited)))
         sums.trim(len(samples.labels))
         self._budget.exported = len(samples.labels)
         if complete:
             self._exported = len(active)
-            sums.forget(len(raws) + len(exited), lambda: chain(map(_KEY, raws), exited),
+            sums.forget(len(raws) + len(exited),
+                        lambda: chain(map(_KEY, raws) if live is None else live, exited),
                         _CACHE_FLOOR)  # keys no longer read
         # The same samples as at the previous scrape (none new, as many): same order.
         if moved or len(active) != self._ordered:
@@ -193,27 +213,47 @@ class KvmtraceCollector(Collector):
     def _rows_of_keys(self, keys: list[Hashable]) -> list[Key]:
         return list(map(self._rt.decoder.count_labels, keys))
 
-    def _new_entries(self, rows: list[Key], mask: int | None) -> list[tuple[int, ...]]:
-        """The samples each series adds to (one or two ids), creating new samples.
+    def _rows_of_owned_keys(self, keys: list[Hashable]) -> list[Key]:
+        return list(map(self._rt.decoder.count_labels, (raw for raw, _ in keys)))
+
+    def _heads(self, rows: list[Key], owners: list[OwnerKey] | None,
+               labels: list) -> Iterator[tuple[str, ...]]:
+        """Each series' first labels: comm, pid (--pid-label), the owner labels
+        (--metrics.labels). A name past the series budget is exported as comm="other"
+        with empty owner labels (lazily, row by row, so the budget sees the samples
+        made so far)."""
+        name_of = self._budget.name
+        if owners is None:
+            comms: Iterable[str] = (name_of(c, len(labels)) for c in map(_COMM, rows))
+            if not self._with_pid:
+                return zip(comms)
+            return ((c, "" if pid is None or c == OTHER else str(pid))
+                    for c, pid in zip(comms, map(_PID, rows), strict=True))
+
+        def owned() -> Iterator[tuple[str, ...]]:
+            for c, pid, owner in zip(map(_COMM, rows), map(_PID, rows), owners, strict=True):
+                if name_of(series_name(c, owner), len(labels)) == OTHER:
+                    c, owner = OTHER, folded(owner)
+                if self._with_pid:
+                    yield (c, "" if pid is None or c == OTHER else str(pid), *owner)
+                else:
+                    yield (c, *owner)
+        return owned()
+
+    def _new_entries(self, rows: list[Key], owners: list[OwnerKey] | None,
+                     mask: int | None) -> list[tuple[int, ...]]:
+        """The samples each series adds to (one or two ids), creating new samples;
+        ``owners``: each row's owner labels' values (None: none exported).
 
         Written for many rows at once (the first scrape after a burst of new series):
         the label tuples are built by zip and the samples registered inline.
         """
         sm = self._samples
         ids, labels, family = sm.ids, sm.labels, sm.family
-        # Names past the series budget are exported as comm="other" (lazily, row by row,
-        # so the budget sees the samples made so far).
-        name_of = self._budget.name
-        comms = (name_of(c, len(labels)) for c in map(_COMM, rows))
         vts, names = map(vm_type_label, map(_VM_TYPE, rows)), map(_NAME, rows)
-        if self._with_pid:
-            pairs = ((c, "" if pid is None or c == OTHER else str(pid))
-                     for c, pid in zip(comms, map(_PID, rows), strict=True))
-            bases: Iterable[tuple[str, ...]] = (
-                (c, pid, vt, name) for (c, pid), vt, name in zip(pairs, vts, names,
-                                                                  strict=True))
-        else:
-            bases = zip(comms, vts, names, strict=True)
+        bases: Iterable[tuple[str, ...]] = (
+            (*head, vt, name) for head, vt, name in zip(self._heads(rows, owners, labels),
+                                                        vts, names, strict=True))
         classify = attemptsmod.classify
         arch = self._arch
         out: list[tuple[int, ...]] = []

@@ -46,15 +46,20 @@ class Scrape(NamedTuple):
     latency: tuple[list[tuple[int, int, int]], list[int]]  # log2 slots, sums per outcome
     ok: int  # 1 when the maps were read
     errors: Mapping[str, int]  # exception kind -> failed map reads so far
+    owner_labels: tuple[str, ...] = ()  # serve --metrics.labels
 
 
-def label_names(entry: Family, with_pid: bool = False) -> tuple[str, ...]:
+def label_names(entry: Family, with_pid: bool = False,
+                owner_labels: tuple[str, ...] = ()) -> tuple[str, ...]:
     """A family's label names; a per-process one's with "pid" after "comm" when
-    ``with_pid`` (--pid-label)."""
-    if not (with_pid and entry.per_process):
+    ``with_pid`` (--pid-label), then the ``owner_labels`` (--metrics.labels) where the
+    family takes them."""
+    pid = ("pid",) if with_pid and entry.per_process else ()
+    owner = owner_labels if entry.per_process or entry.by_owner else ()
+    if not (pid or owner):
         return entry.labels
     at = entry.labels.index("comm") + 1
-    return (*entry.labels[:at], "pid", *entry.labels[at:])
+    return (*entry.labels[:at], *pid, *owner, *entry.labels[at:])
 
 
 def fresh(entry: Family, labels: Sequence[str] | None = None) -> Metric:
@@ -70,7 +75,7 @@ def build(scrape: Scrape) -> list[Metric]:
     for entry in FAMILIES:
         if entry.per_process:
             continue
-        metric = fresh(entry)
+        metric = fresh(entry, label_names(entry, owner_labels=scrape.owner_labels))
         if entry.health:
             metric.add_metric([], scrape.health.get(entry.name.removeprefix("kvmtrace_"), 0))
         else:

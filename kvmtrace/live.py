@@ -47,7 +47,7 @@ class Live:
                  aggregator: Aggregator | None = None, series_ttl: float = 3600.0,
                  recent_starts: int = 100,
                  kernel_log: tuple[kernellog.KernelLog | None, str | None] = (None, None),
-                 words: bool = True):
+                 words: bool = True, owner_labels: tuple[str, ...] = ()):
         self.facts = facts
         self.reader = reader
         self.plan: planmod.Plan = reader.plan
@@ -58,6 +58,7 @@ class Live:
                                recent_starts=recent_starts,
                                params=facts.evidence.params if facts.evidence else {},
                                kernel_log=kernel_log[0], kernel_log_error=kernel_log[1],
+                               owner_labels=owner_labels,
                                **({} if words else {"resolve_stderr": _no_words}))
         self.stitcher = Stitcher(reader.attachments, facts.arch,
                                  host_mask=facts.kvm.vm_types_mask,
@@ -67,14 +68,16 @@ class Live:
     @classmethod
     def start(cls, strict: bool, filter_pid: int = 0, stop: Stop | None = None,
               aggregator: Aggregator | None = None, series_ttl: float = 3600.0,
-              recent_starts: int = 100, words: bool = True) -> Live:
+              recent_starts: int = 100, words: bool = True,
+              owner_labels: tuple[str, ...] = ()) -> Live:
         """Gather, plan, compile and attach in the loader child (kvmtrace.handoff).
 
         Fails when no point attached, or with ``strict`` when any point that is not
         optional is missing;
         warns when /dev/kvm is absent. ``stop`` is made first when not given, so a
         signal during the (seconds-long) compile is not lost. ``words``: resolve and
-        read back the VMMs' stderr (kvmtrace.vmmwords)."""
+        read back the VMMs' stderr (kvmtrace.vmmwords); ``owner_labels``: the metrics'
+        owner labels (serve --metrics.labels)."""
         stop = stop or Stop()
         try:
             facts, reader = handoffmod.start(filter_pid)
@@ -103,7 +106,7 @@ class Live:
             print(f"WARNING: {why}: failed starts will not carry the kernel's lines",
                   file=sys.stderr)
         return cls(facts, reader, stop, aggregator, series_ttl, recent_starts, (log, why),
-                   words)
+                   words, owner_labels)
 
     def open_events(self, on_event: Callable[[Event, list[Attempt]], None]) -> None:
         """Decode each event, feed it to the stitcher, and hand both to ``on_event``

@@ -126,3 +126,20 @@ def disagreement(argv_name: str | None, owner: Owner) -> str | None:
     if argv_name is None or owner.vm is None or argv_name == owner.vm:
         return None
     return f"the command line names VM {argv_name!r}, its cgroup libvirt domain {owner.vm!r}"
+
+
+# The owner labels `serve --metrics.labels` can add to the per-process families, in the
+# order they are exported, and where each value comes from (a dict as
+# kvmtrace.starts.owner_of makes it: the cgroup's owner, a KubeVirt VM's namespace and
+# name). "vm": libvirt's domain or KubeVirt's VM, else the name on the VMM's command line.
+METRIC_LABELS: dict[str, str] = {"vm": "vm", "unit": "unit", "pod": "pod_uid",
+                                 "namespace": "namespace"}
+
+
+def metric_label_values(owner: dict, argv_name: str | None, names: tuple[str, ...]
+                        ) -> tuple[str, ...]:
+    """The values of the owner labels ``names`` (of METRIC_LABELS) for a process whose
+    owner is ``owner`` and whose command line names VM ``argv_name``; "" where not known."""
+    values = {label: owner.get(field) or "" for label, field in METRIC_LABELS.items()}
+    values["vm"] = values["vm"] or argv_name or ""
+    return tuple(values[n] for n in names)

@@ -16,8 +16,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 from kvmtrace import cgroups, vmm, vmmwords
+from kvmtrace import owners as ownersmod
 from kvmtrace import starts as startsmod
-from kvmtrace.aggregate import Aggregator, per_process
+from kvmtrace.aggregate import OTHER, Aggregator, OwnerKey, folded, per_process, series_name
 from kvmtrace.contract import (
     PROBE_CREATE_VM,
     PROBE_PROCESS_END,
@@ -82,7 +83,8 @@ class Runtime:
                  kernel_log: KernelLog | None = None, kernel_log_error: str | None = None,
                  resolve_stderr: Callable[..., vmmwords.Stderr | str] = vmmwords.resolve,
                  read_words: Callable[..., tuple[str | None, str]] = vmmwords.words,
-                 cgroup_of: Callable[[int, int | None], str | None] | None = None):
+                 cgroup_of: Callable[[int, int | None], str | None] | None = None,
+                 owner_labels: tuple[str, ...] = ()):
         self.source = source
         self.decoder = decoder
         self._request = request or (lambda pid: request_of(source, pid))
@@ -101,8 +103,12 @@ class Runtime:
         # And its cgroup v2 path, read then (who owns it: kvmtrace.owners).
         self._cgroup_of = cgroup_of or cgroups.Locator.of_host()
         self._cgroups: dict[int, tuple[int | None, str | None]] = {}  # pid -> (id, path)
+        # The owner labels its series are exported with (serve --metrics.labels), their
+        # values fixed when first asked for (so a series never moves between label sets).
+        self.owner_labels = owner_labels
+        self._owner_keys: dict[int, OwnerKey] = {}
         self._requests: dict[int, vmm.VmmRequest] = {}  # followed pids seen so far
-        self._failures: Counter[tuple[str, str, str, str, str]] = Counter()
+        self._failures: Counter[tuple[str, ...]] = Counter()
         self.recent_starts: deque[Start] = deque(maxlen=recent_starts)
         self.on_start: Callable[[Start], None] | None = None  # every stitched start
         self.aggregator = aggregator or Aggregator()
@@ -146,16 +152,18 @@ class Runtime:
             fold_live = bool(capacity) and len(read) >= capacity * self._fold_live_at
             raws = read if fold_live else [raw for raw in read if raw[0] not in live]
             pairs = [(raw, self.decoder.count(raw)) for raw in raws]
-            self._stitch([r for _, r in pairs if r.pid not in live])
-            dead = self.aggregator.retire([r for _, r in pairs], live, now, fold_live)
+            owners = {pid: self._owner_key(pid) for pid in {r.pid for _, r in pairs}}
+            self._stitch([r for _, r in pairs if r.pid not in live], owners)
+            dead = self.aggregator.retire([r for _, r in pairs], live, now, fold_live,
+                                          owners.__getitem__)
             dead_ids = {id(r) for r in dead}
             gone = [raw for raw, r in pairs if id(r) in dead_ids]
             self.source.delete_counts(gone)
             if inserted is not None:  # what stays in the map: the read less what went
                 self._not_in_map = inserted - (len(read) - len(gone))
-            live_comms = {self.decoder.count_labels(raw[:RAW_KEY_LEN]).comm for raw in read
-                          if raw[0] in live}
-            self.aggregator.expire(now, self._series_ttl, live_comms)
+            live_names = {series_name(self.decoder.count_labels(raw[:RAW_KEY_LEN]).comm,
+                                      self._owner_key(raw[0])) for raw in read if raw[0] in live}
+            self.aggregator.expire(now, self._series_ttl, live_names)
             return len(dead)
 
     def filling(self) -> bool:
@@ -211,13 +219,44 @@ class Runtime:
                 vmmwords.release(where)
             self._stderr.clear()
 
-    def _stitch(self, dead: list[CountRecord]) -> None:
-        """Stitch the records of exited processes into starts; count the failures."""
+    def owner_keys(self, pids: list[int]) -> list[OwnerKey]:
+        """Each process's owner labels' values (serve --metrics.labels; all () when none
+        are exported): what the collector exports a live map entry under."""
+        if not self.owner_labels:
+            return [()] * len(pids)
+        with self._lock:
+            return list(map(self._owner_key, pids))
+
+    def _owner_key(self, pid: int) -> OwnerKey:
+        """A process's owner labels' values, from its cgroup and command line as first
+        seen (seen now if it was not yet: the kernel kept its cgroup id), then fixed."""
+        if not self.owner_labels:
+            return ()
+        key = self._owner_keys.get(pid)
+        if key is None:
+            if pid not in self._requests:
+                self._requests[pid] = self._request(pid)
+                self._first_sight(pid)
+            cid, path = self._cgroups.get(pid, (None, None))
+            if path is None:
+                cid, path = self._settled_cgroup(pid, cid, path)
+            if len(self._owner_keys) >= WINDOWS_MAX:
+                self._owner_keys.pop(next(iter(self._owner_keys)))
+            key = self._owner_keys[pid] = ownersmod.metric_label_values(
+                startsmod.owner_of(path, self._requests[pid].name), self._requests[pid].name,
+                self.owner_labels)
+        return key
+
+    def _stitch(self, dead: list[CountRecord], owners: dict[int, OwnerKey]) -> None:
+        """Stitch the records of exited processes into starts; count the failures (under
+        their process's owner labels, ``owners``)."""
         by_pid: dict[int, list[CountRecord]] = defaultdict(list)
         for r in dead:
             by_pid[r.pid].append(r)
         name_of = self.aggregator.budget.name
         for pid, records in by_pid.items():
+            owner = owners.get(pid, ())
+            self._owner_keys.pop(pid, None)
             request = self._requests.pop(pid, vmm.NOT_KNOWN)
             after = self._first_seq.pop(pid, -1)
             where = self._kernel_stderr(pid, self._stderr.pop(pid, None))
@@ -228,8 +267,12 @@ class Runtime:
                 if start.failed:
                     start = self._with_kernel_lines(start, after)
                     start = self._with_words(start, where)
-                    comm = name_of(start.comm, cost=1)
-                    self._failures[startsmod.failure_labels(start, comm)] += 1
+                    if name_of(series_name(start.comm, owner), cost=1) == OTHER:
+                        comm, owner = OTHER, folded(owner)
+                    else:
+                        comm = start.comm
+                    labels = startsmod.failure_labels(start, comm)
+                    self._failures[(labels[0], *owner, *labels[1:])] += 1
                     self.recent_starts.append(start)
                 if self.on_start is not None:
                     self.on_start(start)
@@ -276,9 +319,10 @@ class Runtime:
             with self._lock:
                 self.kernel_log.poll()
 
-    def start_failures(self) -> dict[tuple[str, str, str, str, str], int]:
-        """kvmtrace_vm_start_failures_total: (comm, stage, reason, cause, requested
-        type) -> failed starts (names past the series budget as comm="other")."""
+    def start_failures(self) -> dict[tuple[str, ...], int]:
+        """kvmtrace_vm_start_failures_total: (comm, owner labels' values, stage, reason,
+        cause, requested type) -> failed starts (names past the series budget as
+        comm="other")."""
         with self._lock:
             return dict(self._failures)
 
@@ -286,7 +330,7 @@ class Runtime:
         with self._lock:
             return self.aggregator.totals([r for _, r in self._records()], with_pid)
 
-    def raw_counts(self) -> tuple[list[RawCount], list[Key], list[int]]:
+    def raw_counts(self) -> tuple[list[RawCount], list[tuple[Key, OwnerKey]], list[int]]:
         """The live map's raw counts (undecoded: Decoder.count_labels() decodes a
         key), and the exited residual's series and counts as two parallel lists.
         What a scrape reads, with no per-entry work (see the collector's caches)."""

@@ -40,6 +40,8 @@ def assert_one_line_error(proc, code, *needles):
     (["serve", "--retire-interval", "nan"], "must be positive"),
     (["trace", "--duration", "1e9"], "at most 604800 seconds"),
     (["serve", "--retire-interval", "x"], "not a number"),
+    (["serve", "--metrics.labels", "vm,ip"], "not a list of distinct labels of vm,unit,pod"),
+    (["serve", "--metrics.labels=pod,pod"], "not a list of distinct labels"),
     (["frobnicate"], "invalid choice"),
     ([], "required"),
 ])

@@ -15,7 +15,7 @@ import re
 import shutil
 import subprocess
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from wsgiref.util import setup_testing_defaults
 
 import pytest
@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import choose_encoder
 
 from kvmtrace import attempts as attemptsmod
-from kvmtrace import contract
+from kvmtrace import contract, vmm
 from kvmtrace import plan as planmod
 from kvmtrace.collector import KvmtraceCollector
 from kvmtrace.contract import VERDICT_ARCH_INIT_FAILED, VERDICT_ARCH_INIT_SEEN
@@ -84,16 +84,29 @@ class Host:
             False, error="/dev/kvm does not exist")
 
 
+# Made-up cgroups of the recorded processes (for --metrics.labels; built by hand): a
+# libvirt domain, a pod's container (systemd driver), a service; 103's is not known.
+CGROUPS = {
+    100: "/machine.slice/machine-qemu\\x2d1\\x2dvm\\x2da.scope/libvirt/emulator",
+    101: ("/kubepods.slice/kubepods-pod1e597579_417e_482f_bf65_5fe170c3aebd.slice/"
+          "cri-containerd-" + "ab" * 32 + ".scope"),
+    102: "/system.slice/odd\\x22unit.service",
+}
+
+
 def make(kernel_facts, raws=RAWS, with_pid=False, live=frozenset({100, 101, 102, 103}),
-         host=None):
+         host=None, owner_labels=()):
     plan = planmod.make_plan(kernel_facts("seed-tdx-v12-kprobes"))
     source = RecordedSource(raws)
     source.latency = ([(0, 18, 3), (1, 13, 2)], [900_000, 20_000])
-    rt = Runtime(source, Decoder(plan, "x86_64"), live_pids=lambda: set(live))
+    rt = Runtime(source, Decoder(plan, "x86_64"), live_pids=lambda: set(live),
+                 request=lambda pid: vmm.NOT_KNOWN, resolve_stderr=lambda pid, hold: "none",
+                 cgroup_of=lambda pid, cid: CGROUPS.get(pid), owner_labels=owner_labels)
     collector = KvmtraceCollector(
         rt, [Attachment(p, p.mechanism is not None) for p in plan.points],
         (host or Host()).query, "x86_64",
-        {"version": "t", "bcc_version": "0.26.0", "kernel": "6.3"}, with_pid=with_pid)
+        {"version": "t", "bcc_version": "0.26.0", "kernel": "6.3"}, with_pid=with_pid,
+        owner_labels=owner_labels)
     reg = CollectorRegistry()
     reg.register(collector)
     return reg, collector, rt, source
@@ -114,10 +127,12 @@ def assert_same(reg, collector, accepts=ACCEPTS, failing=False):
         assert fast == encoder(reg), accept
 
 
-@pytest.mark.parametrize("with_pid", [False, True])
+@pytest.mark.parametrize(("with_pid", "owner_labels"), [
+    (False, ()), (True, ()), (False, ("vm", "pod")), (True, ("vm", "unit", "pod", "namespace"))])
 @pytest.mark.parametrize("accept", ACCEPTS)
-def test_exposition_is_the_librarys_in_every_negotiated_format(kernel_facts, accept, with_pid):
-    reg, collector, _, _ = make(kernel_facts, with_pid=with_pid)
+def test_exposition_is_the_librarys_in_every_negotiated_format(kernel_facts, accept, with_pid,
+                                                                owner_labels):
+    reg, collector, _, _ = make(kernel_facts, with_pid=with_pid, owner_labels=owner_labels)
     assert_same(reg, collector, [accept])
     assert_same(reg, collector, [accept])  # again: from the cached lines
 
@@ -155,12 +170,20 @@ def test_odd_label_values_are_escaped_like_the_library():
     class Residual:
         decoder = None
 
+        def __init__(self, owner_labels: tuple[str, ...]) -> None:
+            self.owner_labels = owner_labels
+
         def raw_counts(self):
             series = [Key(None, c, planmod.CREATE_VM, "ioctl", t, f"unknown:{t}", -22, True,
                           "EINVAL", 0, 0) for t, c in enumerate(comms)]
             series += [Key(None, c, "probe\n\"x\\", "type_check", 2, "SEV", 0, True, None, 1, 0)
                        for c in comms]
-            return [], series, list(range(1, len(series) + 1))
+            # With owner labels, their values as odd as the comms (the comm's own, per label).
+            owned = [(k, tuple(f"{k.comm}{n}" for n in self.owner_labels)) for k in series]
+            return [], owned, list(range(1, len(series) + 1))
+
+        def owner_keys(self, pids):
+            return [()] * len(pids)
 
         def health(self):
             return {}
@@ -168,16 +191,19 @@ def test_odd_label_values_are_escaped_like_the_library():
         def latency(self):
             return [], [0, 0]
 
-    for with_pid in (False, True):
-        collector = KvmtraceCollector(Residual(), [], Host().query, "x86_64",
+    for with_pid, owner_labels in ((False, ()), (True, ()), (False, ("vm", "pod")),
+                                   (True, ("vm", "unit", "pod", "namespace"))):
+        collector = KvmtraceCollector(Residual(owner_labels), [], Host().query, "x86_64",
                                       {"version": "é\"\n", "bcc_version": "b\\", "kernel": ""},
-                                      with_pid=with_pid)
+                                      with_pid=with_pid, owner_labels=owner_labels)
         reg = CollectorRegistry()
         reg.register(collector)
         assert_same(reg, collector)
         text = collector.exposition(*choose_encoder(None)).decode()
         assert 'comm="new\\nline"' in text and 'comm="q\\"uote"' in text
         assert 'comm="back\\\\slash"' in text and "é日本🙂" in text
+        for name in owner_labels:  # escaped as the comm is
+            assert f'{name}="new\\nline{name}"' in text and f'{name}="q\\"uote{name}"' in text
         for family in reg.collect():  # each family's samples in the order of their labels
             labels = [tuple(s.labels.values()) for s in family.samples]
             if family.type == "counter" and family.name.startswith("kvmtrace_vm_"):
@@ -186,10 +212,18 @@ def test_odd_label_values_are_escaped_like_the_library():
 
 def reference_samples(rt: Runtime, with_pid: bool, mask: int | None) -> dict:
     """The collector's per-series samples as it computed them before any caching:
-    decode every entry, total per Key, classify, sum per label set, sort."""
+    decode every entry, total per Key and owner, classify, sum per label set, sort."""
+    totals: Counter = Counter()
+    exited, counts = rt.aggregator.exited()
+    for pair, n in zip(exited, counts, strict=True):
+        totals[pair] += n
+    for r in rt.source.read_counts():
+        record = rt.decoder.count(r)
+        totals[record.key(with_pid), *rt.owner_keys([record.pid])] += record.count
     sums: dict[tuple[str, tuple[str, ...]], float] = defaultdict(float)
-    for s, n in rt.totals(with_pid).items():
+    for (s, owner), n in totals.items():
         p = [] if not with_pid else ["" if s.pid is None else str(s.pid)]
+        p += owner
         vt = [str(s.vm_type), s.vm_type_name]
         if s.probe == planmod.CREATE_VM:
             sums["kvmtrace_vm_create_attempts", (s.comm, *p, *vt)] += n
@@ -219,10 +253,12 @@ def collected_samples(reg: CollectorRegistry) -> dict:
     return out
 
 
-@pytest.mark.parametrize("with_pid", [False, True])
-def test_cached_samples_are_what_decoding_everything_gives(kernel_facts, with_pid):
+@pytest.mark.parametrize(("with_pid", "owner_labels"), [
+    (False, ()), (True, ()), (False, ("vm", "pod")), (True, ("vm", "unit", "pod", "namespace"))])
+def test_cached_samples_are_what_decoding_everything_gives(kernel_facts, with_pid, owner_labels):
     host = Host()
-    reg, _, rt, source = make(kernel_facts, with_pid=with_pid, live={100, 101}, host=host)
+    reg, _, rt, source = make(kernel_facts, with_pid=with_pid, live={100, 101}, host=host,
+                              owner_labels=owner_labels)
     for step in range(5):
         got = {k: v for k, v in collected_samples(reg).items() if k.startswith("kvmtrace_vm_")}
         assert got == dict(reference_samples(rt, with_pid, host.mask)), step

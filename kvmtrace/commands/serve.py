@@ -90,7 +90,8 @@ def _app(args, live: Live, web: webconfig.WebConfig, sink: LineSink,
     collector = KvmtraceCollector(runtime, live.attachments, kvmdev.query, facts.arch,
                                   build, with_pid=args.pid_label,
                                   extra_health=lambda: {"live_lines_dropped": sink.dropped},
-                                  evidence_query=evidence.get)
+                                  evidence_query=evidence.get,
+                                  owner_labels=args.metrics_labels)
     registry.register(collector)
     app = servermod.limit_requests(servermod.make_app(
         registry, f"kvmtrace {__version__} on {platform.node()}",
@@ -156,7 +157,7 @@ def run(args) -> int:
     _notify(notify.status("compiling and attaching the BPF programs (loader child)"))
     live = common.start(args.strict, aggregator=Aggregator(NameBudget(args.max_series)),
                         series_ttl=args.series_ttl, recent_starts=args.rejections,
-                        words=not args.no_vmm_words)
+                        words=not args.no_vmm_words, owner_labels=args.metrics_labels)
     _drop_capabilities(live, access, words=not args.no_vmm_words)
     # The live view never blocks counting: lines nobody reads are dropped and counted.
     sink = LineSink(sys.stdout)
