@@ -218,40 +218,30 @@ def storm(bins: dict, per_process: int, scrape_every: float) -> dict:
 
 # ---- phase: scale (10,000 series) ---------------------------------------------
 
+OWNER_LABELS = ("--metrics.labels", "vm,unit,pod,namespace")
+
+
 def scale(bins: dict, n_types: int, scrapes: int, retire_interval: float | None) -> dict:
+    """One process with ``n_types`` rejected creates (a series each) under two exporters
+    attached at once, measured in turns: the defaults, and with every owner label
+    (--metrics.labels: each series also by the process's VM, unit, pod and namespace;
+    the result's "owner_labels" part, side by side with the default's)."""
     extra = ("--retire-interval", str(retire_interval)) if retire_interval else ()
-    serve = Serve(extra)
+    serve, labelled = Serve(extra), Serve((*extra, *OWNER_LABELS))
     serve.start()
+    labelled.start()
     comm = f"kbseries{os.getpid() % 10000}"
     out: dict = {"vm_types": n_types, "comm": comm, "retire_interval_s": retire_interval or 10.0,
-                 "cold_starts_s": serve.cold_starts}
+                 "cold_starts_s": serve.cold_starts + labelled.cold_starts,
+                 "owner_labels": {"flags": " ".join(OWNER_LABELS)}}
     driver = None
     try:
-        assert serve.proc is not None
-        pid = serve.proc.pid
-
         def measure(label: str) -> None:
-            lat, size, n_samples = [], 0, 0
-            for _ in range(scrapes):
-                t, text = scrape(serve.url, timeout=120)
-                lat.append(t)
-                size = len(text)
-            n_samples = sum(1 for ln in text.splitlines() if ln and not ln.startswith("#"))
-            om = [scrape(serve.url, timeout=120, accept=PROMETHEUS_ACCEPT)[0]
-                  for _ in range(max(1, scrapes // 3))]
-            out[label] = {
-                "scrapes": len(lat), "latency_ms": [round(x * 1e3, 2) for x in lat],
-                "median_ms": statistics.median(lat) * 1e3, "max_ms": max(lat) * 1e3,
-                "body_bytes": size, "exported_samples": n_samples,
-                "openmetrics_median_ms": statistics.median(om) * 1e3,
-                "series": {"attempts": len([1 for lb, _ in samples(text,
-                           "kvmtrace_vm_create_attempts_total") if lb.get("comm") == comm]),
-                           "rejected": len([1 for lb, _ in samples(text,
-                           "kvmtrace_vm_create_rejected_total") if lb.get("comm") == comm])},
-                "rss_kib": rss_kib(pid), "rss_top_mappings": rss_breakdown(pid),
-            }
-            log(f"scale {label}: median {out[label]['median_ms']:.1f} ms, max "
-                f"{out[label]['max_ms']:.1f} ms, RSS {out[label]['rss_kib']['VmRSS']} KiB")
+            out[label] = _scale_point(serve, scrapes, comm)
+            out["owner_labels"][label] = _scale_point(labelled, scrapes, comm)
+            for name, p in (("", out[label]), (" (owner labels)", out["owner_labels"][label])):
+                log(f"scale {label}{name}: median {p['median_ms']:.1f} ms, max "
+                    f"{p['max_ms']:.1f} ms, RSS {p['rss_kib']['VmRSS']} KiB")
 
         measure("empty")
         driver = spawn([bins["series"], comm, str(n_types), "1000"], stdin=subprocess.PIPE,
@@ -266,23 +256,46 @@ def scale(bins: dict, n_types: int, scrapes: int, retire_interval: float | None)
         driver.stdin.close()
         driver.wait(30)
         CHILDREN.remove(driver)
-        # Wait for the retirement pass to fold the exited process out of the map.
+        # Wait for both exporters' retirement passes to fold the exited process out.
         deadline = time.monotonic() + (retire_interval or 10.0) * 3 + 30
-        while time.monotonic() < deadline:
-            live = json.loads(scrape(serve.url.replace("/metrics", "/api/processes"))[1])
-            if not [p for p in live if p["comm"] == comm]:  # none left in the kernel map
-                break
+        waiting = [serve, labelled]
+        while waiting and time.monotonic() < deadline:
+            waiting = [s for s in waiting if [p for p in json.loads(scrape(
+                s.url.replace("/metrics", "/api/processes"))[1]) if p["comm"] == comm]]
             time.sleep(0.5)
-        else:
+        if waiting:
             raise BenchError("the series driver's counts were never folded")
         measure("folded")  # the same series, now held by the exporter in Python
     finally:
         if driver is not None and driver.poll() is None:
             end(driver, signal.SIGKILL)
         serve.stop()
+        labelled.stop()
     return out
 
 
+def _scale_point(serve: Serve, scrapes: int, comm: str) -> dict:
+    """``scrapes`` scrapes of ``serve`` (and a third as many in OpenMetrics): latency,
+    body, samples, ``comm``'s series, and the exporter's memory after them."""
+    assert serve.proc is not None
+    lat, text = [], ""
+    for _ in range(scrapes):
+        t, text = scrape(serve.url, timeout=120)
+        lat.append(t)
+    om = [scrape(serve.url, timeout=120, accept=PROMETHEUS_ACCEPT)[0]
+          for _ in range(max(1, scrapes // 3))]
+    return {
+        "scrapes": len(lat), "latency_ms": [round(x * 1e3, 2) for x in lat],
+        "median_ms": statistics.median(lat) * 1e3, "max_ms": max(lat) * 1e3,
+        "body_bytes": len(text),
+        "exported_samples": sum(1 for ln in text.splitlines() if ln and not ln.startswith("#")),
+        "openmetrics_median_ms": statistics.median(om) * 1e3,
+        "series": {"attempts": len([1 for lb, _ in samples(text,
+                   "kvmtrace_vm_create_attempts_total") if lb.get("comm") == comm]),
+                   "rejected": len([1 for lb, _ in samples(text,
+                   "kvmtrace_vm_create_rejected_total") if lb.get("comm") == comm])},
+        "rss_kib": rss_kib(serve.proc.pid), "rss_top_mappings": rss_breakdown(serve.proc.pid),
+    }
 
 
 # ---- phase: concurrent scrapes, idle and during a storm -----------------------

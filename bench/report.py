@@ -220,6 +220,7 @@ def markdown(res: dict) -> str:
         top = ", ".join(f"{x['mapping'].rsplit('/', 1)[-1]} {x['rss_kib'] / 1024:.0f} MiB"
                         for x in sc["live"]["rss_top_mappings"])
         lines += ["", f"Largest resident mappings (live): {top}."]
+        lines += _owner_labels(sc)
     sp = res.get("scrapes")
     if sp:
         lines += ["", f"## Concurrent scrapes: {sp['clients']} at once, {sp['waves']} waves", "",
@@ -292,3 +293,23 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _owner_labels(sc: dict) -> list[str]:
+    """The scale phase's second exporter (every owner label), against the default one:
+    both attached at once, scraped in turns."""
+    ol = sc.get("owner_labels")
+    if not ol or "live" not in ol:
+        return []
+    lines = ["", f"With `{ol['flags']}` (a second exporter attached at the same time, "
+             "scraped in turn with the default one; ratios to the default's row above):", "",
+             "| state | samples | body | scrape median | OpenMetrics median | VmRSS |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for label in ("empty", "live", "folded"):
+        p, d = ol[label], sc[label]
+        lines.append(
+            f"| {label} | {p['exported_samples']:,} | {p['body_bytes'] / 1024:,.0f} KiB "
+            f"({p['body_bytes'] / d['body_bytes']:.2f}×) | {p['median_ms']:.1f} ms "
+            f"({p['median_ms'] / d['median_ms']:.2f}×) | {p['openmetrics_median_ms']:.1f} ms "
+            f"({p['openmetrics_median_ms'] / d['openmetrics_median_ms']:.2f}×) | "
+            f"{p['rss_kib']['VmRSS'] / 1024:.1f} MiB "
+            f"({p['rss_kib']['VmRSS'] / d['rss_kib']['VmRSS']:.2f}×) |")
+    return lines

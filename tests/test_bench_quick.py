@@ -103,6 +103,10 @@ def test_cold_start_scale_and_targets_reported(quick):
     assert sc["folded"]["series"] == sc["live"]["series"]
     for state in ("empty", "live", "folded"):
         assert sc[state]["rss_kib"]["VmRSS"] > 0 and finite(sc[state]["median_ms"])
+        # the exporter with every owner label, side by side: the same series, by owner
+        owned = sc["owner_labels"][state]
+        assert owned["series"] == sc[state]["series"] and finite(owned["median_ms"])
+    assert "With `--metrics.labels vm,unit,pod,namespace`" in md
     names = " ".join(t["name"] for t in data["targets"])
     for word in ("FIONREAD", "getppid", "rejected KVM_CREATE_VM", "storm", "cold start",
                  "scrape", "RSS"):
