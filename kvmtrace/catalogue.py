@@ -128,8 +128,9 @@ FAMILIES: tuple[Family, ...] = (
             "Lines of serve's live view dropped because its stdout was not read (counting "
             "never waits for it)."),
     _health("names_folded",
-            "Process names exported as comm=\"other\" instead of their own series (past "
-            "--max-series, or unseen for --series-ttl)."),
+            "Process names (with --metrics.labels: each name with its owner labels) "
+            "exported as comm=\"other\" instead of their own series (past --max-series, or "
+            "unseen for --series-ttl)."),
     _health("kernel_log_missed",
             "Kernel log records the kernel overwrote before kvmtrace read them (gaps in "
             "/dev/kmsg's sequence numbers)."),
