@@ -64,7 +64,8 @@ def stat(title: str, desc: str, targets: list[dict], unit: str = "short", w: int
 
 def table(title: str, desc: str, targets: list[dict], w: int = 12, h: int = 8,
           rename: dict[str, str] | None = None, yes_no: list[str] = (),
-          sort: str | None = None) -> dict:
+          sort: str | None = None, no_value: str | None = None) -> dict:
+    """``no_value``: the text Grafana shows instead of "No data" when no query has rows."""
     overrides = [{"matcher": {"id": "byName", "options": name}, "properties": [
         {"id": "mappings", "value": [{"type": "value", "options": {
             "1": {"text": "yes", "color": "green", "index": 0},
@@ -79,7 +80,9 @@ def table(title: str, desc: str, targets: list[dict], w: int = 12, h: int = 8,
             "sort": [{"field": sort, "desc": True}]}})
     return {"type": "table", "title": title, "description": desc, "datasource": DS,
             "gridPos": {"w": w, "h": h},
-            "fieldConfig": {"defaults": {"custom": {"align": "auto"}}, "overrides": overrides},
+            "fieldConfig": {"defaults": {"custom": {"align": "auto"},
+                                         **({"noValue": no_value} if no_value else {})},
+                            "overrides": overrides},
             "options": {"showHeader": True, "cellHeight": "sm"},
             "transformations": transformations,
             "targets": _refs(targets)}
@@ -102,8 +105,22 @@ def row(title: str) -> dict:
             "gridPos": {"w": 24, "h": 1}}
 
 
-def inc(metric: str, by: str, window: str = "$__rate_interval") -> str:
-    return f"sum by ({by}) (increase({metric}{{{S}}}[{window}]))"
+def inc(metric: str, by: str, window: str = "$__rate_interval", match: str = "") -> str:
+    """``match``: one more label matcher, after the job and instance filter."""
+    sel = f"{S}, {match}" if match else S
+    return f"sum by ({by}) (increase({metric}{{{sel}}}[{window}]))"
+
+
+OWNER_LABELS = "vm, unit, pod, namespace"  # serve --metrics.labels: off by default
+OWNED = ("vm", "unit", "pod")  # a series with one of these non-empty has an owner
+
+
+def owned(metric: str, by: str) -> str:
+    """increase() over the range of the series that name an owner, summed ``by``: one
+    selector per owner label (PromQL has no "or" inside a selector); a series with two owner
+    labels is in two operands with the same labels and value, and ``or`` keeps it once."""
+    return " or ".join(inc(metric, f"instance, {OWNER_LABELS}, {by}", "$__range",
+                           f'{label}!=""') for label in OWNED)
 
 
 def rate(metric: str, by: str) -> str:
@@ -111,6 +128,9 @@ def rate(metric: str, by: str) -> str:
 
 
 RED = [(None, "green"), (1, "red")]
+OWNERS_HELP = ("No series with vm, unit or pod labels: start kvmtrace serve with "
+               "--metrics.labels=vm,unit,pod,namespace (or no VM ran in a libvirt, systemd "
+               "or Kubernetes cgroup in this range).")
 
 
 def panels() -> list[dict]:
@@ -156,8 +176,9 @@ def panels() -> list[dict]:
                    [target(rate(rej, "vm_type_name, reason, errno"),
                            "{{vm_type_name}} {{reason}} {{errno}}")]),
         table("Rejections by host and process", "KVM_CREATE_VM rejections in the time range "
-              "per host and process name (comm). VM names are not metric labels "
-              "(cardinality): each host's landing page and /api/rejections list them.",
+              "per host and process name (comm). VM names are metric labels only with "
+              "serve --metrics.labels (see Failed starts and rejections by VM, unit and "
+              "pod); each host's landing page and /api/rejections list them.",
               [target(inc(rej, "instance, comm, vm_type_name, reason", "$__range"),
                       instant=True)],
               rename={"Value": "rejected"}, sort="rejected"),
@@ -167,6 +188,16 @@ def panels() -> list[dict]:
               [target(inc(fail, "instance, comm, stage, reason, requested_type", "$__range"),
                       instant=True)],
               rename={"Value": "failed"}, sort="failed"),
+        table("Failed starts and rejections by VM, unit and pod", "Failed VM starts (by "
+              "cause) and rejected KVM_CREATE_VM (by reason) in the time range per host and "
+              "owner (serve --metrics.labels): vm (libvirt domain or KubeVirt VM, else the "
+              "VM name on the VMM's command line), unit (innermost systemd service or scope), "
+              "pod (Kubernetes pod UID), namespace (a KubeVirt VM's). Only series with a vm, "
+              "unit or pod show; without any the panel says: " + OWNERS_HELP,
+              [target(owned(fail, "cause"), instant=True),
+               target(owned(rej, "reason"), instant=True)],
+              w=24, rename={"Value #A": "failed starts", "Value #B": "rejected creates"},
+              no_value=OWNERS_HELP),
         bargauge("Top rejecting processes", "The ten process names with the most rejected "
                  "KVM_CREATE_VM calls in the time range, all selected hosts.",
                  [target(f"topk(10, {inc(rej, 'comm', '$__range')})", "{{comm}}",

@@ -217,3 +217,34 @@ def test_provisioning_examples_point_at_prometheus_and_the_dashboards():
     assert ds["type"] == "prometheus" and ds["url"].startswith("http")
     (provider,) = yaml.safe_load((prov / "dashboards.yml").read_text())["providers"]
     assert provider["type"] == "file" and provider["options"]["path"]
+
+
+OWNERS_PANEL = "Failed starts and rejections by VM, unit and pod"
+
+
+def test_the_owners_panel_shows_only_series_with_an_owner_and_says_how_to_get_them():
+    """serve --metrics.labels is off by default: the panel selects only series with a vm,
+    unit or pod (each selector one of them non-empty, still filtered by job and instance)
+    and, without any, says which flag turns the labels on."""
+    (panel,) = [p for p in load()["panels"] if p["title"] == OWNERS_PANEL]
+    assert panel["type"] == "table"
+    by_metric = {}
+    for t in panel["targets"]:
+        selectors = SELECTOR.findall(t["expr"])
+        assert len(selectors) == 3 and " or " in t["expr"], t["expr"]
+        owners = set()
+        for name, sel in selectors:
+            owner = re.findall(r'\b(vm|unit|pod)!=""', sel)
+            assert len(owner) == 1, (name, sel)  # no selector lets an ownerless series in
+            owners.add(owner[0])
+            by_metric.setdefault(name, set()).add(t["refId"])
+        assert owners == {"vm", "unit", "pod"}, t["expr"]
+        for by in re.findall(r"\bby \(([^)]*)\)", t["expr"]):
+            assert {"instance", "vm", "unit", "pod", "namespace"} <= {
+                b.strip() for b in by.split(",")}, t["expr"]
+    assert by_metric == {"kvmtrace_vm_start_failures_total": {"A"},
+                         "kvmtrace_vm_create_rejected_total": {"B"}}, by_metric
+    said = panel["fieldConfig"]["defaults"]["noValue"]
+    assert "--metrics.labels=vm,unit,pod,namespace" in said
+    assert said in panel["description"]
+    assert OWNERS_PANEL in (ROOT / "docs" / "dashboards.md").read_text()

@@ -7,13 +7,19 @@ through Prometheus's HTTP API. Headless Chromium (Debian's `chromium`) renders t
 page and shows a rejection and a failed start this test caused; its screenshot is kept in
 build/test-artifacts/. Never skips: see tests/privileged/conftest.py.
 
+The first exporter keeps serve's defaults (no owner labels); the second has --max-series 100
+and --metrics.labels=vm,unit,pod,namespace, so only its series carry owners and the panel of
+failed starts and rejections by VM, unit and pod has rows from it alone.
+
 The workload, in two rounds so that increase() sees counters move (a series' first sample is
 no increase): a driver creating DEFAULT (accepted, then KVM_MEMORY_ENCRYPT_OP SEV INIT2 on it)
-and asking for SEV and TDX (rejected); one that creates and exits 3 (a failed start during
-launch); QEMU refusing an SNP guest before creating (a failed start before create). Between the
-rounds one process renames itself 300 times (past its 256-key share of the counts map on both
-exporters; past the second exporter's --max-series 100, which folds names). At the end the
-second exporter stops, and KvmtraceExporterDown's expression must name it.
+and asking for SEV and TDX (rejected), run in a cgroup shaped like a systemd service (under a
+directory of this test's own in the cgroup v2 hierarchy: its owner is that unit); one that
+creates and exits 3 (a failed start during launch); QEMU refusing an SNP guest before creating
+(a failed start before create; its owner is its `-name guest=`). Between the rounds one process
+renames itself 300 times (past its 256-key share of the counts map on both exporters; past the
+second exporter's --max-series 100, which folds names). At the end the second exporter stops,
+and KvmtraceExporterDown's expression must name it.
 """
 
 from __future__ import annotations
@@ -33,11 +39,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kvmtrace import cgroups
 from tests.conftest import HERE, free_port
 from tests.privileged.conftest import VMMAKER, Serve, samples
 from tests.privileged.test_privileged_starts import BASE, CGS, OBJ, QEMU, qemu_major, run_as
 from tests.test_alerts import RULES, alert_rules
 from tests.test_dashboards import (
+    OWNERS_PANEL,
     PROMETHEUS_OWN,
     load,
     metric_names,
@@ -57,6 +65,7 @@ INIT2 = 22  # KVM_SEV_INIT2
 RENAMES = 300  # > the 256-key share of one process, > the second exporter's --max-series
 WAIT = 90.0  # seconds for Prometheus to show what the exporters counted
 RATE_INTERVAL, RANGE = "1m", "10m"  # $__rate_interval and $__range: both rounds inside
+OWNER_LABELS = "--metrics.labels=vm,unit,pod,namespace"  # the second exporter's only
 
 # Panel queries that cannot have data from this test's workload on every host, and what
 # decides it; the test checks that reason against the host (a claim that does not hold
@@ -145,13 +154,36 @@ class Prometheus:
         self.log.close()
 
 
-def run(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+def run(argv: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False, **kw)
 
 
-def workload_round(tag: str, link: Path) -> None:
+@pytest.fixture(scope="module")
+def service_cgroup():
+    """A cgroup shaped like a systemd service (system.slice/NAME.service) under a directory
+    of this test's own in the host's cgroup v2 hierarchy (systemd's own slices untouched, as
+    in test_privileged_owners.py); removed after `world` (its processes gone by then)."""
+    mount = cgroups.v2_mount(Path("/proc/self/mountinfo").read_text())
+    assert mount, "no cgroup v2 hierarchy is mounted on this host"
+    tag = f"kp{os.getpid() % 10000}{os.urandom(2).hex()}"
+    where = Path(mount) / f"kvmtrace-test-{tag}" / "system.slice" / f"{tag}-drv.service"
+    where.mkdir(parents=True)
+    try:
+        yield where
+    finally:
+        for d in (where, where.parent, where.parent.parent):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+def workload_round(tag: str, link: Path, cgroup: Path) -> None:
+    def enter():  # the driver runs in ``cgroup`` from its start
+        (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
     drv = run([*VMMAKER, "--name", f"{tag}-v", "--types", "0,2,5", "--queries", "1",
-               "--sev-cmd", str(INIT2)])
+               "--sev-cmd", str(INIT2)], preexec_fn=enter)
     assert drv.returncode == 0, drv.stderr
     assert [json.loads(ln).get("errno") for ln in drv.stdout.splitlines()
             if "vm_type" in ln] == [0, 22, 22], drv.stdout
@@ -164,7 +196,7 @@ def workload_round(tag: str, link: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, service_cgroup):
     if QEMU is None or qemu_major() < 9:
         pytest.fail("needs qemu-system-x86_64 >= 9 (python3 tests/qemu.py install; "
                     "make setup-test does it)")
@@ -174,11 +206,12 @@ def world(tmp_path_factory):
     link.symlink_to(QEMU)
     with ThreadPoolExecutor(2) as pool:  # both compile at once
         fa = pool.submit(Serve, "--retire-interval", "1", "-q")
-        fb = pool.submit(Serve, "--retire-interval", "1", "-q", "--max-series", "100")
+        fb = pool.submit(Serve, "--retire-interval", "1", "-q", "--max-series", "100",
+                         OWNER_LABELS)
         a, b = fa.result(), fb.result()
     inst = {"a": f"127.0.0.1:{a.port}", "b": f"127.0.0.1:{b.port}"}
     prom = Prometheus(tmp, list(inst.values()))
-    w = {"tag": tag, "a": a, "b": b, "inst": inst, "prom": prom}
+    w = {"tag": tag, "a": a, "b": b, "inst": inst, "prom": prom, "unit": service_cgroup.name}
     try:
         prom.wait(lambda: prom.per_instance(f'up{{job="{JOB}"}}') == {
             inst["a"]: 1.0, inst["b"]: 1.0}, "scraping both exporters")
@@ -189,7 +222,7 @@ def world(tmp_path_factory):
             return all(got.get(i) == n for i in where)
 
         for rnd in (1, 2):
-            workload_round(tag, link)
+            workload_round(tag, link, service_cgroup)
             prom.wait(lambda r=rnd: counted("kvmtrace_vm_create_rejected_total",
                                             f"{tag}-v", 2 * r)
                       and counted("kvmtrace_vm_start_failures_total", f"{tag}-snp", r)
@@ -277,6 +310,13 @@ def test_every_panel_query_returns_data_from_two_instances(world):
             and r["metric"]["verdict"] == "ready"} == set(inst.values())
     enc = results[("KVM_MEMORY_ENCRYPT_OP by command and result", "A")]
     assert any(r["metric"].get("errno") == "ENOTTY" for r in enc), enc
+    # Owners: only the second exporter has the labels (the first keeps the default, off):
+    # the QEMU by its -name, the driver by its service's unit.
+    fails, rejs = results[(OWNERS_PANEL, "A")], results[(OWNERS_PANEL, "B")]
+    assert {r["metric"]["instance"] for r in fails + rejs} == {inst["b"]}, (fails, rejs)
+    assert any(r["metric"].get("vm") == f"{tag}-vm-snp" for r in fails), fails
+    assert any(r["metric"].get("unit") == world["unit"]
+               and r["metric"]["reason"] == "type_unsupported" for r in rejs), rejs
     p99 = results[("KVM_CREATE_VM latency by outcome", "A")]
     assert {r["metric"]["outcome"] for r in p99
             if any(v != "NaN" for _, v in r["values"])} == {"accepted", "rejected"}
