@@ -204,6 +204,10 @@ class Attempt:
     explanation: str | None = None
     hint: str | None = None
     host_mask: int | None = None
+    # Its process's cgroup v2 path when first seen and who owns it (kvmtrace.owners, as
+    # a start has them: kvmtrace.starts.owner_of); None / {} where not known.
+    cgroup: str | None = None
+    owner: dict = field(default_factory=dict)
 
     @property
     def latency_ns(self) -> int:

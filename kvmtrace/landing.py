@@ -40,7 +40,7 @@ def _readiness(readiness: Sequence[dict]) -> str:
 
 
 def _owner(owner: dict) -> str:
-    """vm, unit and pod of a start's owner (kvmtrace.owners), where known."""
+    """vm, unit and pod of a start's or an attempt's owner (kvmtrace.owners), where known."""
     keys = (("vm", "vm"), ("unit", "unit"), ("pod_uid", "pod"), ("namespace", "namespace"))
     return ", ".join(f"{label} {owner[k]}" for k, label in keys if owner.get(k))
 
@@ -53,14 +53,15 @@ def _rejections(rejections: Sequence[dict]) -> tuple[str, str]:
                r.get("cause") or "", r["requested_type"], r.get("summary") or "",
                r.get("cause_hint") or r.get("hint") or ""]
               for r in shown if r.get("kind") == "start" and r.get("outcome") == "failed"]
-    attempts = [[r["pid"], r["comm"], "not observed" if r.get("vm_type") is None
+    attempts = [[r["pid"], r["comm"], _owner(r.get("owner") or {}),
+                 "not observed" if r.get("vm_type") is None
                  else f"{r['vm_type']} {r.get('vm_type_name') or ''}",
                  r.get("errno") or "", r.get("reason") or "", r.get("explanation") or "",
                  r.get("hint") or ""]
                 for r in shown if r.get("kind") == "attempt"]
     return (_table(["pid", "comm", "VM name", "owner", "stage", "reason", "cause", "requested",
                     "summary", "fix"], starts, ["bad"] * len(starts), "starts"),
-            _table(["pid", "comm", "VM type", "errno", "reason", "explanation", "hint"],
+            _table(["pid", "comm", "owner", "VM type", "errno", "reason", "explanation", "hint"],
                    attempts, ["bad"] * len(attempts), "attempts"))
 
 

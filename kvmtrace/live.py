@@ -114,9 +114,15 @@ class Live:
         def handle(data: bytes) -> None:
             ev = self.runtime.decode_event(data)
             if ev is not None:
-                on_event(ev, self.stitcher.feed(ev))
+                on_event(ev, self._owned(self.stitcher.feed(ev)))
 
         self.reader.open_events(handle)
+
+    def _owned(self, attempts: list[Attempt]) -> list[Attempt]:
+        """The attempts with their process's cgroup and owner (kvmtrace.runtime)."""
+        for a in attempts:
+            a.cgroup, a.owner = self.runtime.owner(a.pid)
+        return attempts
 
     def run(self, poll_ms: int, on_attempt: Callable[[Attempt], None],
             duration: float | None = None, tick: Callable[[], None] | None = None,
@@ -129,14 +135,14 @@ class Live:
             if deadline is not None and time.monotonic() >= deadline:
                 break
             self.reader.poll(poll_ms)
-            for a in self.stitcher.flush(time.monotonic_ns()):
+            for a in self._owned(self.stitcher.flush(time.monotonic_ns())):
                 on_attempt(a)
             self.runtime.poll_kernel_log()
             if tick is not None:
                 tick()
         if drain:
             self.reader.poll(0)
-            for a in self.stitcher.flush():
+            for a in self._owned(self.stitcher.flush()):
                 on_attempt(a)
 
     def lost_warning(self) -> None:

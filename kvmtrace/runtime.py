@@ -247,6 +247,16 @@ class Runtime:
                 self.owner_labels)
         return key
 
+    def owner(self, pid: int) -> tuple[str | None, dict]:
+        """A followed process's cgroup path as first seen and who owns it (with its
+        command line's VM name: a KubeVirt VM), for its attempts; (None, {}) unknown."""
+        with self._lock:
+            if pid not in self._requests:
+                self._requests[pid] = self._request(pid)
+                self._first_sight(pid)
+            path = self._cgroups.get(pid, (None, None))[1]
+            return path, startsmod.owner_of(path, self._requests[pid].name)
+
     def _stitch(self, dead: list[CountRecord], owners: dict[int, OwnerKey]) -> None:
         """Stitch the records of exited processes into starts; count the failures (under
         their process's owner labels, ``owners``)."""

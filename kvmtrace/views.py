@@ -203,6 +203,9 @@ def attempt_report(a: Attempt, arch: str, number: int) -> str:
         f"  process:   pid {a.pid} ({a.comm}), thread {a.tid}",
         f"  asked for: {asked}",
     ]
+    if a.owner:
+        lines.append("  owned by:  " + ", ".join(f"{k} {v}" for k, v in a.owner.items())
+                     + f" (cgroup {a.cgroup})")
     if a.host_mask is not None:
         sup = ", ".join(tables.vm_type_name(t, arch)
                         for t in tables.supported_vm_types(a.host_mask))

@@ -19,7 +19,10 @@ def rejected_attempt(comm: str = "qemu-x") -> dict:
     a = Attempt(pid=7, tid=7, comm=comm, vm_type=2, vm_type_name="SEV", start_ns=1,
                 end_ns=2, result=-22, errno="EINVAL", rejected=True, verdicts=0,
                 reason="type_unsupported", explanation="pid 7 asked for VM type 2 (SEV)",
-                hint="SEV-family types need an AMD host")
+                hint="SEV-family types need an AMD host",
+                cgroup="/kubepods.slice/kubepods-pod1e597579_417e_482f_bf65_5fe170c3aebd.slice",
+                owner={"pod_uid": "1e597579-417e-482f-bf65-5fe170c3aebd", "namespace": "ns",
+                       "vm": "db"})
     return {"kind": "attempt", **a.to_json()}
 
 
@@ -80,8 +83,9 @@ def test_plan_readiness_starts_attempts_and_links():
     assert start[:7] == ["8", "qemu-snp", "guest-1", owner, "before_create",
                          "vmm_refused_type", "SNP"]
     (attempt,) = c.tables["attempts"][1:]
-    assert attempt[:5] == ["7", "qemu-x", "2 SEV", "EINVAL", "type_unsupported"]
-    assert attempt[5].startswith("pid 7 asked for VM type 2")
+    assert attempt[:6] == ["7", "qemu-x", "vm db, pod 1e597579-417e-482f-bf65-5fe170c3aebd, "
+                           "namespace ns", "2 SEV", "EINVAL", "type_unsupported"]
+    assert attempt[6].startswith("pid 7 asked for VM type 2")
 
 
 def test_hostile_names_are_escaped():

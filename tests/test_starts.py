@@ -301,6 +301,35 @@ def test_a_start_names_who_owns_it_from_its_cgroup_when_first_seen(kernel_facts)
     assert "  owned by: unit machine-qemu-2-web01.scope, vm web01 (cgroup " in report
 
 
+def test_a_rejected_attempt_names_who_owns_its_process(kernel_facts):
+    """An attempt (explain, trace --json, /api/rejections) gets its process's cgroup and
+    owner as a start does: a KubeVirt VM from the pod and the command line (hand-built
+    path, containerd/nri #227's shape); a process of no known cgroup, none."""
+    from kvmtrace.attempts import Attempt
+    from kvmtrace.runtime import Runtime
+    from tests.recorded import RecordedSource
+
+    pod = ("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod"
+           "1e597579_417e_482f_bf65_5fe170c3aebd.slice/cri-containerd-" + "c" * 64 + ".scope")
+    d = Decoder(planmod.make_plan(kernel_facts("firecracker-6.18-no-kprobes")), "x86_64")
+    rt = Runtime(RecordedSource([]), d, live_pids=set, cgroup_of={60: pod}.get,
+                 request=lambda pid: vmm.parse_argv([*SNP_ARGV, "-name", "guest=prod_db"]),
+                 resolve_stderr=lambda pid, hold: "none")
+    cgroup, owner = rt.owner(60)
+    assert cgroup == pod and owner == {
+        "unit": f"cri-containerd-{'c' * 64}.scope",
+        "pod_uid": "1e597579-417e-482f-bf65-5fe170c3aebd", "runtime": "containerd",
+        "container": "c" * 64, "namespace": "prod", "vm": "db"}
+    assert rt.owner(61) == (None, {})
+    a = Attempt(pid=60, tid=60, comm="qemu-x", vm_type=4, vm_type_name="SNP", start_ns=1,
+                end_ns=2, result=-22, errno="EINVAL", rejected=True, verdicts=0,
+                reason="type_unsupported", basis="errno", explanation="x", hint="y",
+                cgroup=cgroup, owner=owner)
+    assert a.to_json()["owner"]["vm"] == "db" and a.to_json()["cgroup"] == pod
+    assert f"  owned by:  unit cri-containerd-{'c' * 64}.scope, pod_uid " in views.attempt_report(
+        a, "x86_64", 1)
+
+
 def test_a_cgroup_id_the_kernel_stored_after_the_first_sight_is_asked_for_again(kernel_facts):
     """On kprobe hosts a process's first events (its type checks) reach the reader
     before its KVM_CREATE_VM returns, where the kernel follows it and stores its cgroup

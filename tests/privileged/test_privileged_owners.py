@@ -227,6 +227,23 @@ def test_the_live_processes_api_names_its_owner(held):
     assert row["owner"] == {"unit": f"machine-qemu-8-{held['tag']}.scope", "vm": held["tag"]}
 
 
+def test_a_rejected_attempt_names_its_owner(held, shared):
+    """The held process's rejected KVM_CREATE_VM (SW_PROTECTED: not offered by the
+    kernels the tiers run) in /api/rejections carries its domain and unit."""
+    deadline = time.monotonic() + 30
+    while True:
+        mine = [r for r in json.loads(shared.serve.get("/api/rejections"))
+                if r.get("kind") == "attempt" and r["pid"] == held["pid"]]
+        if mine or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert mine, "no rejected attempt of the held process in /api/rejections"
+    for a in mine:
+        assert a["owner"] == {"unit": f"machine-qemu-8-{held['tag']}.scope",
+                              "vm": held["tag"]}, a
+        assert a["cgroup"].endswith(f"machine-qemu\\x2d8\\x2d{held['tag']}.scope"), a
+
+
 # host_only: top's view of the exporter's API, not the kernel
 @pytest.mark.host_only
 def test_top_once_prints_the_vms_row_with_its_rejection(held):
