@@ -107,6 +107,7 @@ class Runtime:
         # values fixed when first asked for (so a series never moves between label sets).
         self.owner_labels = owner_labels
         self._owner_keys: dict[int, OwnerKey] = {}
+        self._owners: dict[int, tuple[str | None, dict]] = {}  # pid -> its attempts' owner
         self._requests: dict[int, vmm.VmmRequest] = {}  # followed pids seen so far
         self._failures: Counter[tuple[str, ...]] = Counter()
         self.recent_starts: deque[Start] = deque(maxlen=recent_starts)
@@ -251,11 +252,18 @@ class Runtime:
         """A followed process's cgroup path as first seen and who owns it (with its
         command line's VM name: a KubeVirt VM), for its attempts; (None, {}) unknown."""
         with self._lock:
+            known = self._owners.get(pid)
+            if known is not None:  # decoded once per process, not per attempt
+                return known
             if pid not in self._requests:
                 self._requests[pid] = self._request(pid)
                 self._first_sight(pid)
             path = self._cgroups.get(pid, (None, None))[1]
-            return path, startsmod.owner_of(path, self._requests[pid].name)
+            if len(self._owners) >= WINDOWS_MAX:
+                self._owners.pop(next(iter(self._owners)))
+            known = self._owners[pid] = (path, startsmod.owner_of(
+                path, self._requests[pid].name))
+            return known
 
     def _stitch(self, dead: list[CountRecord], owners: dict[int, OwnerKey]) -> None:
         """Stitch the records of exited processes into starts; count the failures (under
@@ -267,6 +275,7 @@ class Runtime:
         for pid, records in by_pid.items():
             owner = owners.get(pid, ())
             self._owner_keys.pop(pid, None)
+            self._owners.pop(pid, None)
             request = self._requests.pop(pid, vmm.NOT_KNOWN)
             after = self._first_seq.pop(pid, -1)
             where = self._kernel_stderr(pid, self._stderr.pop(pid, None))

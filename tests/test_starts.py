@@ -321,6 +321,8 @@ def test_a_rejected_attempt_names_who_owns_its_process(kernel_facts):
         "pod_uid": "1e597579-417e-482f-bf65-5fe170c3aebd", "runtime": "containerd",
         "container": "c" * 64, "namespace": "prod", "vm": "db"}
     assert rt.owner(61) == (None, {})
+    rt._cgroup_of = rt._request = None  # decoded once per process: not asked again
+    assert rt.owner(60) == (cgroup, owner)
     a = Attempt(pid=60, tid=60, comm="qemu-x", vm_type=4, vm_type_name="SNP", start_ns=1,
                 end_ns=2, result=-22, errno="EINVAL", rejected=True, verdicts=0,
                 reason="type_unsupported", basis="errno", explanation="x", hint="y",
