@@ -143,3 +143,10 @@ def metric_label_values(owner: dict, argv_name: str | None, names: tuple[str, ..
     values = {label: owner.get(field) or "" for label, field in METRIC_LABELS.items()}
     values["vm"] = values["vm"] or argv_name or ""
     return tuple(values[n] for n in names)
+
+
+def summary(owner: dict) -> str:
+    """A start's or an attempt's owner (a dict as kvmtrace.starts.owner_of makes it) in
+    one short phrase: its vm, unit, pod and namespace, where known ("" where none is)."""
+    keys = (("vm", "vm"), ("unit", "unit"), ("pod_uid", "pod"), ("namespace", "namespace"))
+    return ", ".join(f"{label} {owner[k]}" for k, label in keys if owner.get(k))

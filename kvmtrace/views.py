@@ -10,6 +10,7 @@ from kvmtrace import kvmabi, tables
 from kvmtrace import plan as planmod
 from kvmtrace.attempts import Attempt, Step
 from kvmtrace.decode import Event
+from kvmtrace.owners import summary as owner_summary
 from kvmtrace.plan import Attachment, Layer, layer_depth
 from kvmtrace.starts import Start, exit_of
 
@@ -119,6 +120,8 @@ def start_note(s: Start) -> list[str]:
     """The lines `trace`, `serve` and `explain` print for a failed VM start."""
     out = [f"    ↳ VM start failed {s.summary}",
            f"    ↳ cause {s.cause}: {s.cause_evidence}", f"    ↳ hint: {s.cause_hint}"]
+    if owner_summary(s.owner):
+        out.insert(1, f"    ↳ owned by {owner_summary(s.owner)}")
     said = next((ln for ln in (s.vmm_words or "").splitlines()[::-1] if ln.strip()), None)
     if said:
         out.append(f"    ↳ the VMM said: {said[:200]}")
@@ -173,7 +176,8 @@ def attempt_note(a: Attempt) -> list[str]:
     """The lines `trace` and `serve` print under a rejected KVM_CREATE_VM."""
     if not a.rejected:
         return []
-    return [f"    ↳ {a.reason}: {a.explanation}", f"    ↳ hint: {a.hint}"]
+    owned = [f"    ↳ owned by {owner_summary(a.owner)}"] if owner_summary(a.owner) else []
+    return [f"    ↳ {a.reason}: {a.explanation}", *owned, f"    ↳ hint: {a.hint}"]
 
 
 def _step_line(s: Step, arch: str) -> str:

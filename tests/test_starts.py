@@ -299,6 +299,9 @@ def test_a_start_names_who_owns_it_from_its_cgroup_when_first_seen(kernel_facts)
     assert by[52].owner_note.startswith("cgroup not known")
     report = views.start_report(by[50], 1)
     assert "  owned by: unit machine-qemu-2-web01.scope, vm web01 (cgroup " in report
+    assert "    ↳ owned by vm web01, unit machine-qemu-2-web01.scope" in views.start_note(
+        by[50])  # trace's and serve's line
+    assert not any("owned by" in ln for ln in views.start_note(by[52]))
 
 
 def test_a_rejected_attempt_names_who_owns_its_process(kernel_facts):
@@ -330,6 +333,9 @@ def test_a_rejected_attempt_names_who_owns_its_process(kernel_facts):
     assert a.to_json()["owner"]["vm"] == "db" and a.to_json()["cgroup"] == pod
     assert f"  owned by:  unit cri-containerd-{'c' * 64}.scope, pod_uid " in views.attempt_report(
         a, "x86_64", 1)
+    assert views.attempt_note(a)[1] == (
+        "    ↳ owned by vm db, unit cri-containerd-" + "c" * 64 + ".scope, pod "
+        "1e597579-417e-482f-bf65-5fe170c3aebd, namespace prod")
 
 
 def test_a_cgroup_id_the_kernel_stored_after_the_first_sight_is_asked_for_again(kernel_facts):
