@@ -45,6 +45,12 @@ def _owner(owner: dict) -> str:
     return ", ".join(f"{label} {owner[k]}" for k, label in keys if owner.get(k))
 
 
+def _matches(row: dict, text: str) -> bool:
+    """A start, attempt or process row whose comm, VM name or owner contains ``text``."""
+    return any(text in str(v) for v in (row.get("comm"), row.get("vm_name"),
+                                         *(row.get("owner") or {}).values()) if v)
+
+
 def _rejections(rejections: Sequence[dict]) -> tuple[str, str]:
     """The tables of the newest failed starts and rejected attempts."""
     shown = list(rejections)[:REJECTIONS_SHOWN]
@@ -78,13 +84,18 @@ def _processes(processes: list[dict]) -> str:
 
 def page(title: str, plan_rows: list[list[str]], processes: list[dict],
          telemetry_path: str = "/metrics", readiness: Sequence[dict] = (),
-         rejections: Sequence[dict] = ()) -> bytes:
+         rejections: Sequence[dict] = (), filter_text: str = "") -> bytes:
     """The status page: links, the probe plan, per-type readiness (``readiness``:
     TypeReadiness.to_json(), the collector's chains, as doctor), the newest rejected
     starts and attempts with their explanation (``rejections``: Start.to_json() and
-    Attempt.to_json(), newest first), and the live per-process counts."""
+    Attempt.to_json(), newest first), and the live per-process counts; ``filter_text``
+    (``/?filter=TEXT``): only the starts, attempts and processes whose comm, VM name or
+    owner contains it."""
     esc = html.escape
     plan_cls = ["good" if r[2] == "yes" else "na" for r in plan_rows]
+    if filter_text:
+        rejections = [r for r in rejections if _matches(r, filter_text)]
+        processes = [p for p in processes if _matches(p, filter_text)]
     starts, attempts = _rejections(rejections)
     body = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
@@ -100,7 +111,11 @@ def page(title: str, plan_rows: list[list[str]], processes: list[dict],
         "check that decided it where the type is not ready.</small></p>"
         + _readiness(readiness)
         + f"<h2>Recent failed VM starts</h2><p><small>latest judged first, at most "
-        f"{REJECTIONS_SHOWN} of the last kept (--rejections)</small></p>"
+        f"{REJECTIONS_SHOWN} of the last kept (--rejections)"
+        + (f"; comm, VM name or owner containing <code>{esc(filter_text)}</code> "
+           "(<a href='/'>all</a>)" if filter_text else
+           "; <code>/?filter=TEXT</code> shows those of a VM, unit, pod or process name")
+        + "</small></p>"
         + starts
         + "<h2>Recent rejected KVM_CREATE_VM</h2>"
         + attempts

@@ -179,9 +179,10 @@ def make_app(registry: CollectorRegistry, title: str,
             start_response("200 OK", [("Content-Type", "application/json")])
             return [data]
         if path == "/":
+            text = parse_qs(environ.get("QUERY_STRING", "")).get("filter", [""])[0]
             start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
             return [landing.page(title, plan_rows(), processes(), telemetry_path,
-                                 readiness(), rejections())]
+                                 readiness(), rejections(), text)]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found\n"]
 

@@ -66,7 +66,8 @@ def render(**kw) -> Cells:
     types = [t.to_json() for t in readiness.assess_parts("x86_64", KvmInfo(True, 12, 0x1),
                                                          None)]
     args = {"readiness": types, "rejections": [failed_start(), rejected_attempt()], **kw}
-    page = landing.page("kvmtrace t on h", PLAN, [], "/m", **args).decode()
+    procs = args.pop("processes", [])
+    page = landing.page("kvmtrace t on h", PLAN, procs, "/m", **args).decode()
     cells = Cells()
     cells.feed(page)
     return cells
@@ -100,3 +101,24 @@ def test_nothing_rejected_says_none():
     assert page.count("<small>none</small>") == 4  # readiness, starts, attempts, processes
     c = render(rejections=[rejected_attempt()] * 50)
     assert len(c.tables["attempts"]) == 1 + landing.REJECTIONS_SHOWN == 1 + 20  # the newest
+
+
+def test_a_filter_shows_the_starts_attempts_and_processes_of_one_vm_or_name():
+    """``/?filter=TEXT``: rows whose comm, VM name or owner contains TEXT (a busy host's
+    other VMs then cannot push them off the page); the text is escaped."""
+    procs = [{"pid": 7, "comm": "qemu-x", "owner": {"vm": "db"}, "vm_create_attempts": 1,
+              "vm_create_rejected": 1, "types": {}, "vm_types_queries": 0, "type_checks": 0,
+              "type_check_rejected": 0},
+             {"pid": 9, "comm": "other-vmm", "vm_create_attempts": 1, "vm_create_rejected": 0,
+              "types": {}, "vm_types_queries": 0, "type_checks": 0, "type_check_rejected": 0}]
+    by_owner = render(filter_text="db", processes=procs)
+    assert [r[0] for r in by_owner.tables["attempts"][1:]] == ["7"]
+    assert "starts" not in by_owner.tables and "/" in by_owner.links  # none: no table
+    assert [r[0] for r in by_owner.tables["processes"][1:]] == ["7"]
+    by_name = render(filter_text="guest-1", processes=procs)
+    assert [r[0] for r in by_name.tables["starts"][1:]] == ["8"]
+    assert "attempts" not in by_name.tables and "processes" not in by_name.tables
+    assert [r[0] for r in render(filter_text="", processes=procs).tables["processes"][1:]] == [
+        "7", "9"]
+    page = landing.page("t", PLAN, [], filter_text="<i>x</i>").decode()
+    assert "&lt;i&gt;x&lt;/i&gt;" in page and "<i>x</i>" not in page
