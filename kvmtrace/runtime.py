@@ -107,7 +107,8 @@ class Runtime:
         # values fixed when first asked for (so a series never moves between label sets).
         self.owner_labels = owner_labels
         self._owner_keys: dict[int, OwnerKey] = {}
-        self._owners: dict[int, tuple[str | None, dict]] = {}  # pid -> its attempts' owner
+        # pid -> (cgroup path, owner) as first seen (_owner); the label values made of it
+        self._owners: dict[int, tuple[str | None, dict]] = {}
         self._requests: dict[int, vmm.VmmRequest] = {}  # followed pids seen so far
         self._failures: Counter[tuple[str, ...]] = Counter()
         self.recent_starts: deque[Start] = deque(maxlen=recent_starts)
@@ -229,41 +230,42 @@ class Runtime:
             return list(map(self._owner_key, pids))
 
     def _owner_key(self, pid: int) -> OwnerKey:
-        """A process's owner labels' values, from its cgroup and command line as first
-        seen (seen now if it was not yet: the kernel kept its cgroup id), then fixed."""
+        """A process's owner labels' values, from its owner as first seen (_owner),
+        kept so that each scrape costs one lookup per entry."""
         if not self.owner_labels:
             return ()
         key = self._owner_keys.get(pid)
         if key is None:
-            if pid not in self._requests:
-                self._requests[pid] = self._request(pid)
-                self._first_sight(pid)
-            cid, path = self._cgroups.get(pid, (None, None))
-            if path is None:
-                cid, path = self._settled_cgroup(pid, cid, path)
+            owner = self._owner(pid)[1]
             if len(self._owner_keys) >= WINDOWS_MAX:
                 self._owner_keys.pop(next(iter(self._owner_keys)))
             key = self._owner_keys[pid] = ownersmod.metric_label_values(
-                startsmod.owner_of(path, self._requests[pid].name), self._requests[pid].name,
-                self.owner_labels)
+                owner, self._requests.get(pid, vmm.NOT_KNOWN).name, self.owner_labels)
         return key
 
     def owner(self, pid: int) -> tuple[str | None, dict]:
         """A followed process's cgroup path as first seen and who owns it (with its
         command line's VM name: a KubeVirt VM), for its attempts; (None, {}) unknown."""
         with self._lock:
-            known = self._owners.get(pid)
-            if known is not None:  # decoded once per process, not per attempt
-                return known
+            return self._owner(pid)
+
+    def _owner(self, pid: int) -> tuple[str | None, dict]:
+        """A process's cgroup path and owner from its cgroup and command line as first
+        seen (seen now if it was not yet; the kernel's id asked for again where no path
+        was found), then fixed: decoded once per process."""
+        known = self._owners.get(pid)
+        if known is None:
             if pid not in self._requests:
                 self._requests[pid] = self._request(pid)
                 self._first_sight(pid)
-            path = self._cgroups.get(pid, (None, None))[1]
+            cid, path = self._cgroups.get(pid, (None, None))
+            if path is None:
+                path = self._settled_cgroup(pid, cid, path)[1]
             if len(self._owners) >= WINDOWS_MAX:
                 self._owners.pop(next(iter(self._owners)))
             known = self._owners[pid] = (path, startsmod.owner_of(
                 path, self._requests[pid].name))
-            return known
+        return known
 
     def _stitch(self, dead: list[CountRecord], owners: dict[int, OwnerKey]) -> None:
         """Stitch the records of exited processes into starts; count the failures (under
